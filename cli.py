@@ -1,0 +1,204 @@
+"""The `opengem` command: one console script, one subcommand per daemon or tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Sequence
+
+from opengem import config as cfgmod
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (unknown keys are errors)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers host:port[,host:port]; "
+                   "default: the embedded broker (env OPENGEM_BOOTSTRAP)")
+    p.add_argument("--data-dir", help="state directory (default ./data, env OPENGEM_DATA_DIR)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _load(args: argparse.Namespace, **extra) -> cfgmod.Config:
+    return cfgmod.load(args.config, **{"kafka.bootstrap": args.bootstrap, "data_dir": args.data_dir}, **extra)
+
+
+class Stop:
+    """Ctrl-C / SIGTERM → a flag long loops check, so every command stops cleanly."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.event.is_set():  # second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        print("\nstopping… (Ctrl-C again to force)", file=sys.stderr, flush=True)
+        self.event.set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    def sleep(self, s: float) -> bool:
+        return self.event.wait(s)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from opengem.stream.broker import EmbeddedBroker
+
+    cfg = _load(args)
+    k = cfg.kafka
+    stop = Stop()
+    port = args.port if args.port is not None else k.embedded_port
+    with EmbeddedBroker(port=port, topics=(k.events_topic, k.examples_topic, k.dlq_topic),
+                        partitions=k.partitions, state_dir=cfg.data_dir,
+                        log_path=f"{cfg.data_dir}/logs/broker.log") as b:
+        print(f"embedded Kafka broker (Tansu, memory only) at {b.bootstrap}; topics "
+              f"{k.events_topic}, {k.examples_topic}, {k.dlq_topic} × {k.partitions} partitions", flush=True)
+        print("other opengem commands with the same --data-dir use it; Ctrl-C stops it "
+              "(its topics are kept in memory only and are lost)", flush=True)
+        while not stop.sleep(0.5):
+            if b.proc is None or b.proc.poll() is not None:
+                print("embedded broker exited unexpectedly", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from opengem.stream.simulator import Simulator
+
+    cfg = _load(args)
+    sim_cfg = cfg.sim
+    if args.seed is not None:
+        sim_cfg = dataclasses.replace(sim_cfg, seed=args.seed)
+    sim = Simulator(sim_cfg)
+    if args.parquet:
+        n = sim.to_parquet(args.parquet, args.events or 100_000)
+        print(f"wrote {n} events to {args.parquet}")
+        return 0
+    from opengem.stream.broker import resolve_bootstrap
+    from opengem.stream.producer import EventProducer, RateLimiter
+
+    bootstrap, _ = resolve_bootstrap(cfg.kafka.bootstrap, cfg.data_dir)
+    stop = Stop()
+    limiter = RateLimiter(args.rate)
+    t0 = time.monotonic()
+    last = t0
+    with EventProducer(bootstrap, cfg.kafka.events_topic, fmt=args.format) as prod:
+        for batch in sim.batches(args.events or None, batch_size=args.batch):
+            prod.send(batch)
+            limiter.wait(len(batch))
+            now = time.monotonic()
+            if now - last >= 2:
+                last = now
+                print(f"  {prod.events_sent:>12,} events  {prod.events_sent / (now - t0):>10,.0f} ev/s", flush=True)
+            if stop:
+                break
+        prod.flush()
+    dt = time.monotonic() - t0
+    print(f"sent {prod.events_sent:,} events in {prod.records_sent:,} records to {cfg.kafka.events_topic} "
+          f"at {bootstrap} in {dt:.1f}s ({prod.events_sent / max(dt, 1e-9):,.0f} ev/s)")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from opengem.stream.broker import resolve_bootstrap
+    from opengem.stream.producer import EventProducer
+    from opengem.stream.replay import parse_mapping, replay_file
+
+    cfg = _load(args)
+    mapping = parse_mapping(args.mapping)
+    if args.dry_run:
+        sent = [0]
+
+        def send(evs):
+            sent[0] += len(evs)
+        prod = None
+    else:
+        bootstrap, _ = resolve_bootstrap(cfg.kafka.bootstrap, cfg.data_dir)
+        prod = EventProducer(bootstrap, cfg.kafka.events_topic, fmt=args.format)
+        send = prod.send
+
+    def progress(rep) -> None:
+        print(f"  rows {rep.rows:,}  events {rep.events:,}  bad rows {rep.bad_rows:,}", flush=True)
+
+    try:
+        report = replay_file(args.file, mapping, send, progress=progress, surfaces=cfg.surfaces)
+    finally:
+        if prod is not None:
+            prod.close()
+    print(f"replayed {args.file}: {report.rows:,} rows → {report.events:,} events; "
+          f"{report.bad_rows:,} bad rows skipped")
+    if report.bad_rows:
+        print("  reasons: " + ", ".join(f"{r}={n}" for r, n in report.reasons.most_common()))
+        for row, msg in report.first_errors:
+            print(f"  row {row}: {msg}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from opengem.demo import run_demo
+
+    cfg = _load(args)
+    return run_demo(cfg, duration_s=args.duration, rate=args.rate, fmt=args.format, stop=Stop())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="opengem", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka broker (Tansu) on 127.0.0.1")
+    _common(p)
+    p.add_argument("--port", type=int, help="listen port (default: a free one)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("simulate", help="produce simulated events to Kafka, or to Parquet")
+    _common(p)
+    p.add_argument("--events", type=int, default=0, help="number of events (0: until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=0, help="events/s (0: as fast as possible)")
+    p.add_argument("--format", choices=("json", "arrow"), default="json",
+                   help="json: one event per record; arrow: one columnar batch per record and partition")
+    p.add_argument("--batch", type=int, default=4096, help="events per simulator batch")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--parquet", help="write the stream to this Parquet file instead of Kafka")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("replay", help="push a Parquet/CSV interaction log into opengem.events")
+    _common(p)
+    p.add_argument("file")
+    p.add_argument("--mapping", required=True,
+                   help='column mapping, e.g. "user=uid,item=ad_id,time=ts,time_unit=s,click=clicked,'
+                        'surface=placement,attr.country=geo"')
+    p.add_argument("--format", choices=("json", "arrow"), default="arrow")
+    p.add_argument("--dry-run", action="store_true", help="parse and validate only")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("demo", help="start the whole system on the embedded broker and show it working")
+    _common(p)
+    p.add_argument("--duration", type=float, default=60, help="seconds to run (0: until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=20_000, help="simulated events/s (0: as fast as possible)")
+    p.add_argument("--format", choices=("json", "arrow"), default="arrow")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (cfgmod.ConfigError, OSError, RuntimeError, ValueError) as e:
+        print(f"opengem {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`opengem demo`: the whole system on one machine, with sane defaults.
+
+Starts the embedded broker (or uses the configured cluster), then the parts as
+components, shows a progress display and stops everything cleanly on Ctrl-C or
+after ``--duration``. Each later part (stream worker, trainer, server) plugs in
+as one more :class:`Component`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Protocol
+
+from opengem.config import Config
+
+
+class Component(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def status(self) -> str: ...
+    def failed(self) -> BaseException | None: ...
+
+
+class _Thread:
+    """A component that runs ``loop`` in a thread until stopped; errors are kept, not lost."""
+
+    name = "thread"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._err: BaseException | None = None
+        self._t = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.loop()
+        except BaseException as e:  # noqa: BLE001 - surfaced by failed()
+            self._err = e
+
+    def loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(timeout=30)
+
+    def failed(self) -> BaseException | None:
+        return self._err
+
+
+class SimulatorSource(_Thread):
+    """Simulator → opengem.events at ``rate`` events/s."""
+
+    name = "simulator"
+
+    def __init__(self, cfg: Config, bootstrap: str, rate: float, fmt: str):
+        super().__init__()
+        self.cfg, self.bootstrap, self.rate, self.fmt = cfg, bootstrap, rate, fmt
+        self.sent = 0
+        self.t0 = time.monotonic()
+
+    def loop(self) -> None:
+        from opengem.stream.producer import EventProducer, RateLimiter
+        from opengem.stream.simulator import Simulator
+
+        sim = Simulator(self.cfg.sim)
+        limiter = RateLimiter(self.rate)
+        batch = 2048 if self.rate == 0 or self.rate > 8192 else max(64, int(self.rate / 8))
+        with EventProducer(self.bootstrap, self.cfg.kafka.events_topic, fmt=self.fmt) as prod:
+            self.t0 = time.monotonic()
+            for evs in sim.batches(None, batch_size=batch):
+                if self._stop.is_set():
+                    break
+                prod.send(evs)
+                self.sent = prod.events_sent
+                limiter.wait(len(evs))
+
+    def status(self) -> str:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        return f"simulator sent {self.sent:,} ({self.sent / dt:,.0f} ev/s)"
+
+
+class EventMonitor(_Thread):
+    """A consumer group on opengem.events that counts what flows, per surface and kind."""
+
+    name = "monitor"
+
+    def __init__(self, cfg: Config, bootstrap: str, embedded: bool):
+        super().__init__()
+        self.cfg, self.bootstrap, self.embedded = cfg, bootstrap, embedded
+        self.by_surface: Counter[str] = Counter()
+        self.by_kind: Counter[str] = Counter()
+        self.records = 0
+        self.events = 0
+        self.bad = 0
+        self.first_at: float | None = None
+        self.t0 = time.monotonic()
+
+    def loop(self) -> None:
+        from kafka import KafkaConsumer
+
+        from opengem.stream.broker import consumer_timing
+        from opengem.stream.codec import decode
+        from opengem.stream.events import EventError
+
+        c = KafkaConsumer(self.cfg.kafka.events_topic, bootstrap_servers=self.bootstrap,
+                          group_id="opengem-demo-monitor",
+                          # a fresh embedded broker: read it all; a real cluster: from now on
+                          auto_offset_reset="earliest" if self.embedded else "latest",
+                          enable_auto_commit=True, client_id="opengem-demo-monitor",
+                          **consumer_timing(self.embedded))
+        try:
+            while not self._stop.is_set():
+                polled = c.poll(timeout_ms=200, max_records=2000)
+                for msgs in polled.values():
+                    for m in msgs:
+                        self.records += 1
+                        try:
+                            evs = decode(m.value, surfaces=self.cfg.surfaces)
+                        except EventError:
+                            self.bad += 1
+                            continue
+                        if self.first_at is None:
+                            self.first_at = time.monotonic() - self.t0
+                        self.events += len(evs)
+                        for e in evs:
+                            self.by_surface[e.surface] += 1
+                            self.by_kind[e.kind] += 1
+        finally:
+            c.close()
+
+    def status(self) -> str:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        return f"consumed {self.events:,} ({self.events / dt:,.0f} ev/s)"
+
+
+def _table(title: str, counts: Counter[str], total: int) -> str:
+    lines = [f"  {title:<12}{'events':>12}{'share':>9}"]
+    for k, n in counts.most_common():
+        lines.append(f"  {k:<12}{n:>12,}{n / max(total, 1):>9.1%}")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> int:
+    from opengem.stream.broker import EmbeddedBroker, ensure_topics, wait_for_kafka
+
+    k = cfg.kafka
+    topics = (k.events_topic, k.examples_topic, k.dlq_topic)
+    broker = None
+    tty = sys.stdout.isatty()
+    t_start = time.monotonic()
+    if k.bootstrap:
+        bootstrap, embedded = k.bootstrap, False
+        wait_for_kafka(bootstrap)
+        ensure_topics(bootstrap, topics, k.partitions, k.replication)
+        print(f"opengem demo on Kafka cluster {bootstrap}")
+    else:
+        broker = EmbeddedBroker(port=k.embedded_port, topics=topics, partitions=k.partitions,
+                                log_path=f"{cfg.data_dir}/logs/broker.log").start()
+        bootstrap, embedded = broker.bootstrap, True
+        print(f"opengem demo: embedded Kafka broker at {bootstrap} "
+              f"(memory only; started in {time.monotonic() - t_start:.1f}s)")
+    monitor = EventMonitor(cfg, bootstrap, embedded)
+    source = SimulatorSource(cfg, bootstrap, rate, fmt)
+    components: list = [monitor, source]
+    rc = 0
+    try:
+        monitor.start()
+        source.start()
+        print(f"simulating {'as fast as possible' if rate == 0 else f'{rate:,.0f} events/s'} "
+              f"({fmt} records) — {'Ctrl-C to stop' if duration_s == 0 else f'{duration_s:.0f}s, Ctrl-C to stop early'}")
+        t0 = time.monotonic()
+        last = 0.0
+        while not stop:
+            now = time.monotonic() - t0
+            if duration_s and now >= duration_s:
+                break
+            for c in components:
+                if c.failed() is not None:
+                    raise RuntimeError(f"{c.name} failed: {c.failed()!r}") from c.failed()
+            if now - last >= (0.5 if tty else 5.0):
+                last = now
+                line = f"[{now:6.1f}s] " + " | ".join(c.status() for c in components)
+                print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            stop.sleep(0.1)
+        if tty:
+            print()
+    except RuntimeError as e:
+        print(f"\ndemo error: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        for c in reversed(components):
+            c.stop()
+        if broker is not None:
+            broker.stop()
+    total = monitor.events
+    print(f"\nsummary: {source.sent:,} events produced, {total:,} consumed back through Kafka"
+          + (f", first after {monitor.first_at:.1f}s" if monitor.first_at is not None else "")
+          + (f", {monitor.bad} undecodable records" if monitor.bad else ""))
+    if total:
+        print(_table("surface", monitor.by_surface, total))
+        print(_table("kind", monitor.by_kind, total))
+    return rc
