@@ -101,7 +101,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, replic
         # Wait until the metadata shows every topic with its partitions.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            meta = {t["topic"]: t for t in admin.describe_topics(list(topics))}
+            meta = {t.get("name", t.get("topic")): t for t in admin.describe_topics(list(topics))}
             if all(t in meta and meta[t].get("partitions") for t in topics):
                 break
             time.sleep(0.1)
