@@ -142,7 +142,8 @@ def _prob(d: Mapping[str, Any], name: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise EventError("bad_type", f"{name} must be a number, got {type(v).__name__}")
-    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+    # An int is compared exactly: math.isfinite(10**400) would raise OverflowError.
+    if not (0 <= v <= 1 if isinstance(v, int) else math.isfinite(v) and 0.0 <= v <= 1.0):
         raise EventError("out_of_range", f"{name}={v} is not a probability")
     return float(v)
 
@@ -227,7 +228,9 @@ def parse_json(raw: bytes | str, **kw: Any) -> list[Event]:
         raise EventError("too_large", f"record of {len(raw)} bytes exceeds {MAX_RECORD_BYTES}")
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and the int-digits
+    # limit of Python >= 3.11 ("Exceeds the limit (4300 digits)...").
+    except (ValueError, RecursionError) as e:
         raise EventError("bad_json", f"not JSON: {str(e)[:120]}") from None
     if isinstance(obj, list):
         if not obj:
