@@ -6,10 +6,10 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 UV      := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
-# ACCEL=cpu (default) installs requirements/cpu.lock: torch 2.13.0+cpu,
-# fbgemm-gpu-cpu, torchrec without its CUDA dependency. ACCEL=cuda installs
-# requirements/cuda.lock (CUDA torch, fbgemm-gpu) on a machine with a GPU.
-ACCEL   ?= cpu
+# ACCEL=cpu installs requirements/cpu.lock: torch 2.13.0+cpu, fbgemm-gpu-cpu,
+# torchrec without its CUDA dependency. ACCEL=cuda installs requirements/cuda.lock
+# (CUDA torch, fbgemm-gpu). Default: cuda where an NVIDIA driver answers, else cpu.
+ACCEL   ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 LOCK    := requirements/$(ACCEL).lock
 # Where the CPU torch wheel comes from: a local wheel folder (PIP_FIND_LINKS /
 # UV_FIND_LINKS) when it holds torch 2.13.0+cpu, else the PyTorch CPU index.

@@ -1,0 +1,102 @@
+"""The `opengem` command as a user runs it: separate processes, real broker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+OPENGEM = [sys.executable, "-m", "opengem.cli"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("OPENGEM_BOOTSTRAP", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_demo_runs_and_reports_events_flowing(tmp_path):
+    r = subprocess.run(OPENGEM + ["demo", "--duration", "6", "--rate", "5000", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"summary: ([\d,]+) events produced, ([\d,]+) consumed back", r.stdout)
+    assert m, r.stdout
+    produced, consumed = (int(x.replace(",", "")) for x in m.groups())
+    assert produced > 5000 and consumed > 0.5 * produced
+    for surface in ("feed", "stories", "reels", "messaging"):
+        assert surface in r.stdout
+    assert "impression" in r.stdout and "click" in r.stdout
+
+
+def test_broker_then_simulate_in_separate_processes(tmp_path):
+    b = subprocess.Popen(OPENGEM + ["broker", "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "broker.json").exists():
+            assert b.poll() is None, b.stdout.read()
+            assert time.monotonic() < deadline, "broker did not start"
+            time.sleep(0.1)
+        r = subprocess.run(OPENGEM + ["simulate", "--events", "20000", "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120, env=_env())
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert re.search(r"sent 2\d,\d{3} events", r.stdout), r.stdout
+    finally:
+        b.send_signal(signal.SIGINT)
+        b.wait(timeout=20)
+    assert b.returncode == 0
+    assert not (tmp_path / "broker.json").exists()
+
+
+def test_simulate_without_kafka_explains_what_to_do(tmp_path):
+    r = subprocess.run(OPENGEM + ["simulate", "--events", "10", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode == 2
+    assert "opengem broker" in r.stderr and "--bootstrap" in r.stderr
+
+
+def test_simulate_to_parquet(tmp_path):
+    out = tmp_path / "s.parquet"
+    r = subprocess.run(OPENGEM + ["simulate", "--events", "5000", "--parquet", str(out)],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    assert pq.read_metadata(out).num_rows >= 5000
+
+
+def test_replay_reports_broken_rows_and_sends_the_rest(tmp_path, broker):
+    from opengem.stream.broker import ensure_topics, high_watermarks
+
+    topic = "opengem.events"
+    ensure_topics(broker.bootstrap, [topic], 4)
+    before = sum(high_watermarks(broker.bootstrap, topic).values())
+    f = tmp_path / "log.csv"
+    f.write_text(
+        "uid,ad,t,clicked,placement\n"
+        "u1,100,1767225600,1,feed\n"
+        "u2,101,1767225601,0,reels\n"
+        ",102,1767225602,0,feed\n"            # missing user
+        "u3,103,yesterday,0,feed\n"           # bad time
+        "u4,104,1767225604,0,billboard\n"     # unknown surface
+        "u5,105,1767225605,0,stories\n"
+    )
+    r = subprocess.run(OPENGEM + ["replay", str(f), "--format", "json", "--bootstrap", broker.bootstrap,
+                                  "--mapping", "user=uid,item=ad,time=t,time_unit=s,click=clicked,surface=placement"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 bad rows skipped" in r.stdout, r.stdout
+    assert "row " in r.stdout and "surface" in r.stdout
+    # 3 good rows → 3 impressions + 1 click
+    assert "→ 4 events" in r.stdout, r.stdout
+    after = sum(high_watermarks(broker.bootstrap, topic).values())
+    assert after - before == 4
