@@ -90,8 +90,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     last = t0
     with EventProducer(bootstrap, cfg.kafka.events_topic, fmt=args.format) as prod:
-        for batch in sim.batches(args.events or None, batch_size=args.batch):
-            prod.send(batch)
+        if args.format == "arrow":  # columnar all the way: no Python object per event
+            source = sim.record_batches(args.events or None, batch_size=args.batch)
+            send = prod.send_batch
+        else:
+            source = sim.batches(args.events or None, batch_size=args.batch)
+            send = prod.send
+        for batch in source:
+            send(batch)
             limiter.wait(len(batch))
             now = time.monotonic()
             if now - last >= 2:

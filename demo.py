@@ -76,10 +76,14 @@ class SimulatorSource(_Thread):
         batch = 2048 if self.rate == 0 or self.rate > 8192 else max(64, int(self.rate / 8))
         with EventProducer(self.bootstrap, self.cfg.kafka.events_topic, fmt=self.fmt) as prod:
             self.t0 = time.monotonic()
-            for evs in sim.batches(None, batch_size=batch):
+            if self.fmt == "arrow":
+                source, send = sim.record_batches(None, batch_size=batch), prod.send_batch
+            else:
+                source, send = sim.batches(None, batch_size=batch), prod.send
+            for evs in source:
                 if self._stop.is_set():
                     break
-                prod.send(evs)
+                send(evs)
                 self.sent = prod.events_sent
                 limiter.wait(len(evs))
 
@@ -136,6 +140,12 @@ class EventMonitor(_Thread):
                             self.by_kind[e.kind] += 1
         finally:
             c.close()
+
+    def drain(self, target: int, timeout_s: float) -> None:
+        """Wait until ``target`` events were consumed (or the timeout), so the summary is complete."""
+        deadline = time.monotonic() + timeout_s
+        while self.events < target and time.monotonic() < deadline and self._err is None:
+            time.sleep(0.05)
 
     def status(self) -> str:
         dt = max(time.monotonic() - self.t0, 1e-9)
@@ -197,6 +207,8 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> 
         print(f"\ndemo error: {e}", file=sys.stderr)
         rc = 1
     finally:
+        source.stop()
+        monitor.drain(source.sent, timeout_s=5.0)
         for c in reversed(components):
             c.stop()
         if broker is not None:

@@ -54,8 +54,12 @@ def opengem_producer(b: EmbeddedBroker, sim_cfg: SimConfig, n: int, topic: str, 
     prod = EventProducer(b.bootstrap, topic, fmt=fmt)
     prod.partitions()
     t0 = time.perf_counter()
-    for batch in sim.batches(n, batch_size=4096):
-        prod.send(batch)
+    if fmt == "arrow":
+        for batch in sim.record_batches(n, batch_size=4096):
+            prod.send_batch(batch)
+    else:
+        for batch in sim.batches(n, batch_size=4096):
+            prod.send(batch)
     prod.flush()
     dt = time.perf_counter() - t0
     prod.close()

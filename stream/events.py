@@ -94,13 +94,14 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, without the optional fields that are None."""
-        return {k: v for k, v in zip(FIELDS, dataclasses.astuple(self)) if v is not None}
+        return {k: v for k in FIELDS if (v := getattr(self, k)) is not None}
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return _json_encode(self.to_dict()).encode()
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Event))
+_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 REQUIRED = ("event_id", "user_id", "ts", "surface", "kind", "item_id", "is_ad")
 _FIELD_SET = frozenset(FIELDS)
 
