@@ -9,6 +9,7 @@ import string
 import numpy as np
 import pyarrow as pa
 import pytest
+from strategies import events, ids, opt, printable_ascii  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,41 +48,6 @@ from opengem.stream.events import (
 )
 
 NOW = 1_700_000_000_000
-
-printable_ascii = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=64)
-ids = st.integers(0, MAX_ID)
-
-
-def opt(s):
-    return st.none() | s
-
-
-@st.composite
-def events(draw) -> Event:
-    """Any valid event for a validator whose clock is NOW."""
-    kind = draw(st.sampled_from(KINDS))
-    ad = kind in AD_KINDS
-    prob = st.floats(0.0, 1.0)
-    return Event(
-        event_id=draw(printable_ascii),
-        user_id=draw(ids),
-        ts=draw(st.integers(MIN_TS_MS, NOW + DEFAULT_MAX_FUTURE_MS)),
-        surface=draw(st.sampled_from(DEFAULT_SURFACES)),
-        kind=kind,
-        item_id=draw(ids),
-        is_ad=ad,
-        request_id=draw(printable_ascii) if ad else None,
-        age_bucket=draw(opt(st.integers(0, 7))),
-        country=draw(opt(st.text(alphabet=string.ascii_uppercase, min_size=2, max_size=2))),
-        device=draw(opt(st.sampled_from(DEVICES))),
-        ad_format=draw(opt(st.sampled_from(AD_FORMATS))) if ad else None,
-        advertiser_id=draw(opt(ids)) if ad else None,
-        category=draw(opt(st.integers(0, 2**31 - 1))),
-        hour=draw(opt(st.integers(0, 23))),
-        p_click=draw(opt(prob)) if kind == "impression" else None,
-        p_conversion=draw(opt(prob)) if kind == "impression" else None,
-    )
-
 
 def ev(i: int, kind: str = "impression", **kw) -> Event:
     ad = kind in AD_KINDS

@@ -13,6 +13,7 @@ import string
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from strategies import events, ids, opt, printable_ascii  # noqa: F401
 from hypothesis import strategies as st
 
 from opengem.stream.events import (
@@ -250,41 +251,6 @@ def test_array_with_one_bad_element_rejects_the_record():
 
 
 # --------------------------------------------------------------------------- properties
-
-printable_ascii = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=64)
-ids = st.integers(0, MAX_ID)
-
-
-def opt(s):
-    return st.none() | s
-
-
-@st.composite
-def events(draw, surfaces=DEFAULT_SURFACES) -> Event:
-    """Any valid event (as seen by a validator whose clock is NOW)."""
-    kind = draw(st.sampled_from(KINDS))
-    ad = kind in AD_KINDS
-    prob = st.floats(0.0, 1.0, allow_nan=False)
-    return Event(
-        event_id=draw(printable_ascii),
-        user_id=draw(ids),
-        ts=draw(st.integers(MIN_TS_MS, NOW + DEFAULT_MAX_FUTURE_MS)),
-        surface=draw(st.sampled_from(surfaces)),
-        kind=kind,
-        item_id=draw(ids),
-        is_ad=ad,
-        request_id=draw(printable_ascii) if ad else None,
-        age_bucket=draw(opt(st.integers(0, 7))),
-        country=draw(opt(st.text(alphabet=string.ascii_uppercase, min_size=2, max_size=2))),
-        device=draw(opt(st.sampled_from(DEVICES))),
-        ad_format=draw(opt(st.sampled_from(AD_FORMATS))) if ad else None,
-        advertiser_id=draw(opt(ids)) if ad else None,
-        category=draw(opt(st.integers(0, 2**31 - 1))),
-        hour=draw(opt(st.integers(0, 23))),
-        p_click=draw(opt(prob)) if kind == "impression" else None,
-        p_conversion=draw(opt(prob)) if kind == "impression" else None,
-    )
-
 
 @given(events())
 def test_valid_event_round_trips_through_json(e):
