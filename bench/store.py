@@ -14,25 +14,26 @@ producer sends them; conversion is inside the clock).
 Figures (JSON keys):
 
 * ``appends_per_s`` -- opengem store, max_events=4096, one durable (fsync)
-  commit per record, on users with long histories (retention active), the
-  whole stream; ``appends_per_s_steady`` -- its last records only, where
-  every history is at the cap;
-  ``appends_per_s_many_users`` -- the same on 20k users (about one event per
-  user per record, the simulator's default population).
+  commit per record of 4096 events, on users whose histories are at the cap
+  (retention active): the last records of the stream after loading the rest.
 * ``baseline_appends_per_s`` -- the simple approach: one RocksDB key per user
   holding the whole history (np.save'd structured array), read, appended,
   trimmed to 4096 and rewritten on every record (one fsynced WriteBatch per
-  record too); seeded untimed with every user's capped history, then timed on
-  the same last records as ``appends_per_s_steady``. ``append_speedup`` = ratio.
+  record too), seeded untimed with the same capped histories and timed on the
+  first of the same records; ``append_speedup`` = opengem on those records /
+  baseline.
+* ``appends_per_s_many_users`` (and ``..._8_records_per_commit``) -- 20k new
+  users with short histories, the simulator's population.
 * ``bytes_per_event`` -- SST bytes of the sequence column family (chunks,
-  tails, user heads, directories) after a full compaction / stored events,
-  vs ``raw_bytes_per_event`` = 18 (ts int64 + item int64 + surface u8 + kind u8);
-  ``baseline_bytes_per_event`` -- the baseline's SST bytes after compaction
-  (zstd too). ``item_bytes`` -- the item column family, separately.
-* ``read_p50_ms`` / ``read_p99_ms`` -- read of the last 4096 events of one
-  random user, decoded into arrays; ``read_asof_p99_ms`` -- the same with a
-  random ``before_ts`` (the trainer's point-in-time read);
-  ``baseline_read_p99_ms`` -- reading the baseline's history key.
+  tails, user heads, directories, offsets) after a full compaction / stored
+  events, vs ``raw_bytes_per_event`` = 18 (ts int64 + item int64 + surface u8
+  + kind u8); ``baseline_bytes_per_event`` -- the baseline after the same
+  compaction (zstd too). ``item_cf_bytes`` -- the item column family.
+* ``read_p50_ms`` / ``read_p99_ms`` -- ``read`` of the last 4096 events of one
+  random user, decoded into arrays, warm block cache; ``read_cold_*`` -- first
+  read of each user after reopening (SST blocks from the OS page cache); ``read_asof_p99_ms`` -- with a random
+  ``before_ts`` in the last 30 days (the trainer's point-in-time read);
+  ``baseline_read_*`` -- np.load of the baseline's key + sort by ts.
 * ``read_batch_256_ms`` -- ``read_batch`` of 256 random users, max_len 4096.
 """
 
@@ -153,21 +154,20 @@ def to_records(cols: dict[str, np.ndarray], size: int = 4096) -> list:
 # --------------------------------------------------------------------------- runs
 
 
-def run_store(path: Path, records: list, cfg: StoreConfig, per_commit: int = 1,
-              last: int = 0) -> tuple[float, float, SequenceStore]:
-    """Append all records; (events/s overall, events/s over the last ``last`` records, store)."""
-    store = SequenceStore(path, cfg)
+def append(store: SequenceStore, records: list, first_offset: int = 0, per_commit: int = 1) -> list[float]:
+    """Apply records (per_commit of them per durable commit); seconds per commit."""
     times = []
     for i in range(0, len(records), per_commit):
         t = time.perf_counter()
         with store.batch() as b:
             for j, rec in enumerate(records[i : i + per_commit]):
-                b.add(rec, 0, i + j)
+                b.add(rec, 0, first_offset + i + j)
         times.append(time.perf_counter() - t)
-    n = sum(r.num_rows for r in records)
-    tail = records[len(records) - last :] if last else []
-    steady = sum(r.num_rows for r in tail) / sum(times[len(times) - last :]) if last else 0.0
-    return n / sum(times), steady, store
+    return times
+
+
+def events(records: list) -> int:
+    return sum(r.num_rows for r in records)
 
 
 class Baseline:
@@ -227,148 +227,163 @@ class Baseline:
             wb.put(key, buf.getvalue())
         self.db.write(wb, self.wo)
 
+    def compact(self) -> None:
+        from rocksdict import BottommostLevelCompaction, CompactOptions
+
+        opts = CompactOptions()
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+        self.db.flush(True)
+        self.db.compact_range(None, None, opts)
+
     def read(self, uid: int) -> np.ndarray:
         h = np.load(io.BytesIO(self.db.get(int(uid).to_bytes(8, "big"))))
         return h[np.argsort(h["ts"], kind="stable")]
 
 
-def percentiles(xs: list[float]) -> tuple[float, float]:
-    a = np.array(xs) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
-
-
 def main() -> None:
     ap = parser("store", __doc__)
-    ap.add_argument("--users", type=int, default=0, help="users with long histories (default 1000, quick 250)")
-    ap.add_argument("--per-user", type=int, default=0, help="events per long-history user (default 6000, quick 5000)")
+    ap.add_argument("--users", type=int, default=0, help="users with capped histories (default 2000, quick 1000)")
+    ap.add_argument("--per-user", type=int, default=4600, help="events per capped user (> max_events)")
     ap.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     args = ap.parse_args()
-    n_users = args.users or (250 if args.quick else 1000)
-    per_user = args.per_user or 5000 if args.quick else args.per_user or 6000
-    many_users, many_events = 20_000, (200_000 if args.quick else 1_000_000)
-    base_records = 6 if args.quick else 20
-    reads = 300 if args.quick else 2000
+    q = args.quick
+    n_users, per_user = args.users or (1000 if q else 2000), args.per_user
+    timed_records = 40 if q else 150  # the steady-state records at the end of the stream
+    base_records = 3 if q else 8  # of which the baseline is timed on the first ones
+    many_users, many_events = 20_000, (200_000 if q else 1_000_000)
     cfg = StoreConfig()
     root = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
     try:
-        print(f"generating {n_users * per_user:,} events for {n_users} users and {many_events:,} for {many_users:,}…", flush=True)
-        long_recs = to_records(synth(n_users, per_user, seed=1))
-        many_recs = to_records(synth(many_users, many_events // many_users, seed=2))
-        n_long = sum(r.num_rows for r in long_recs)
+        print(f"generating {n_users * per_user:,} events of {n_users:,} users, {many_events:,} of {many_users:,}…", flush=True)
+        recs = to_records(synth(n_users, per_user, seed=1))
+        load, timed = recs[: len(recs) - timed_records], recs[len(recs) - timed_records :]
+        many = to_records(synth(many_users, many_events // many_users, seed=2))
+        users_per_rec = float(np.mean([len(np.unique(r.column("user_id").to_numpy())) for r in timed]))
 
-        print("appending (long histories)…", flush=True)
-        aps, aps_steady, store = run_store(root / "long", long_recs, cfg, last=base_records)
-        print("appending (20k users)…", flush=True)
-        aps_many, _, s2 = run_store(root / "many", many_recs, cfg)
-        s2.close()
-        aps_many8, _, s3 = run_store(root / "many8", many_recs, cfg, per_commit=8)
-        s3.close()
+        # A. Capped histories: load most of the stream (16 records per commit), then
+        # time the last records one durable commit each: retention is active.
+        print(f"loading {events(load):,} events…", flush=True)
+        store = SequenceStore(root / "capped", cfg)
+        load_s = sum(append(store, load, 0, per_commit=16))
+        print(f"timing {events(timed):,} events…", flush=True)
+        t = append(store, timed, len(load))
+        aps = events(timed) / sum(t)
+        aps_same = events(timed[:base_records]) / sum(t[:base_records])
 
-        # The baseline in the same steady state: seeded (untimed) with every
-        # user's capped history, then timed on the same last records.
         print("baseline…", flush=True)
         base = Baseline(root / "baseline", cfg.max_events)
-        base.seed(long_recs[: len(long_recs) - base_records])
+        base.seed(load)
         t0 = time.perf_counter()
-        nb = 0
-        for rec in long_recs[len(long_recs) - base_records :]:
+        for rec in timed[:base_records]:
             base.apply(rec)
-            nb += rec.num_rows
-        base_aps = nb / (time.perf_counter() - t0)
+        base_aps = events(timed[:base_records]) / (time.perf_counter() - t0)
+
+        # B. 20k users with short histories (the simulator's population), 1 and 8 records per commit.
+        print("appending (20k users)…", flush=True)
+        s2 = SequenceStore(root / "many1", cfg)
+        aps_many = events(many) / sum(append(s2, many))
+        s2.close()
+        s3 = SequenceStore(root / "many8", cfg)
+        aps_many8 = events(many) / sum(append(s3, many, per_commit=8))
+        s3.close()
 
         print("compacting…", flush=True)
         store.compact()
         sizes = store.disk_bytes()
-        uids = np.unique(long_recs[0].column("user_id").to_numpy())
         all_uids = np.arange(n_users, dtype=np.int64) * 7919 + 11
         stored = int(store.user_features(all_uids).n_stored.sum())
         bpe = sizes["sequences"] / stored
-        base.db.flush(True)
-        base.db.compact_range(None, None)
-        base_bytes = base.db.property_int_value("rocksdb.total-sst-files-size")
-        base_stored = sum(len(base.read(u)) for u in all_uids)
+        base.compact()
+        base_bpe = base.db.property_int_value("rocksdb.total-sst-files-size") / sum(len(base.read(u)) for u in all_uids)
 
         print("reading…", flush=True)
+        store.close()
+        store = SequenceStore(root / "capped", cfg)  # a cold block cache
         rng = np.random.default_rng(3)
-        pick = rng.choice(all_uids, reads)
-        for u in pick[:50]:  # warm the block cache (servers read hot users)
-            store.read(int(u), None, 4096)
-        lat = []
-        for u in pick:
-            t = time.perf_counter()
-            store.read(int(u), None, 4096)
-            lat.append(time.perf_counter() - t)
-        p50, p99 = percentiles(lat)
-        t_end = int(max(r.column("ts").to_numpy().max() for r in long_recs))
-        lat_asof = []
-        for u in pick:
-            b = int(rng.integers(t_end - 30 * 86_400_000, t_end))
-            t = time.perf_counter()
-            store.read(int(u), b, 4096)
-            lat_asof.append(time.perf_counter() - t)
-        _, p99_asof = percentiles(lat_asof)
-        lat_base = []
-        for u in pick:
-            t = time.perf_counter()
-            base.read(int(u))
-            lat_base.append(time.perf_counter() - t)
-        bp50, bp99 = percentiles(lat_base)
-        nb_reads = 10 if args.quick else 40
+        cold = timeit_each(lambda u: store.read(int(u), None, 4096), rng.permutation(all_uids))  # also warms
+        pick = rng.choice(all_uids, 2000)
+        warm = timeit_each(lambda u: store.read(int(u), None, 4096), pick)
+        t_end = int(max(r.column("ts").to_numpy().max() for r in recs))
+        asof = rng.integers(t_end - 30 * 86_400_000, t_end, len(pick))
+        warm_asof = timeit_each(lambda i: store.read(int(pick[i]), int(asof[i]), 4096), range(len(pick)))
+        base_lat = timeit_each(lambda u: base.read(int(u)), pick)
         tb = []
-        for _ in range(nb_reads):
-            us = rng.choice(all_uids, 256)
-            t = time.perf_counter()
+        for _ in range(10 if q else 30):
+            us = rng.choice(all_uids, 256, replace=False)
+            t0 = time.perf_counter()
             jb = store.read_batch(us, None, 4096)
-            tb.append(time.perf_counter() - t)
+            tb.append(time.perf_counter() - t0)
         jb.validate()
         batch_ms = float(np.median(tb) * 1e3)
+        # the writer and a reader agree (the parity the tests prove, checked at scale)
+        reader = SequenceStore.open_reader(root / "capped", root / "sec", cfg)
+        parity = all(reader.read(int(u), None, 4096).equals(store.read(int(u), None, 4096)) for u in pick[:50])
+        reader.close()
+        store_cfg = store.config_dict()
         store.close()
         base.db.close()
 
+        p = lambda xs, q_: float(np.percentile(np.array(xs) * 1e3, q_))  # noqa: E731
         figures = {
             "appends_per_s": aps,
-            "appends_per_s_steady": aps_steady,
+            "appends_per_s_same_records_as_baseline": aps_same,
+            "baseline_appends_per_s": base_aps,
+            "append_speedup": aps_same / base_aps,
+            "appends_per_s_bulk_load": events(load) / load_s,
             "appends_per_s_many_users": aps_many,
             "appends_per_s_many_users_8_records_per_commit": aps_many8,
-            "baseline_appends_per_s": base_aps,
-            "append_speedup": aps_steady / base_aps,
+            "users_per_record": users_per_rec,
             "bytes_per_event": bpe,
             "raw_bytes_per_event": RAW_BYTES,
             "bytes_ratio_to_raw": bpe / RAW_BYTES,
-            "baseline_bytes_per_event": base_bytes / base_stored,
-            "item_bytes": sizes["items"],
+            "baseline_bytes_per_event": base_bpe,
+            "item_cf_bytes": sizes["items"],
             "stored_events": stored,
-            "read_p50_ms": p50,
-            "read_p99_ms": p99,
-            "read_asof_p99_ms": p99_asof,
-            "baseline_read_p50_ms": bp50,
-            "baseline_read_p99_ms": bp99,
+            "read_p50_ms": p(warm, 50),
+            "read_p99_ms": p(warm, 99),
+            "read_cold_p50_ms": p(cold, 50),
+            "read_cold_p99_ms": p(cold, 99),
+            "read_asof_p99_ms": p(warm_asof, 99),
+            "baseline_read_p50_ms": p(base_lat, 50),
+            "baseline_read_p99_ms": p(base_lat, 99),
             "read_batch_256_ms": batch_ms,
             "read_batch_events": int(jb.lengths.sum()),
+            "writer_reader_parity": parity,
         }
         rows = [
-            ["appends/s, long histories, whole stream", aps, "", ""],
-            ["appends/s, long histories, last records", aps_steady, base_aps, aps_steady / base_aps],
-            ["appends/s, 20k users (1 record/commit)", aps_many, "", ""],
-            ["appends/s, 20k users (8 records/commit)", aps_many8, "", ""],
-            ["bytes per stored event (after compaction)", bpe, base_bytes / base_stored, bpe / (base_bytes / base_stored)],
+            ["appends/s, capped histories (1 record/commit)", aps, "", ""],
+            ["  same records as the baseline", aps_same, base_aps, aps_same / base_aps],
+            ["appends/s, 20k new users (1 record/commit)", aps_many, "", ""],
+            ["appends/s, 20k new users (8 records/commit)", aps_many8, "", ""],
+            ["bytes per stored event (after compaction)", bpe, base_bpe, bpe / base_bpe],
             ["  vs raw 18-byte record", bpe, RAW_BYTES, bpe / RAW_BYTES],
-            ["read last 4096, p50 ms", p50, bp50, p50 / bp50],
-            ["read last 4096, p99 ms", p99, bp99, p99 / bp99],
-            ["read as-of (random before_ts), p99 ms", p99_asof, "", ""],
-            ["read_batch 256 users, ms (median)", batch_ms, "", ""],
+            ["read last 4096, p50 ms", p(warm, 50), p(base_lat, 50), p(warm, 50) / p(base_lat, 50)],
+            ["read last 4096, p99 ms", p(warm, 99), p(base_lat, 99), p(warm, 99) / p(base_lat, 99)],
+            ["read last 4096, cold cache, p99 ms", p(cold, 99), "", ""],
+            ["read as-of (random before_ts), p99 ms", p(warm_asof, 99), "", ""],
+            ["read_batch 256 users x 4096, ms", batch_ms, "", ""],
         ]
         print()
         print(table(rows, ["measure", "opengem", "baseline", "ratio"]))
-        print(f"\n{n_long:,} events appended for {n_users} users; {stored:,} stored; "
-              f"both timed on the last {nb:,} events (histories at the cap); item CF {sizes['items']:,} B")
-        config = {"store": {k: (list(v) if isinstance(v, tuple) else v) for k, v in store.config_dict().items()},
-                  "users": n_users, "events_per_user": per_user, "many_users": many_users,
-                  "many_events": many_events, "record_events": 4096, "baseline_records": base_records,
-                  "reads": reads, "quick": args.quick}
+        print(f"\n{n_users:,} users, {stored:,} events stored; timed records touch {users_per_rec:.0f} users each; "
+              f"baseline timed on {events(timed[:base_records]):,} events; item CF {sizes['items']:,} B; "
+              f"writer/reader parity {parity}")
+        config = {"store": {k: (list(v) if isinstance(v, tuple) else v) for k, v in store_cfg.items()},
+                  "users": n_users, "events_per_user": per_user, "timed_records": timed_records,
+                  "baseline_records": base_records, "many_users": many_users, "many_events": many_events,
+                  "record_events": 4096, "quick": q}
         write(args.out, "store", config, figures)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def timeit_each(fn, xs) -> list[float]:
+    out = []
+    for x in xs:
+        t = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,354 @@
+"""Byte layouts of the RocksDB sequence store: keys, records, heads, chunks.
+
+Keys (integers big-endian, so one user's keys sort together and in sequence
+order). Column family ``default``::
+
+    \\x00meta              JSON: format, chunk_events, kinds, surfaces (the store's identity)
+    \\x00off/<partition>   int64 LE: last applied Kafka offset of that partition
+    H <uid:8>             user head, fixed size (:data:`HEAD`): counts, ranges, attributes
+    D <uid:8>             chunk directory: (min_ts, max_ts) int64 LE per kept sealed chunk
+    C <uid:8> <seq:4>     sealed chunk of ``chunk_events`` events (:func:`encode_chunk`)
+    T <uid:8> <seq:4>     tail segment: ``R`` + raw :data:`REC` records (one commit's
+                          events of the user, arrival order) or ``Z`` + an encoded chunk
+                          (merged segments; it is always the first segment of the tail)
+
+Column family ``items``::
+
+    I <item:8>            item head, fixed size (:data:`ITEM_HEAD`)
+
+Chunk and segment keys are immutable: a new one gets a new sequence number,
+an old one is only ever deleted. A reader that read a head and then misses a
+key it names has raced a write (or a catch-up) and reads again.
+
+A sealed chunk holds ``chunk_events`` events of one user that are contiguous
+in arrival order, stored sorted by ts (stable, so ties keep arrival order),
+columnar, each column as *byte planes* (all low bytes, then all second bytes,
+...) of a per-chunk width of 0, 1, 2, 4 or 8 bytes, so that zstd (applied by
+RocksDB to the SST blocks) sees long runs of similar bytes:
+
+* ts: the first ts in the header, then the deltas (non-negative: sorted);
+* item ids: a dictionary -- the distinct ids sorted and delta-encoded --
+  plus a dictionary index per event (1 byte; 2 if a chunk has > 256 events);
+* surface and kind packed into one byte, ``surface * len(KINDS) + kind``;
+* category and advertiser_id stored as value + 1 (so -1, none, is 0), per
+  dictionary entry when a function of the item in this chunk (the norm),
+  else per event.
+
+Dictionary sections are zero-padded to n entries so every section of a
+chunk has n values: chunks with the same header signature (n, flags,
+widths) decode together in a few NumPy calls (:func:`decode_chunks`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from opengem.features.types import N_KINDS
+
+I64_MIN = np.iinfo(np.int64).min
+I64_MAX = np.iinfo(np.int64).max
+
+META_KEY = b"\x00meta"
+OFFSET_PREFIX = b"\x00off/"
+FORMAT_VERSION = 1
+
+# One event in a tail segment (packed, little-endian, 30 bytes).
+REC = np.dtype([
+    ("ts", "<i8"), ("item_id", "<i8"), ("surface", "i1"), ("kind", "i1"),
+    ("category", "<i4"), ("advertiser_id", "<i8"),
+])
+
+# The user head: everything that changes on every append, fixed size so that a
+# whole batch of heads is parsed and updated with NumPy.
+HEAD = np.dtype([
+    ("kept", "<u4"),  # events stored now: kept sealed chunks * chunk_events + tail_n
+    ("tail_n", "<u4"),  # events in tail segments
+    ("raw_n", "<u4"),  # of which in raw segments
+    ("seg_lo", "<u4"), ("seg_hi", "<u4"),  # tail segments are T<uid><seq> for seq in [seg_lo, seg_hi)
+    ("chunk_lo", "<u4"), ("chunk_hi", "<u4"),  # kept sealed chunks, seq in [chunk_lo, chunk_hi)
+    ("total", "<u8"),  # events ever appended
+    ("tail_min", "<i8"), ("tail_max", "<i8"),  # ts range of the tail (I64_MAX / I64_MIN if empty)
+    ("last_ts", "<i8"),  # largest ts ever appended
+    ("counts", "<u4", (N_KINDS,)),  # events ever appended, per kind
+    ("country", "<u2"), ("age_bucket", "i1"), ("device", "i1"),  # latest non-null wins
+])
+
+ITEM_HEAD = np.dtype([
+    ("counts", "<u4", (N_KINDS,)),  # events ever appended on this item, per kind
+    ("last_ts", "<i8"),
+    ("advertiser_id", "<i8"), ("category", "<i4"), ("ad_format", "i1"),  # latest non-null wins
+    ("_pad", "V3"),
+])
+
+DIR = np.dtype([("min", "<i8"), ("max", "<i8")])
+
+
+def empty_heads(n: int) -> np.ndarray:
+    h = np.zeros(n, HEAD)
+    h["tail_min"] = I64_MAX
+    h["tail_max"] = I64_MIN
+    h["last_ts"] = I64_MIN
+    h["age_bucket"] = -1
+    h["device"] = -1
+    return h
+
+
+def empty_item_heads(n: int) -> np.ndarray:
+    h = np.zeros(n, ITEM_HEAD)
+    h["last_ts"] = I64_MIN
+    h["advertiser_id"] = -1
+    h["category"] = -1
+    h["ad_format"] = -1
+    return h
+
+
+EMPTY_HEAD = empty_heads(1).tobytes()
+EMPTY_ITEM_HEAD = empty_item_heads(1).tobytes()
+
+
+def parse_fixed(values: list[bytes | None], dtype: np.dtype, empty: bytes) -> np.ndarray:
+    """Multi-get results (None for missing) -> writable structured array."""
+    buf = b"".join([empty if v is None else v for v in values])
+    return np.frombuffer(buf, dtype).copy()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _id_keys(prefix: bytes, ids: np.ndarray) -> list[bytes]:
+    n = len(ids)
+    a = np.empty((n, 9), np.uint8)
+    a[:, 0] = prefix[0]
+    a[:, 1:] = np.ascontiguousarray(ids, dtype=">u8").view(np.uint8).reshape(n, 8)
+    b = a.tobytes()
+    return [b[i : i + 9] for i in range(0, 9 * n, 9)]
+
+
+def _seq_keys(prefix: bytes, ids: np.ndarray, seqs: np.ndarray) -> list[bytes]:
+    n = len(ids)
+    a = np.empty((n, 13), np.uint8)
+    a[:, 0] = prefix[0]
+    a[:, 1:9] = np.ascontiguousarray(ids, dtype=">u8").view(np.uint8).reshape(n, 8)
+    a[:, 9:] = np.ascontiguousarray(seqs, dtype=">u4").view(np.uint8).reshape(n, 4)
+    b = a.tobytes()
+    return [b[i : i + 13] for i in range(0, 13 * n, 13)]
+
+
+def head_keys(uids: np.ndarray) -> list[bytes]:
+    return _id_keys(b"H", uids)
+
+
+def dir_keys(uids: np.ndarray) -> list[bytes]:
+    return _id_keys(b"D", uids)
+
+
+def item_keys(items: np.ndarray) -> list[bytes]:
+    return _id_keys(b"I", items)
+
+
+def chunk_keys(uids: np.ndarray, seqs: np.ndarray) -> list[bytes]:
+    return _seq_keys(b"C", uids, seqs)
+
+
+def seg_keys(uids: np.ndarray, seqs: np.ndarray) -> list[bytes]:
+    return _seq_keys(b"T", uids, seqs)
+
+
+def user_key(prefix: bytes, uid: int, seq: int | None = None) -> bytes:
+    k = prefix + uid.to_bytes(8, "big")
+    return k if seq is None else k + seq.to_bytes(4, "big")
+
+
+def offset_key(partition: int) -> bytes:
+    return OFFSET_PREFIX + str(int(partition)).encode()
+
+
+# --------------------------------------------------------------------------- chunks
+
+# Header of an encoded chunk (packed). The first 7 bytes (n, flags, widths)
+# are its layout *signature*: chunks with equal signatures decode together.
+CHUNK_HDR = np.dtype([
+    ("n", "<u2"), ("flags", "u1"),
+    ("w_dt", "u1"), ("w_du", "u1"), ("w_cat", "u1"), ("w_adv", "u1"),  # bytes per value: 0, 1, 2, 4 or 8
+    ("nu", "<u2"), ("ts0", "<i8"), ("item0", "<i8"),
+])
+_HS = CHUNK_HDR.itemsize
+_SIG = 7
+_CAT_PER_ITEM = 1  # category stored per dictionary entry (a function of the item in this chunk)
+_ADV_PER_ITEM = 2  # advertiser_id likewise
+_PLANE_VIEW = {2: "<u2", 4: "<u4", 8: "<u8"}
+# surface * N_KINDS + kind -> surface, kind
+_SK_SURFACE = (np.arange(256) // N_KINDS).astype(np.int8)
+_SK_KIND = (np.arange(256) % N_KINDS).astype(np.int8)
+_OUT_DTYPES = (np.int64, np.int64, np.int8, np.int8, np.int32, np.int64)
+
+# Tail segment values start with a type byte.
+SEG_RAW = b"R"  # REC records in arrival order
+SEG_CHUNK = b"Z"  # an encoded chunk (merged segments; all arrived before later segments)
+
+
+def _width(x: np.ndarray) -> int:
+    """Bytes per value (0, 1, 2, 4 or 8) for non-negative integers ``x``."""
+    m = int(x.max()) if len(x) else 0
+    return 0 if m == 0 else 1 if m < 1 << 8 else 2 if m < 1 << 16 else 4 if m < 1 << 32 else 8
+
+
+def _planes(x: np.ndarray, w: int) -> bytes:
+    """Non-negative integers (N,) -> their ``w`` low bytes as byte planes (plane-major)."""
+    if w == 0:
+        return b""
+    b = np.ascontiguousarray(x, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    return b[:, :w].T.tobytes()
+
+
+def encode_chunk(rec: np.ndarray) -> tuple[bytes, int, int]:
+    """Events (REC, arrival order, 1..65535) -> (chunk bytes, min ts, max ts).
+
+    Sections, n values each, as byte planes of the width in the header: ts
+    deltas (first 0), surface-kind byte, dictionary index (1 byte, 2 if
+    n > 256), dictionary id deltas (first 0, padded with zeros to n), category
+    + 1 and advertiser_id + 1 (per dictionary entry when a function of the
+    item, padded; else per event). Zero padding costs next to nothing once
+    zstd compresses the SST block; the fixed section sizes let
+    :func:`decode_chunks` decode many chunks with a few NumPy calls.
+    """
+    n = len(rec)
+    r = rec[np.argsort(rec["ts"], kind="stable")]
+    ts = r["ts"]
+    dt = np.zeros(n, np.uint64)
+    dt[1:] = np.diff(ts)
+    uniq, inv = np.unique(r["item_id"], return_inverse=True)
+    inv = inv.reshape(n)
+    nu = len(uniq)
+    du = np.zeros(n, np.uint64)
+    du[1:nu] = np.diff(uniq)
+    sk = r["surface"].astype(np.int64) * N_KINDS + r["kind"]
+    flags = 0
+    attrs = []
+    for name, flag in (("category", _CAT_PER_ITEM), ("advertiser_id", _ADV_PER_ITEM)):
+        v = r[name].astype(np.int64) + 1  # -1 (none) -> 0
+        per_item = np.zeros(n, np.int64)
+        per_item[inv] = v
+        if np.array_equal(per_item[inv], v):
+            flags |= flag
+            v = per_item
+        attrs.append(v.astype(np.uint64))
+    w = [_width(dt), _width(du), _width(attrs[0]), _width(attrs[1])]
+    hdr = np.array([(n, flags, *w, nu, ts[0], uniq[0])], CHUNK_HDR).tobytes()
+    body = [hdr, _planes(dt, w[0]), sk.astype(np.uint8).tobytes(), _planes(inv, 1 if n <= 256 else 2),
+            _planes(du, w[1]), _planes(attrs[0], w[2]), _planes(attrs[1], w[3])]
+    return b"".join(body), int(ts[0]), int(ts[-1])
+
+
+def decode_chunk_groups(blobs: list[bytes]) -> tuple[list[list[np.ndarray]], np.ndarray, np.ndarray, np.ndarray]:
+    """Decode chunks, one NumPy pass per layout signature.
+
+    Returns ``(groups, group, start, lengths)``: ``groups[g]`` is the six
+    columns (ts, item_id, surface, kind, category, advertiser_id) of group g's
+    chunks concatenated; chunk k (input order) is rows ``start[k] : start[k] +
+    lengths[k]`` of ``groups[group[k]]``, sorted by ts.
+    """
+    K = len(blobs)
+    lengths = np.fromiter((b[0] | b[1] << 8 for b in blobs), np.int64, K)
+    if K == 0:
+        return [], np.zeros(0, np.int64), np.zeros(0, np.int64), lengths
+    sigs = [b[:_SIG] for b in blobs]
+    if sigs.count(sigs[0]) == K:  # the usual case: one layout
+        start = np.zeros(K, np.int64)
+        np.cumsum(lengths[:-1], out=start[1:])
+        return [_decode_group(blobs)], np.zeros(K, np.int64), start, lengths
+    members: dict[bytes, list[int]] = {}
+    for k, sg in enumerate(sigs):
+        members.setdefault(sg, []).append(k)
+    groups, group, start = [], np.empty(K, np.int64), np.empty(K, np.int64)
+    for g, ks in enumerate(members.values()):
+        groups.append(_decode_group([blobs[k] for k in ks]))
+        group[ks] = g
+        n = int(lengths[ks[0]])  # one signature, one n
+        start[ks] = np.arange(len(ks)) * n
+    return groups, group, start, lengths
+
+
+def decode_chunks(blobs: list[bytes]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Encoded chunks -> (columns, lengths): the six columns of all chunks
+    concatenated in input order, each chunk sorted by ts, and each chunk's
+    event count (K,)."""
+    groups, group, start, lengths = decode_chunk_groups(blobs)
+    if not groups:
+        return [np.empty(0, dt) for dt in _OUT_DTYPES], lengths
+    if len(groups) == 1:
+        return groups[0], lengths
+    parts = [[c[a : a + n] for c in groups[g]] for g, a, n in zip(group.tolist(), start.tolist(), lengths.tolist())]
+    return [np.concatenate([p[j] for p in parts]) for j in range(6)], lengths
+
+
+def _decode_group(blobs: list[bytes]) -> list[np.ndarray]:
+    """Chunks of one signature -> their columns, concatenated."""
+    K = len(blobs)
+    A = np.frombuffer(b"".join(blobs), np.uint8).reshape(K, -1)
+    hdr = np.ascontiguousarray(A[:, :_HS]).view(CHUNK_HDR).reshape(K)
+    h0 = hdr[0]
+    n = int(h0["n"])
+    off = _HS
+
+    def section(w: int) -> np.ndarray | None:  # (K, n) unsigned, or None when w == 0
+        nonlocal off
+        if w == 0:
+            return None
+        X = A[:, off : off + w * n]
+        off += w * n
+        if w == 1:
+            return X
+        M = np.empty((K, n, w), np.uint8)
+        M[...] = X.reshape(K, w, n).transpose(0, 2, 1)
+        return M.view(_PLANE_VIEW[w]).reshape(K, n)
+
+    dt = section(int(h0["w_dt"]))
+    sk = section(1).reshape(-1)
+    idx = section(1 if n <= 256 else 2)
+    du = section(int(h0["w_du"]))
+    cat = section(int(h0["w_cat"]))
+    adv = section(int(h0["w_adv"]))
+    ts = np.cumsum(dt, axis=1, dtype=np.int64) if dt is not None else np.zeros((K, n), np.int64)
+    ts += hdr["ts0"][:, None]
+    flat = idx + (np.arange(K, dtype=np.int64) * n)[:, None]  # (K, n) positions of each event's dictionary entry
+    if du is not None:
+        uniq = np.cumsum(du, axis=1, dtype=np.uint64).view(np.int64)
+        uniq += hdr["item0"][:, None]
+        item = uniq.reshape(-1)[flat]
+    else:
+        item = np.repeat(hdr["item0"], n).reshape(K, n)
+    flags = hdr["flags"]
+    attrs = []
+    for v, flag, dt_out in ((cat, _CAT_PER_ITEM, np.int32), (adv, _ADV_PER_ITEM, np.int64)):
+        if v is None:
+            attrs.append(np.full(K * n, -1, dt_out))
+            continue
+        per_item = (flags & flag) != 0
+        if per_item.all():
+            v = v.reshape(-1)[flat]
+        elif per_item.any():
+            v = np.where(per_item[:, None], v.reshape(-1)[flat], v)
+        # value + 1 was stored (-1, none, as 0); int64 wrap-around keeps 2**63 - 1 exact
+        attrs.append((v.astype(np.int64) - 1).astype(dt_out, copy=False).reshape(-1))
+    return [ts.reshape(-1), item.reshape(-1), _SK_SURFACE.take(sk), _SK_KIND.take(sk), attrs[0], attrs[1]]
+
+
+def decode_chunk(buf: bytes) -> tuple[np.ndarray, ...]:
+    """One chunk -> (ts, item_id, surface, kind, category, advertiser_id), sorted by ts."""
+    return tuple(decode_chunks([buf])[0])
+
+
+def columns_to_rec(cols: list[np.ndarray] | tuple[np.ndarray, ...]) -> np.ndarray:
+    """Decoded columns -> REC records."""
+    rec = np.empty(len(cols[0]), REC)
+    for f, c in zip(REC.names, cols):
+        rec[f] = c
+    return rec
+
+
+def decode_segment(v: bytes) -> np.ndarray:
+    """A tail segment value -> REC records (an encoded one comes out sorted by ts)."""
+    if v[:1] == SEG_CHUNK:
+        return columns_to_rec(decode_chunks([v[1:]])[0])
+    return np.frombuffer(v, REC, offset=1)

@@ -1,0 +1,713 @@
+"""The RocksDB (rocksdict) sequence store: the writer and its read-only followers.
+
+What it keeps. Per user: the most recent ``max_events`` events of all kinds
+on all surfaces -- ts, item id, surface, kind (``is_ad`` is implied by the
+kind), category and advertiser_id (the event's own values, so reads are
+point-in-time correct even if an item's attributes change; -1 when absent);
+the user's latest attributes (age bucket, country, device) and per-kind
+counters of every event ever appended. Per item (ad or organic, own column
+family): latest ad format, advertiser, category and per-kind counters
+(impressions, clicks, conversions, views, ...). Not kept: event_id,
+request_id, hour, p_click / p_conversion (the label joiner's business).
+Byte layouts: :mod:`opengem.features.codec`.
+
+Writes (the stream worker of the shard, the only writer)::
+
+    store = SequenceStore("/data/store-0")           # or open_store("rocksdb:///data/store-0")
+    with store.batch() as b:                          # one WriteBatch, one durable write
+        for rec in records:
+            b.add(rec.events, rec.partition, rec.offset)  # False: applied before, skipped
+    store.applied_offset(0)                           # where the store stands in partition 0
+
+``events``: Event objects, a dict of NumPy columns or a pyarrow RecordBatch
+(grouped by user with one stable argsort). An append never rewrites a user's
+history: a commit adds one small raw *tail segment* per user and rewrites
+the user's fixed-size *head*. When the tail reaches ``chunk_events`` events
+they are sealed into an immutable columnar *chunk*; before that, more than
+``max_tail_segments`` segments or ``max_raw_tail`` raw events are merged into
+one encoded segment. Sealing drops the oldest chunks beyond ``max_events``.
+The writer keeps the heads it wrote in memory (``writer_cache_*``), so a
+commit reads RocksDB only for heads it has not seen.
+
+Durability: every commit is one ``WriteBatch`` holding the events *and* the
+partitions' offsets, written with ``WriteOptions.sync = True`` by default:
+the WAL is fsynced before the commit returns, so the worker may commit its
+Kafka offsets right after, and after a crash the store is exactly at a
+record boundary it knows (``applied_offset``); replaying from any earlier
+offset skips what is already in. ``sync=False`` (one fsync saved per commit)
+survives a process crash but can lose the last commits on power loss; that
+is safe only if the worker resumes from ``applied_offset + 1`` rather than
+from the consumer group's committed offset.
+
+Reads -- the same code in the writer and in every reader::
+
+    r = SequenceStore.open_reader("/data/store-0", "/tmp/sec-trainer", interval_s=0.5)
+    seq = r.read(user_id, before_ts=impression_ts, max_len=2048)      # SeqArrays, oldest first
+    batch = r.read_batch(user_ids, before_ts=ts_array, max_len=2048)  # JaggedSeq
+
+Ordering: events are appended in arrival order and read sorted by ts, ties
+in arrival order; ``before_ts`` is strict (``ts < before_ts``). The chunk
+directory's min / max ts let a read skip chunks that cannot hold any of the
+``max_len`` most recent events before ``before_ts``; late events are merely
+read from more chunks. Retention is by arrival: the store keeps the events
+that arrived last, ``chunk_events * min(total // chunk_events, max_events //
+chunk_events) + total % chunk_events`` of them (whole chunks are dropped);
+with ts mostly increasing those are the most recent ``max_events`` by ts.
+Attributes: the latest *applied* non-null value wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    BottommostLevelCompaction,
+    Cache,
+    CompactOptions,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
+
+from opengem.features import codec
+from opengem.features.base import SequenceStoreBase, register_backend
+from opengem.features.codec import (
+    DIR,
+    EMPTY_HEAD,
+    EMPTY_ITEM_HEAD,
+    HEAD,
+    I64_MAX,
+    I64_MIN,
+    ITEM_HEAD,
+    REC,
+    parse_fixed,
+)
+from opengem.features.types import (
+    N_KINDS,
+    SEQ_DTYPES,
+    EventColumns,
+    ItemFeatures,
+    SeqArrays,
+    UserFeatures,
+)
+from opengem.stream.events import DEFAULT_SURFACES, KINDS
+
+_OFF = struct.Struct("<q")
+MAX_EVENTS_LIMIT = 16384
+ITEMS_CF = "items"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    # Events kept per user: GEM-style sequence encoders look thousands of events back.
+    max_events: int = 4096
+    # Events per sealed chunk: small enough that a seal (and retention) moves little data,
+    # large enough that the columnar encoding and zstd see enough values; a multiple of it is max_events.
+    chunk_events: int = 256
+    # Tail segments per user before they are merged into one: bounds the keys a read fetches.
+    max_tail_segments: int = 16
+    # Events in raw (uncompressed-record) tail segments before they are merged into an
+    # encoded one: bounds the share of a history stored at ~9 instead of ~6 bytes per event.
+    max_raw_tail: int = 128
+    # Surface names; their index is what reads return. Stored in the DB: new names may only be appended.
+    surfaces: tuple[str, ...] = DEFAULT_SURFACES
+    # zstd level of SST blocks above the bottom level: short-lived data, cheap CPU.
+    zstd_level: int = 3
+    # zstd level of the bottom level, which holds ~90 % of the data (all of it after compact()).
+    bottommost_zstd_level: int = 9
+    # zstd dictionary trained per bottom-level SST file: ~1 % smaller on simulator-like data; 0 disables.
+    zstd_dict_bytes: int = 16 << 10
+    # SST block size: larger blocks compress better; a user's chunks are adjacent keys anyway.
+    block_size: int = 32 << 10
+    # Decompressed-block cache shared by reads; readers' hot users stay in memory.
+    block_cache_bytes: int = 256 << 20
+    # Memtable size: heads are rewritten on every commit, so a big memtable absorbs most rewrites.
+    write_buffer_bytes: int = 64 << 20
+    # fsync the WAL on every commit (see the module docstring: the worker commits Kafka offsets after it).
+    sync: bool = True
+    # Keep item attributes and counters (one head write per distinct item per commit).
+    item_features: bool = True
+    # The writer keeps the fixed-size user / item heads it wrote in memory (~200 B each with
+    # the dict) so that a commit reads them from RocksDB only on a miss; cleared when full.
+    writer_cache_users: int = 1_000_000
+    writer_cache_items: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.chunk_events <= 65535:
+            problems.append("chunk_events must be in 1..65535")
+        if not 1 <= self.max_events <= MAX_EVENTS_LIMIT:
+            problems.append(f"max_events must be in 1..{MAX_EVENTS_LIMIT}")
+        elif self.max_events % self.chunk_events:
+            problems.append("max_events must be a multiple of chunk_events")
+        if self.max_tail_segments < 1:
+            problems.append("max_tail_segments must be >= 1")
+        if self.max_raw_tail < 1:
+            problems.append("max_raw_tail must be >= 1")
+        if not self.surfaces or len(self.surfaces) * N_KINDS > 256:
+            problems.append(f"need 1..{256 // N_KINDS} surfaces (surface and kind share a byte)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _options(cfg: StoreConfig, *, secondary: bool, cache: Cache) -> Options:
+    o = Options(raw_mode=True)
+    o.create_if_missing(not secondary)
+    o.create_missing_column_families(not secondary)
+    o.set_compression_type(DBCompressionType.zstd())
+    o.set_compression_options(-14, cfg.zstd_level, 0, 0)
+    o.set_bottommost_compression_type(DBCompressionType.zstd())
+    o.set_bottommost_compression_options(-14, cfg.bottommost_zstd_level, 0, cfg.zstd_dict_bytes, True)
+    if cfg.zstd_dict_bytes:
+        o.set_bottommost_zstd_max_train_bytes(100 * cfg.zstd_dict_bytes, True)
+    o.set_write_buffer_size(cfg.write_buffer_bytes)
+    o.set_level_compaction_dynamic_level_bytes(True)
+    o.set_max_background_jobs(2)
+    t = BlockBasedOptions()
+    t.set_block_size(cfg.block_size)
+    t.set_block_cache(cache)
+    t.set_bloom_filter(10, False)  # heads of new users / items are misses: skip SSTs cheaply
+    t.set_cache_index_and_filter_blocks(True)
+    t.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    t.set_format_version(5)
+    o.set_block_based_table_factory(t)
+    if secondary:
+        o.set_max_open_files(-1)  # required by RocksDB secondary instances
+    return o
+
+
+class _HeadCache:
+    """The writer's copy of fixed-size heads: id -> row of a growable structured array.
+
+    Only the single writer of a store uses it, and it is updated only after the
+    commit that wrote those heads is durable, so it always equals the DB.
+    """
+
+    def __init__(self, dtype: np.dtype, empty: bytes, capacity: int):
+        self.dtype, self.empty, self.capacity = dtype, empty, capacity
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows: dict[int, int] = {}
+        self.table = np.zeros(1024, self.dtype)
+
+    def fetch(self, ids: np.ndarray, keys: list[bytes], get: Any) -> np.ndarray:
+        """Heads of ``ids`` (a writable copy): cached rows, else from the DB."""
+        rows_get = self.rows.get
+        rows = np.fromiter((rows_get(i, -1) for i in ids.tolist()), np.int64, len(ids))
+        miss = np.flatnonzero(rows < 0)
+        if len(miss) == len(ids):
+            return parse_fixed(get(keys), self.dtype, self.empty)
+        heads = self.table[np.maximum(rows, 0)]
+        if len(miss):
+            heads[miss] = parse_fixed(get([keys[i] for i in miss.tolist()]), self.dtype, self.empty)
+        return heads
+
+    def store(self, ids: np.ndarray, heads: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        if len(self.rows) + len(ids) > self.capacity:
+            self.clear()
+        rows_get, n = self.rows.get, len(self.rows)
+        rows = np.empty(len(ids), np.int64)
+        for j, i in enumerate(ids.tolist()):
+            r = rows_get(i)
+            if r is None:
+                r = self.rows[i] = n
+                n += 1
+            rows[j] = r
+        if n > len(self.table):
+            grown = np.zeros(max(n, 2 * len(self.table)), self.dtype)
+            grown[: len(self.table)] = self.table
+            self.table = grown
+        self.table[rows] = heads
+
+
+def _latest(dst: np.ndarray, values: np.ndarray, valid: np.ndarray, group: np.ndarray) -> None:
+    """dst[g] = the last valid value of group g (rows grouped, in arrival order within a group)."""
+    idx = np.flatnonzero(valid)
+    if len(idx):
+        gi = group[idx]
+        last = np.empty(len(idx), bool)
+        last[:-1] = gi[1:] != gi[:-1]
+        last[-1] = True
+        dst[gi[last]] = values[idx[last]]
+
+
+def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stable group-by: (order, unique keys, starts, ends) over ``keys[order]``."""
+    order = np.argsort(keys, kind="stable")
+    s = keys[order]
+    brk = np.flatnonzero(s[1:] != s[:-1]) + 1
+    starts = np.concatenate([[0], brk])
+    ends = np.concatenate([brk, [len(s)]])
+    return order, s[starts], starts, ends
+
+
+class SequenceStore(SequenceStoreBase):
+    """The RocksDB backend. ``SequenceStore(path)`` is the writer;
+    :meth:`open_reader` opens a read-only RocksDB secondary instance."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: StoreConfig | None = None,
+        *,
+        secondary_dir: str | os.PathLike | None = None,
+        interval_s: float | None = None,
+    ):
+        self.config = cfg = config or StoreConfig()
+        self.path = str(path)
+        self.read_only = secondary_dir is not None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        cache = Cache(cfg.block_cache_bytes)  # one block cache for both column families
+        cfs = {ITEMS_CF: _options(cfg, secondary=self.read_only, cache=cache)}
+        if self.read_only:
+            Path(secondary_dir).mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(self.path, _options(cfg, secondary=True, cache=cache), column_families=cfs,
+                             access_type=AccessType.secondary(str(secondary_dir)))
+        else:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(self.path, _options(cfg, secondary=False, cache=cache), column_families=cfs)
+        # Item heads live in their own column family: a different access pattern
+        # (hot, tiny, fixed-size) and their own size accounting.
+        self._items = self._db.get_column_family(ITEMS_CF)
+        self._items_cf = self._db.get_column_family_handle(ITEMS_CF)
+        self._user_cache = _HeadCache(HEAD, EMPTY_HEAD, cfg.writer_cache_users)
+        self._item_cache = _HeadCache(ITEM_HEAD, EMPTY_ITEM_HEAD, cfg.writer_cache_items)
+        self._wopts = WriteOptions()
+        self._wopts.sync = cfg.sync
+        self._get = self._db.get
+        self.surfaces = self._check_meta()
+        if self.read_only and interval_s:
+            self._thread = threading.Thread(target=self._follow, args=(float(interval_s),),
+                                            name="store-catch-up", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def open_reader(
+        cls,
+        path: str | os.PathLike,
+        secondary_dir: str | os.PathLike,
+        config: StoreConfig | None = None,
+        interval_s: float | None = None,
+    ) -> "SequenceStore":
+        """A read-only follower of the writer at ``path`` (another process is fine).
+
+        ``secondary_dir``: this reader's own scratch directory (one per reader).
+        ``interval_s``: if set, a daemon thread calls :meth:`catch_up` that often.
+        """
+        return cls(path, config, secondary_dir=secondary_dir, interval_s=interval_s)
+
+    # ------------------------------------------------------------------ meta
+
+    def _check_meta(self) -> tuple[str, ...]:
+        cfg = self.config
+        raw = self._get(codec.META_KEY)
+        want = {"format": codec.FORMAT_VERSION, "chunk_events": cfg.chunk_events,
+                "kinds": list(KINDS), "surfaces": list(cfg.surfaces)}
+        if raw is None:
+            if not self.read_only:
+                self._db.put(codec.META_KEY, json.dumps(want).encode(), self._wopts)
+            return tuple(cfg.surfaces)
+        have = json.loads(raw)
+        for k in ("format", "chunk_events", "kinds"):
+            if have[k] != want[k]:
+                raise ValueError(f"store at {self.path} has {k}={have[k]!r}, config wants {want[k]!r}")
+        stored = tuple(have["surfaces"])
+        if self.read_only:
+            return stored
+        if tuple(cfg.surfaces[: len(stored)]) != stored:
+            raise ValueError(f"store at {self.path} has surfaces {stored}; configured surfaces must extend them")
+        if len(cfg.surfaces) > len(stored):
+            self._db.put(codec.META_KEY, json.dumps(want).encode(), self._wopts)
+        return tuple(cfg.surfaces)
+
+    # ------------------------------------------------------------------ offsets
+
+    def applied_offset(self, partition: int) -> int | None:
+        v = self._get(codec.offset_key(partition))
+        return None if v is None else _OFF.unpack(v)[0]
+
+    def applied_offsets(self) -> dict[int, int]:
+        out = {}
+        it = self._db.iter()
+        it.seek(codec.OFFSET_PREFIX)
+        while it.valid() and it.key().startswith(codec.OFFSET_PREFIX):
+            out[int(it.key()[len(codec.OFFSET_PREFIX):])] = _OFF.unpack(it.value())[0]
+            it.next()
+        return out
+
+    # ------------------------------------------------------------------ writes
+
+    def _commit(self, cols: EventColumns, offsets: dict[int, int]) -> None:
+        wb = WriteBatch(raw_mode=True)
+        cached: list[tuple[_HeadCache, np.ndarray, np.ndarray]] = []
+        if len(cols):
+            cached = self._write_events(wb, cols)
+        for p, o in offsets.items():
+            wb.put(codec.offset_key(p), _OFF.pack(o))
+        try:
+            self._db.write(wb, self._wopts)
+        except BaseException:
+            # Nothing was written; the caches may not hold heads of this batch.
+            self._user_cache.clear()
+            self._item_cache.clear()
+            raise
+        for cache, ids, heads in cached:
+            cache.store(ids, heads)
+
+    def _write_events(self, wb: WriteBatch, cols: EventColumns) -> list[tuple[_HeadCache, np.ndarray, np.ndarray]]:
+        """Put everything ``cols`` changes into ``wb``; returns the heads to cache once written."""
+        cfg = self.config
+        C = cfg.chunk_events
+        n = len(cols)
+        order, uids, starts, ends = _groups(cols.user_id)
+        U = len(uids)
+        cnt = ends - starts
+        g = np.repeat(np.arange(U), cnt)  # user group of each sorted row
+        rec = np.empty(n, REC)
+        for f in REC.names:
+            rec[f] = getattr(cols, f)[order]
+        ts = rec["ts"]
+        kind = rec["kind"].astype(np.int64)
+
+        hkeys = codec.head_keys(uids)
+        heads = self._user_cache.fetch(uids, hkeys, self._get)
+        heads["counts"] += np.bincount(g * N_KINDS + kind, minlength=U * N_KINDS).reshape(U, N_KINDS).astype(np.uint32)
+        heads["total"] += cnt.astype(np.uint64)
+        heads["last_ts"] = np.maximum(heads["last_ts"], np.maximum.reduceat(ts, starts))
+        for name, none in (("age_bucket", -1), ("country", 0), ("device", -1)):
+            v = getattr(cols, name)[order]
+            _latest(heads[name], v, v != none, g)
+
+        nseg = heads["seg_hi"] - heads["seg_lo"]
+        rare = ((heads["tail_n"] + cnt >= C) | (nseg >= cfg.max_tail_segments)
+                | (heads["raw_n"] + cnt > cfg.max_raw_tail))
+        ci = np.flatnonzero(~rare)
+        if len(ci):  # the common path: one new tail segment per user
+            tmin = np.minimum.reduceat(ts, starts)[ci]
+            tmax = np.maximum.reduceat(ts, starts)[ci]
+            heads["tail_min"][ci] = np.minimum(heads["tail_min"][ci], tmin)
+            heads["tail_max"][ci] = np.maximum(heads["tail_max"][ci], tmax)
+            heads["tail_n"][ci] += cnt[ci].astype(np.uint32)
+            heads["raw_n"][ci] += cnt[ci].astype(np.uint32)
+            heads["kept"][ci] += cnt[ci].astype(np.uint32)
+            skeys = codec.seg_keys(uids[ci], heads["seg_hi"][ci])
+            heads["seg_hi"][ci] += 1
+            buf = rec.tobytes()
+            R = REC.itemsize
+            put = wb.put
+            raw = codec.SEG_RAW
+            for k, a, b in zip(skeys, (starts[ci] * R).tolist(), (ends[ci] * R).tolist()):
+                put(k, raw + buf[a:b])
+        ri = np.flatnonzero(rare)
+        if len(ri):
+            self._rebuild_tails(wb, uids, heads, ri, rec, starts, ends)
+
+        hbuf = heads.tobytes()
+        H = HEAD.itemsize
+        put = wb.put
+        for i, k in enumerate(hkeys):
+            put(k, hbuf[i * H : (i + 1) * H])
+        out = [(self._user_cache, uids, heads)]
+        if cfg.item_features:
+            out.append(self._write_items(wb, cols))
+        return out
+
+    def _rebuild_tails(self, wb: WriteBatch, uids: np.ndarray, heads: np.ndarray, ri: np.ndarray,
+                       rec: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Seal full chunks / merge tail segments of the users ``ri``; apply retention."""
+        cfg = self.config
+        C, N = cfg.chunk_events, cfg.max_events
+        ukeys = [int(u) for u in uids[ri]]
+        lo = heads["seg_lo"][ri].tolist()
+        hi = heads["seg_hi"][ri].tolist()
+        keys = [codec.user_key(b"T", u, s) for u, a, b in zip(ukeys, lo, hi) for s in range(a, b)]
+        keys += [codec.user_key(b"D", u) for u in ukeys]
+        vals = self._get(keys)
+        pos = 0
+        segvals = []
+        for a, b in zip(lo, hi):
+            segvals.append(vals[pos : pos + b - a])
+            pos += b - a
+        dirvals = vals[pos:]
+        put, delete = wb.put, wb.delete
+        for j, i in enumerate(ri.tolist()):
+            u = ukeys[j]
+            h = heads[i]
+            if any(v is None for v in segvals[j]):
+                raise RuntimeError(f"store corrupt: user {u} is missing tail segments")
+            tail = np.concatenate([codec.decode_segment(v) for v in segvals[j]] + [rec[starts[i] : ends[i]]])
+            old_dir = np.frombuffer(dirvals[j], DIR) if dirvals[j] else np.empty(0, DIR)
+            nseal = len(tail) // C
+            rem = tail[nseal * C :]
+            tail_n = len(rem)
+            k_total = len(old_dir) + nseal
+            k_keep = min(k_total, (N - tail_n - 1) // C + 1)
+            drop = k_total - k_keep
+            chunk_lo, chunk_hi = int(h["chunk_lo"]), int(h["chunk_hi"])
+            new_dir = np.empty(nseal, DIR)
+            for c in range(nseal):
+                seq = chunk_hi + c
+                if seq - chunk_lo >= drop:  # a chunk that retention would drop at once is never written
+                    blob, mn, mx = codec.encode_chunk(tail[c * C : (c + 1) * C])
+                    put(codec.user_key(b"C", u, seq), blob)
+                    new_dir[c] = (mn, mx)
+            for seq in range(chunk_lo, min(chunk_lo + drop, chunk_hi)):
+                delete(codec.user_key(b"C", u, seq))
+            d = np.concatenate([old_dir, new_dir])[drop:]
+            if nseal or drop:
+                if len(d):
+                    put(codec.user_key(b"D", u), d.tobytes())
+                else:
+                    delete(codec.user_key(b"D", u))
+            seg_lo, seg_hi = int(h["seg_lo"]), int(h["seg_hi"])
+            for seq in range(seg_lo, seg_hi):
+                delete(codec.user_key(b"T", u, seq))
+            if tail_n:  # the merged remainder, encoded like a chunk
+                put(codec.user_key(b"T", u, seg_hi), codec.SEG_CHUNK + codec.encode_chunk(rem)[0])
+            h["seg_lo"] = seg_hi
+            h["seg_hi"] = seg_hi + (1 if tail_n else 0)
+            h["chunk_lo"] = chunk_lo + drop
+            h["chunk_hi"] = chunk_hi + nseal
+            h["tail_n"] = tail_n
+            h["raw_n"] = 0
+            h["tail_min"] = rem["ts"].min() if tail_n else I64_MAX
+            h["tail_max"] = rem["ts"].max() if tail_n else I64_MIN
+            h["kept"] = len(d) * C + tail_n
+
+    def _write_items(self, wb: WriteBatch, cols: EventColumns) -> tuple[_HeadCache, np.ndarray, np.ndarray]:
+        order, items, starts, ends = _groups(cols.item_id)
+        n, M = len(order), len(items)
+        g = np.repeat(np.arange(M), ends - starts)
+        ikeys = codec.item_keys(items)
+        ih = self._item_cache.fetch(items, ikeys, self._items.get)
+        kind = cols.kind[order].astype(np.int64)
+        ih["counts"] += np.bincount(g * N_KINDS + kind, minlength=M * N_KINDS).reshape(M, N_KINDS).astype(np.uint32)
+        ih["last_ts"] = np.maximum(ih["last_ts"], np.maximum.reduceat(cols.ts[order], starts))
+        for name in ("advertiser_id", "category", "ad_format"):
+            v = getattr(cols, name)[order]
+            _latest(ih[name], v, v != -1, g)
+        buf = ih.tobytes()
+        S = ITEM_HEAD.itemsize
+        put, cf = wb.put, self._items_cf
+        for i, k in enumerate(ikeys):
+            put(k, buf[i * S : (i + 1) * S], cf)
+        return self._item_cache, items, ih
+
+    # ------------------------------------------------------------------ reads
+
+    def _read_many(self, uids: np.ndarray, before: np.ndarray | None, max_len: int | None) -> list[SeqArrays]:
+        for attempt in range(20):
+            out = self._try_read(uids, before, max_len)
+            if out is not None:
+                return out
+            # Raced a write or a catch-up between our two multi-gets: the head we
+            # read names keys that are gone now. Read again.
+            time.sleep(0.0005 * attempt)
+        raise RuntimeError("sequence read kept racing writes")
+
+    def _try_read(self, uids: np.ndarray, before: np.ndarray | None, max_len: int | None) -> list[SeqArrays] | None:
+        C = self.config.chunk_events
+        B = len(uids)
+        vals = self._get(codec.head_keys(uids) + codec.dir_keys(uids))
+        heads = parse_fixed(vals[:B], HEAD, EMPTY_HEAD)
+        dirvals = vals[B:]
+        keys: list[bytes] = []
+        plan: list[tuple[int, int]] = []  # per user: (chunks fetched, segments fetched)
+        cols = {f: heads[f].tolist() for f in ("kept", "tail_n", "seg_lo", "seg_hi", "chunk_lo", "chunk_hi", "tail_min", "tail_max")}
+        bl = before.tolist() if before is not None else [None] * B
+        for i in range(B):
+            u = int(uids[i])
+            b = bl[i]
+            k0 = cols["chunk_lo"][i]
+            nk = cols["chunk_hi"][i] - k0
+            seqs: Sequence[int] = range(k0, k0 + nk)
+            if nk and (dirvals[i] is None or len(dirvals[i]) != nk * DIR.itemsize):
+                return None  # head and directory from different writes: raced one, read again
+            if nk and (b is not None or (max_len is not None and max_len < cols["kept"][i])):
+                d = np.frombuffer(dirvals[i], DIR)
+                seqs = (k0 + _needed_chunks(d, C, b, max_len, cols["tail_n"][i],
+                                            cols["tail_min"][i], cols["tail_max"][i])).tolist()
+            keys.extend(codec.user_key(b"C", u, s) for s in seqs)
+            nseg = 0
+            if cols["tail_n"][i] and (b is None or cols["tail_min"][i] < b):
+                lo, hi = cols["seg_lo"][i], cols["seg_hi"][i]
+                keys.extend(codec.user_key(b"T", u, s) for s in range(lo, hi))
+                nseg = hi - lo
+            plan.append((len(seqs), nseg))
+        data = self._get(keys) if keys else []
+        if any(v is None for v in data):
+            return None
+        # One vectorized decode for every encoded chunk of every user; raw
+        # segments are records already.
+        blobs: list[bytes] = []
+        enc_n = np.zeros(B, np.int64)  # encoded chunks per user
+        raw: list[list[np.ndarray]] = [[] for _ in range(B)]
+        pos = 0
+        for i, (nc, ns) in enumerate(plan):
+            blobs.extend(data[pos : pos + nc])
+            pos += nc
+            enc_n[i] = nc
+            for v in data[pos : pos + ns]:
+                if v[:1] == codec.SEG_CHUNK:
+                    blobs.append(v[1:])
+                    enc_n[i] += 1
+                else:
+                    raw[i].append(np.frombuffer(v, REC, offset=1))
+            pos += ns
+        groups, group, start, lens = codec.decode_chunk_groups(blobs)
+        gl, sl, nl = group.tolist(), start.tolist(), lens.tolist()
+        out = []
+        k = 0
+        for i in range(B):
+            parts = []
+            run = None  # [group, first row, end row]: consecutive chunks decoded next to each other
+            for _ in range(int(enc_n[i])):
+                g, a, n = gl[k], sl[k], nl[k]
+                k += 1
+                if run is not None and run[0] == g and run[2] == a:
+                    run[2] = a + n
+                    continue
+                if run is not None:
+                    parts.append([c[run[1] : run[2]] for c in groups[run[0]]])
+                run = [g, a, a + n]
+            if run is not None:
+                parts.append([c[run[1] : run[2]] for c in groups[run[0]]])
+            if raw[i]:
+                r = raw[i][0] if len(raw[i]) == 1 else np.concatenate(raw[i])
+                parts.append([r[f] for f in REC.names])
+            out.append(_finish(parts, bl[i], max_len))
+        return out
+
+    def user_features(self, user_ids: Sequence[int] | np.ndarray) -> UserFeatures:
+        uids = np.asarray(user_ids, np.int64).reshape(-1)
+        h = parse_fixed(self._get(codec.head_keys(uids)), HEAD, EMPTY_HEAD)
+        return UserFeatures(
+            age_bucket=h["age_bucket"].copy(), country=h["country"].copy(), device=h["device"].copy(),
+            counts=h["counts"].astype(np.int64), n_events=h["total"].astype(np.int64),
+            n_stored=h["kept"].astype(np.int64), last_ts=h["last_ts"].copy(),
+        )
+
+    def item_features(self, item_ids: Sequence[int] | np.ndarray) -> ItemFeatures:
+        items = np.asarray(item_ids, np.int64).reshape(-1)
+        h = parse_fixed(self._items.get(codec.item_keys(items)), ITEM_HEAD, EMPTY_ITEM_HEAD)
+        return ItemFeatures(
+            ad_format=h["ad_format"].copy(), advertiser_id=h["advertiser_id"].copy(),
+            category=h["category"].copy(), counts=h["counts"].astype(np.int64), last_ts=h["last_ts"].copy(),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def catch_up(self) -> None:
+        if self.read_only:
+            self._db.try_catch_up_with_primary()
+
+    def _follow(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.catch_up()
+            except Exception:  # noqa: BLE001 - a failed catch-up is retried next interval
+                pass
+
+    def flush(self) -> None:
+        self._db.flush(True)
+
+    def compact(self) -> None:
+        """Flush the memtables and rewrite everything into the bottom level (for size
+        measurements): without ``force``, RocksDB would just move flushed files down
+        without recompressing them at the bottom level's zstd level."""
+        opts = CompactOptions()
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+        for db in (self._db, self._items):
+            db.flush(True)
+            db.compact_range(None, None, opts)
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes of live SST files: ``sequences`` (sequences, user heads, offsets) and ``items``."""
+        prop = "rocksdb.total-sst-files-size"
+        return {"sequences": self._db.property_int_value(prop), "items": self._items.property_int_value(prop)}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._db is not None:
+            self._items.close()
+            self._db.close()
+            # The DB (and its LOCK) is released only once nothing refers to it.
+            self._db = self._items = self._items_cf = self._get = None
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+
+def _needed_chunks(d: np.ndarray, C: int, b: int | None, max_len: int | None,
+                   tail_n: int, tail_min: int, tail_max: int) -> np.ndarray:
+    """Indices of the chunks (directory ``d``) that may hold one of the user's
+    ``max_len`` most recent events with ts < b.
+
+    A chunk is skipped when all its events are >= b, or when at least
+    ``max_len`` events that certainly qualify (their whole chunk / tail is
+    < b) are strictly later in ts than every event of the chunk.
+    """
+    mn, mx = d["min"], d["max"]
+    sel = np.ones(len(d), bool) if b is None else mn < b
+    if max_len is not None:
+        full = sel if b is None else sel & (mx < b)
+        later = (mn[None, :] > mx[:, None]) & full[None, :]  # (K, K): chunk k entirely after chunk j
+        after = later.sum(axis=1) * C
+        if tail_n and (b is None or tail_max < b):
+            after += np.where(tail_min > mx, tail_n, 0)
+        sel &= after < max_len
+    return np.flatnonzero(sel)
+
+
+def _finish(parts: list[tuple[np.ndarray, ...]], b: int | None, max_len: int | None) -> SeqArrays:
+    """Concatenate decoded parts (in arrival order of chunks / tail), keep ts < b,
+    sort by ts (stable), keep the last max_len."""
+    if not parts:
+        return SeqArrays.empty()
+    if len(parts) == 1:
+        cols = list(parts[0])
+    else:
+        cols = [np.concatenate([p[j] for p in parts]) for j in range(6)]
+    ts = cols[0]
+    if b is not None:
+        m = ts < b
+        if not m.all():
+            cols = [c[m] for c in cols]
+            ts = cols[0]
+    if len(ts) > 1 and (ts[1:] < ts[:-1]).any():
+        o = np.argsort(ts, kind="stable")
+        cols = [c[o] for c in cols]
+    if max_len is not None and len(cols[0]) > max_len:
+        cols = [c[len(c) - max_len :] for c in cols]
+    return SeqArrays(*(np.ascontiguousarray(c, dtype=dt) for c, dt in zip(cols, SEQ_DTYPES.values())))
+
+
+def _open_rocksdb(path: str, *, config: StoreConfig | None = None, reader: bool = False,
+                  secondary_dir: str | None = None, interval_s: float | None = None) -> SequenceStore:
+    if reader:
+        if secondary_dir is None:
+            raise ValueError("a rocksdb reader needs secondary_dir")
+        return SequenceStore.open_reader(path, secondary_dir, config, interval_s)
+    return SequenceStore(path, config)
+
+
+register_backend("rocksdb", _open_rocksdb)

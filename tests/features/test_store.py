@@ -1,0 +1,485 @@
+"""The RocksDB sequence store against a plain Python reference model, in tmp dirs.
+
+Small chunks (chunk_events=8, max_events=32) so that sealing, tail merges and
+retention all happen within a few dozen events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from opengem.features import (
+    JaggedSeq,
+    MemorySequenceStore,
+    SeqArrays,
+    SequenceStore,
+    StoreConfig,
+    country_code,
+    open_store,
+)
+from opengem.features import codec
+from opengem.stream.events import AD_FORMATS, AD_KINDS, DEFAULT_SURFACES, KIND_INDEX, KINDS, Event
+
+T0 = 1_767_225_600_000
+SMALL = StoreConfig(max_events=32, chunk_events=8, max_tail_segments=3, max_raw_tail=5, sync=False)
+# Every append merges the tail, the cap is one chunk, the writer's head caches overflow constantly.
+TINY = StoreConfig(max_events=4, chunk_events=4, max_tail_segments=1, max_raw_tail=1, sync=False,
+                   writer_cache_users=2, writer_cache_items=3)
+
+
+# --------------------------------------------------------------------------- reference model
+
+
+class Reference:
+    """What the store must return: per user the events in arrival order, of which
+    the last ``C * min(total // C, N // C) + total % C`` are kept (whole chunks of
+    C dropped, oldest arrivals first); reads filter ts < before_ts, sort by ts
+    (ties in arrival order) and keep the last max_len."""
+
+    def __init__(self, cfg: StoreConfig):
+        self.C, self.N = cfg.chunk_events, cfg.max_events
+        self.events: dict[int, list[tuple]] = {}
+        self.total: dict[int, int] = {}
+
+    def append(self, cols: dict[str, np.ndarray]) -> None:
+        for row in zip(*(cols[k].tolist() for k in ("user_id", "ts", "item_id", "surface", "kind", "category", "advertiser_id"))):
+            uid = row[0]
+            self.events.setdefault(uid, []).append(row[1:])
+            self.total[uid] = self.total.get(uid, 0) + 1
+            t = self.total[uid]
+            keep = self.C * min(t // self.C, self.N // self.C) + t % self.C
+            del self.events[uid][: len(self.events[uid]) - keep]
+
+    def read(self, uid: int, before: int | None, max_len: int | None) -> list[tuple]:
+        ev = [e for e in self.events.get(uid, []) if before is None or e[0] < before]
+        ev = sorted(ev, key=lambda e: e[0])
+        return ev if max_len is None else ev[max(0, len(ev) - max_len) :]
+
+
+def rows(s: SeqArrays) -> list[tuple]:
+    return list(zip(s.ts.tolist(), s.item_id.tolist(), s.surface.tolist(), s.kind.tolist(),
+                    s.category.tolist(), s.advertiser_id.tolist()))
+
+
+def make_events(rng: np.random.Generator, n: int, users: int = 4, t0: int = T0, spread: int = 10**6) -> dict[str, np.ndarray]:
+    """Columns of n events; surface / kind as strings like the stream sends them."""
+    kind = rng.integers(0, len(KINDS), n)
+    item = rng.integers(0, 40, n) + np.where(kind < len(AD_KINDS), 1_000_000_000, 0)
+    return {
+        "user_id": rng.integers(0, users, n),
+        "ts": t0 + rng.integers(0, spread, n),
+        "item_id": item,
+        "surface": np.array(DEFAULT_SURFACES)[rng.integers(0, len(DEFAULT_SURFACES), n)],
+        "kind": np.array(KINDS)[kind],
+        "is_ad": kind < len(AD_KINDS),
+        "category": np.where(rng.random(n) < 0.9, item % 7, -1),
+        "advertiser_id": np.where(kind < len(AD_KINDS), item % 5, -1),
+        "age_bucket": rng.integers(-1, 8, n),
+    }
+
+
+def ref_cols(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same columns with surface / kind as indices (what reads return)."""
+    out = dict(ev)
+    out["surface"] = np.array([DEFAULT_SURFACES.index(s) for s in ev["surface"]])
+    out["kind"] = np.array([KIND_INDEX[k] for k in ev["kind"]])
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = SequenceStore(tmp_path / "db", SMALL)
+    yield s
+    s.close()
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@st.composite
+def scenarios(draw):
+    """Batches of appends: user ids, ts offsets (late, duplicate and far-apart ones), items."""
+    batches = []
+    clock = 0
+    for _ in range(draw(st.integers(1, 12))):
+        n = draw(st.integers(0, 30))
+        users = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+        # mostly increasing time, sometimes late (negative jitter) or identical
+        jit = draw(st.lists(st.sampled_from([0, 0, 1, 5, 1000, -3, -10**6, 2**33]), min_size=n, max_size=n))
+        items = draw(st.lists(st.integers(0, 20), min_size=n, max_size=n))
+        kinds = draw(st.lists(st.integers(0, len(KINDS) - 1), min_size=n, max_size=n))
+        ts = []
+        for j in jit:
+            clock += 1000
+            ts.append(T0 + 10**7 + clock + j)
+        batches.append((users, ts, items, kinds))
+    return batches
+
+
+def cols_of(users, ts, items, kinds) -> dict[str, np.ndarray]:
+    kinds = np.array(kinds, np.int64)
+    items = np.array(items, np.int64)
+    return {
+        "user_id": np.array(users, np.int64), "ts": np.array(ts, np.int64), "item_id": items,
+        "surface": (items % len(DEFAULT_SURFACES)).astype(np.int8), "kind": kinds.astype(np.int8),
+        "category": np.where(items % 3 == 0, -1, items * 11), "advertiser_id": np.where(kinds < 3, items + 5, -1),
+    }
+
+
+@pytest.mark.parametrize("backend,cfg", [("rocksdb", SMALL), ("rocksdb", TINY), ("memory", SMALL)],
+                         ids=["rocksdb", "rocksdb-tiny", "memory"])
+@settings(max_examples=35, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=scenarios(), data=st.data())
+def test_round_trip_against_reference(backend: str, cfg: StoreConfig, batches, data) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        s = open_store(f"rocksdb://{d}/db", config=cfg) if backend == "rocksdb" else MemorySequenceStore(cfg)
+        ref = Reference(cfg)
+        with s:
+            for off, b in enumerate(batches):
+                cols = cols_of(*b)
+                if data.draw(st.booleans()):
+                    assert s.apply(cols, (0, 2 * off)) == len(cols["ts"])
+                else:  # the same events split over two records of one commit
+                    k = len(cols["ts"]) // 2
+                    with s.batch() as wb:
+                        wb.add({c: v[:k] for c, v in cols.items()}, 0, 2 * off)
+                        wb.add({c: v[k:] for c, v in cols.items()}, 0, 2 * off + 1)
+                ref.append(cols)
+            for uid in range(5):
+                for _ in range(4):
+                    before = data.draw(st.one_of(st.none(), st.integers(T0, T0 + 10**7 + 1000 * 400)))
+                    max_len = data.draw(st.one_of(st.none(), st.integers(0, 50)))
+                    assert rows(s.read(uid, before, max_len)) == ref.read(uid, before, max_len)
+            uids = np.arange(5)
+            before = data.draw(st.one_of(st.none(), st.lists(st.integers(T0, T0 + 10**8), min_size=5, max_size=5)))
+            jb = s.read_batch(uids, before, 20).validate()
+            for i in range(5):
+                assert rows(jb.row(i)) == ref.read(i, None if before is None else before[i], 20)
+            feats = s.user_features(uids)
+            assert feats.n_stored.tolist() == [len(ref.events.get(u, [])) for u in range(5)]
+            assert feats.n_events.tolist() == [ref.total.get(u, 0) for u in range(5)]
+
+
+# --------------------------------------------------------------------------- retention, idempotence, reopen
+
+
+def test_retention_keeps_the_latest_whole_chunks(store: SequenceStore) -> None:
+    ts = T0 + np.arange(100) * 1000
+    for i in range(100):  # one event per commit: tails merge, chunks seal, old chunks go
+        store.apply({"user_id": [7], "ts": [ts[i]], "item_id": [i], "surface": ["feed"], "kind": ["view"]}, (0, i))
+    # 100 = 12 chunks of 8 + 4: keep 4 chunks (N / C) + the 4 in the tail
+    seq = store.read(7)
+    assert len(seq) == 36
+    np.testing.assert_array_equal(seq.ts, ts[-36:])
+    np.testing.assert_array_equal(seq.item_id, np.arange(64, 100))
+    assert store.user_features([7]).n_stored.tolist() == [36]
+    # dropped chunks are deleted, not just hidden
+    it = store._db.iter()
+    it.seek(codec.user_key(b"C", 7, 0))
+    n_chunks = 0
+    while it.valid() and it.key().startswith(codec.user_key(b"C", 7)):
+        n_chunks += 1
+        it.next()
+    assert n_chunks == 4
+    # one big append far beyond the cap in a single commit
+    big = T0 + 10**9 + np.arange(1000)
+    store.apply({"user_id": np.full(1000, 8), "ts": big, "item_id": np.arange(1000),
+                 "surface": np.full(1000, "reels"), "kind": np.full(1000, "like")}, (0, 100))
+    np.testing.assert_array_equal(store.read(8).ts, big[-32:])
+    assert store.read(8, max_len=5).ts.tolist() == big[-5:].tolist()
+
+
+def test_apply_is_idempotent_per_partition_offset(store: SequenceStore) -> None:
+    rng = np.random.default_rng(0)
+    ev = make_events(rng, 50)
+    assert store.applied_offset(3) is None
+    assert store.apply(ev, (3, 10)) == 50
+    assert store.applied_offset(3) == 10
+    before = store.read_batch(np.arange(4))
+    assert store.apply(ev, (3, 10)) == 0  # replayed record
+    assert store.apply(ev, (3, 9)) == 0  # older record
+    after = store.read_batch(np.arange(4))
+    assert np.array_equal(before.lengths, after.lengths) and np.array_equal(before.ts, after.ts)
+    assert store.user_features(np.arange(4)).n_events.sum() == 50
+    # other partitions are independent
+    assert store.apply(make_events(rng, 5), (4, 0)) == 5
+    assert store.applied_offset(4) == 0 and store.applied_offset(3) == 10
+    # a batch of records: duplicates inside the batch are skipped too, one commit for all
+    with store.batch() as b:
+        assert b.add(make_events(rng, 5), 3, 11)
+        assert not b.add(make_events(rng, 5), 3, 11)
+        assert not b.add(make_events(rng, 5), 3, 5)
+        assert b.add(make_events(rng, 5), 4, 1)
+        assert b.add([], 5, 100)  # a record with no valid events still moves the offset
+    assert store.applied_offsets() == {3: 11, 4: 1, 5: 100}
+    assert store.user_features(np.arange(4)).n_events.sum() == 65
+
+
+def test_offsets_are_written_with_the_events_or_not_at_all(store: SequenceStore) -> None:
+    rng = np.random.default_rng(1)
+    with pytest.raises(RuntimeError):
+        with store.batch() as b:
+            b.add(make_events(rng, 20), 0, 0)
+            raise RuntimeError("worker died before the commit")
+    assert store.applied_offset(0) is None
+    assert store.user_features(np.arange(4)).n_events.sum() == 0
+    # a bad record fails before anything is written
+    with pytest.raises(ValueError, match="unknown surface"):
+        bad = make_events(rng, 3)
+        bad["surface"] = np.array(["feed", "tv", "feed"])
+        store.apply(bad, (0, 0))
+    assert store.applied_offset(0) is None
+
+
+def test_replay_after_crash_neither_duplicates_nor_drops(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    records = [make_events(rng, 13, t0=T0 + i * 10**6) for i in range(30)]
+    ref = Reference(SMALL)
+    for r in records:
+        ref.append(ref_cols(r))
+    s = SequenceStore(tmp_path / "db", SMALL)
+    for off, r in enumerate(records[:17]):
+        s.apply(r, (0, off))
+    s.close()  # "crash" after offset 16; the consumer group only committed offset 9
+    s = SequenceStore(tmp_path / "db", SMALL)
+    assert s.applied_offset(0) == 16
+    with s.batch() as b:
+        added = [b.add(r, 0, off) for off, r in enumerate(records) if off >= 10]
+    assert added == [False] * 7 + [True] * 13
+    for uid in range(4):
+        assert rows(s.read(uid)) == ref.read(uid, None, None)
+    s.close()
+
+
+def test_reopen_keeps_everything_and_checks_the_config(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    s = SequenceStore(tmp_path / "db", SMALL)
+    for off in range(20):
+        s.apply(make_events(rng, 17, t0=T0 + off * 10**6), (1, off))
+    seqs = s.read_batch(np.arange(4), None, None)
+    feats = s.user_features(np.arange(4))
+    s.close()
+    s = open_store(f"rocksdb://{tmp_path}/db", config=SMALL)
+    again = s.read_batch(np.arange(4), None, None)
+    assert np.array_equal(seqs.lengths, again.lengths)
+    for f in ("ts", "item_id", "surface", "kind", "category", "advertiser_id"):
+        assert np.array_equal(getattr(seqs, f), getattr(again, f))
+    assert np.array_equal(s.user_features(np.arange(4)).counts, feats.counts)
+    assert s.applied_offset(1) == 19
+    s.close()
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="chunk_events"):
+        SequenceStore(tmp_path / "db", replace(SMALL, chunk_events=16))
+    with pytest.raises(ValueError, match="surfaces"):
+        SequenceStore(tmp_path / "db", replace(SMALL, surfaces=("reels", "feed")))
+    # appending a surface is fine, and the old indices keep their meaning
+    s = SequenceStore(tmp_path / "db", replace(SMALL, surfaces=DEFAULT_SURFACES + ("search",)))
+    assert s.surfaces[-1] == "search"
+    s.close()
+
+
+# --------------------------------------------------------------------------- out of order, attributes
+
+
+def test_out_of_order_events_older_than_sealed_chunks(store: SequenceStore) -> None:
+    ts = list(T0 + np.arange(20) * 1000)
+    store.apply({"user_id": [1] * 20, "ts": ts, "item_id": list(range(20)), "surface": ["feed"] * 20,
+                 "kind": ["view"] * 20}, (0, 0))
+    late = [T0 - 5, T0 + 4500, T0 + 4500, T0 + 19_000]
+    store.apply({"user_id": [1] * 4, "ts": late, "item_id": [100, 101, 102, 103], "surface": ["reels"] * 4,
+                 "kind": ["like"] * 4}, (0, 1))
+    seq = store.read(1)
+    assert np.all(np.diff(seq.ts) >= 0)
+    assert seq.item_id[0] == 100
+    # ties: the earlier arrival first (item 103 arrived after item 19 at the same ts)
+    assert seq.item_id.tolist()[-2:] == [19, 103]
+    i = seq.ts.tolist().index(T0 + 4500)
+    assert seq.item_id.tolist()[i - 1 : i + 3] == [4, 101, 102, 5]
+    # strictly before: point-in-time reads never see ts == before_ts
+    assert seq.ts[seq.ts < T0 + 4500].tolist() == store.read(1, T0 + 4500).ts.tolist()
+    assert store.read(1, T0 - 5).ts.tolist() == []
+    assert store.read(1, T0 + 4501, max_len=3).item_id.tolist() == [4, 101, 102]
+
+
+def test_attributes_latest_wins_and_counters(store: SequenceStore) -> None:
+    ev = [
+        Event("a", 1, T0, "feed", "impression", 1_000_000_001, True, request_id="r1", age_bucket=3, country="US",
+              device="ios", ad_format="video", advertiser_id=9, category=4),
+        Event("b", 1, T0 + 1, "feed", "click", 1_000_000_001, True, request_id="r1", country="BR"),
+        Event("c", 1, T0 + 2, "reels", "view", 55, False, age_bucket=4, category=2),
+        Event("d", 2, T0 + 3, "feed", "impression", 1_000_000_001, True, request_id="r2", ad_format="image",
+              advertiser_id=10, device="web"),
+        Event("e", 2, T0 + 4, "feed", "conversion", 1_000_000_001, True, request_id="r2"),
+    ]
+    store.apply(ev[:3], (0, 0))
+    store.apply(ev[3:], (0, 1))
+    u = store.user_features([1, 2, 3])
+    assert u.age_bucket.tolist() == [4, -1, -1]
+    assert u.country.tolist() == [country_code("BR"), 0, 0]
+    assert u.device.tolist() == [0, 2, -1]
+    k = KIND_INDEX
+    assert u.counts[0, [k["impression"], k["click"], k["view"]]].tolist() == [1, 1, 1]
+    assert u.counts[1, [k["impression"], k["conversion"]]].tolist() == [1, 1]
+    assert u.last_ts.tolist()[:2] == [T0 + 2, T0 + 4]
+    it = store.item_features([1_000_000_001, 55, 77])
+    assert it.counts[0, [k["impression"], k["click"], k["conversion"]]].tolist() == [2, 1, 1]
+    assert it.advertiser_id.tolist() == [10, -1, -1]
+    assert it.ad_format.tolist() == [AD_FORMATS.index("image"), -1, -1]  # latest applied wins over "video"
+    assert it.category.tolist() == [4, 2, -1]  # absent later -> the earlier value stays
+    assert it.counts[2].sum() == 0
+    seq = store.read(1)
+    assert seq.kind.tolist() == [k["impression"], k["click"], k["view"]]
+    assert seq.is_ad.tolist() == [True, True, False]
+    assert seq.advertiser_id.tolist() == [9, -1, -1] and seq.category.tolist() == [4, -1, 2]
+
+
+def test_event_objects_dict_of_arrays_and_arrow_agree(tmp_path: Path) -> None:
+    codec_mod = pytest.importorskip("opengem.stream.codec")
+    rng = np.random.default_rng(4)
+    cols = make_events(rng, 200)
+    events = [
+        Event(f"e{i}", int(cols["user_id"][i]), int(cols["ts"][i]), str(cols["surface"][i]), str(cols["kind"][i]),
+              int(cols["item_id"][i]), bool(cols["is_ad"][i]),
+              request_id="r" if cols["is_ad"][i] else None,
+              age_bucket=None if cols["age_bucket"][i] < 0 else int(cols["age_bucket"][i]),
+              advertiser_id=None if cols["advertiser_id"][i] < 0 else int(cols["advertiser_id"][i]),
+              category=None if cols["category"][i] < 0 else int(cols["category"][i]))
+        for i in range(200)
+    ]
+    inputs = {"events": events, "numpy": cols, "arrow": codec_mod.events_to_batch(events)}
+    got = {}
+    for name, x in inputs.items():
+        s = SequenceStore(tmp_path / name, SMALL)
+        s.apply(x, (0, 0))
+        got[name] = (s.read_batch(np.arange(4)), s.user_features(np.arange(4)).age_bucket)
+        s.close()
+    for name in ("numpy", "arrow"):
+        a, b = got["events"], got[name]
+        assert np.array_equal(a[1], b[1])
+        for f in ("lengths", "ts", "item_id", "surface", "kind", "category", "advertiser_id"):
+            assert np.array_equal(getattr(a[0], f), getattr(b[0], f)), (name, f)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_writer_and_reader_reads_are_identical(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    w = SequenceStore(tmp_path / "db", SMALL)
+    for off in range(40):
+        w.apply(make_events(rng, 11, users=6, t0=T0 + off * 10**5), (0, off))
+    r = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", SMALL)
+    try:
+        for uid in range(7):
+            for before in (None, T0 + 10**6, T0 + 3 * 10**6):
+                for max_len in (None, 1, 10, 33):
+                    assert w.read(uid, before, max_len).equals(r.read(uid, before, max_len))
+        b = rng.integers(T0, T0 + 5 * 10**6, 7)
+        jw, jr = w.read_batch(np.arange(7), b, 16), r.read_batch(np.arange(7), b, 16)
+        for f in ("lengths", "ts", "item_id", "surface", "kind", "category", "advertiser_id"):
+            assert np.array_equal(getattr(jw, f), getattr(jr, f))
+        # new writes are invisible until catch_up, then identical again
+        w.apply(make_events(rng, 30, users=6, t0=T0 + 10**7), (0, 40))
+        assert len(r.read(0)) != len(w.read(0)) or len(r.read(1)) != len(w.read(1))
+        r.catch_up()
+        for uid in range(7):
+            assert w.read(uid).equals(r.read(uid))
+        assert r.applied_offset(0) == 40
+        with pytest.raises(PermissionError):
+            r.apply(make_events(rng, 1), (0, 41))
+    finally:
+        r.close()
+        w.close()
+
+
+READER_SCRIPT = textwrap.dedent("""
+    import hashlib, sys, time
+    from opengem.features import SequenceStore, StoreConfig
+    path, sec, want = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg = StoreConfig(max_events=32, chunk_events=8, max_tail_segments=3, max_raw_tail=5, sync=False)
+    r = SequenceStore.open_reader(path, sec, cfg, interval_s=0.1)
+    print("ready", flush=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        s = r.read(1)
+        if len(s) >= want:
+            print("seen", len(s), hashlib.sha256(s.ts.tobytes() + s.item_id.tobytes() + s.kind.tobytes()).hexdigest(), flush=True)
+            break
+        time.sleep(0.01)
+    r.close()
+""")
+
+
+def test_reader_in_another_process_follows_the_writer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    w = SequenceStore(tmp_path / "db", SMALL)
+    w.apply(make_events(rng, 5, users=1, t0=T0), (0, 0))  # user 0 only
+    proc = subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(tmp_path / "db"), str(tmp_path / "sec"), "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        ts = T0 + 10**6 + np.arange(25) * 100
+        t0 = time.monotonic()
+        for i in range(5):  # user 1's events, five commits
+            sl = slice(5 * i, 5 * i + 5)
+            w.apply({"user_id": np.ones(5, np.int64), "ts": ts[sl], "item_id": np.arange(25)[sl],
+                     "surface": ["stories"] * 5, "kind": ["share"] * 5}, (0, 1 + i))
+        line = proc.stdout.readline().split()
+        waited = time.monotonic() - t0
+        assert line[:1] == ["seen"], proc.stderr.read()
+        mine = w.read(1)
+        assert int(line[1]) == len(mine) == 25
+        assert line[2] == hashlib.sha256(mine.ts.tobytes() + mine.item_id.tobytes() + mine.kind.tobytes()).hexdigest()
+        assert waited < 5.0  # the reader catches up every 0.1 s
+    finally:
+        proc.wait(timeout=30)
+        w.close()
+
+
+# --------------------------------------------------------------------------- jagged batch, registry
+
+
+def test_read_batch_offsets_validate_and_convert(store: SequenceStore) -> None:
+    rng = np.random.default_rng(7)
+    for off in range(6):
+        store.apply(make_events(rng, 20, users=5, t0=T0 + off * 10**6), (0, off))
+    jb = store.read_batch([0, 4, 99, 2], T0 + 3 * 10**6, 12)
+    assert jb.offsets.shape == (5,) and jb.offsets[0] == 0 and jb.offsets[-1] == len(jb.ts)
+    assert jb.lengths[2] == 0
+    jb.validate()
+    assert jb.row(1).equals(store.read(4, T0 + 3 * 10**6, 12))
+    bad = JaggedSeq(**{**jb.__dict__, "lengths": jb.lengths + np.array([1, 0, 0, -1])})
+    with pytest.raises(ValueError):
+        bad.validate()
+    bad = JaggedSeq(**{**jb.__dict__, "lengths": jb.lengths + 1})
+    with pytest.raises(ValueError, match="lengths sum"):
+        bad.validate()
+    t = jb.to_torch()
+    assert t["offsets"].tolist() == jb.offsets.tolist() and t["ts"].dtype.is_floating_point is False
+    dense, mask = jb.to_padded()
+    assert dense["ts"].shape == mask.shape == (4, int(jb.lengths.max()))
+    assert mask.sum() == jb.lengths.sum()
+    assert dense["item_id"][1][mask[1]].tolist() == jb.row(1).item_id.tolist()  # right-aligned, oldest first
+
+
+def test_registry_and_config() -> None:
+    with pytest.raises(ValueError, match="unknown store backend"):
+        open_store("cassandra://x")
+    assert isinstance(open_store("memory://"), MemorySequenceStore)
+    with pytest.raises(ValueError, match="multiple of chunk_events"):
+        StoreConfig(max_events=100, chunk_events=64)
+    with pytest.raises(ValueError, match="max_events"):
+        StoreConfig(max_events=32768)
+    StoreConfig(max_events=16384)
