@@ -1,0 +1,703 @@
+"""The online label joiner: impressions + clicks + conversions -> labelled examples.
+
+Every impression waits, in its Kafka partition's *event time*, for its click
+and conversion (matched by ``request_id``):
+
+* click window, from the impression: a click with
+  ``click.ts <= impression.ts + click_window_ms`` labels ``click = 1``;
+* conversion window, from the click (post-click attribution): a conversion
+  with ``click.ts <= conversion.ts <= click.ts + conversion_window_ms`` labels
+  ``conversion = 1``. A conversion that never matched a click is counted as
+  ``unattributed_conversion`` and labels nothing.
+
+Watermark and closing. Per partition, ``watermark = max event ts seen -
+allowed_lateness_ms`` (every event counts, organic ones too). An open
+impression has a *deadline*: ``impression.ts + click_window_ms`` while it has
+no click, ``click.ts + conversion_window_ms`` once clicked; it closes as soon
+as ``watermark >= deadline``, or at once when its conversion is attributed
+(nothing is left to wait for). Closing emits one :class:`Example`. Events are
+applied one at a time, and after each one every due impression closes, so the
+result never depends on how records are batched.
+
+Everything else is counted (:meth:`LabelJoiner.counters`), never dropped
+silently:
+
+=========================  ====================================================
+counter                    meaning
+=========================  ====================================================
+impressions                distinct impressions accepted (= examples + pending)
+examples                   closed impressions (one example each)
+clicks / conversions       attributed ones (they set a label)
+duplicate_impression       request_id already pending or recently closed
+duplicate_click            a second click for an impression (counts once)
+duplicate_conversion       a second conversion for an impression
+click_outside_window       click later than the click window (label stays 0)
+conversion_outside_window  conversion later than the conversion window
+unattributed_conversion    conversion with no matching click
+late_click                 in-window click for an impression whose example was emitted
+late_conversion            in-window conversion (after a click, late or not) whose
+                           example was emitted
+orphan_click               click whose impression was never seen
+orphan_conversion          conversion whose impression was never seen
+missing_request_id         ad event without request_id (the validator forbids it)
+=========================  ====================================================
+
+Late vs orphan: closed request_ids leave a *tombstone* for
+``tombstone_retention_ms`` of event time (default 2x the longest window),
+then are garbage-collected. A click or conversion that matches neither an open
+impression nor a tombstone waits in a small *early* buffer until the watermark
+passes its own ts (its impression, which cannot be later than it, might still
+arrive out of order within the allowed lateness); if the impression does not
+come by then it is an orphan.
+
+Durability and exactly-once effect (the worker's contract)::
+
+    j = LabelJoiner("/data/joiner-0")          # RocksDB, one per worker or per shard
+    start = j.applied_offset(p)                 # resume consuming partition p at start + 1
+    for rec in records_of_partition_p:          # one record, or a batch ending at rec.offset
+        j.process(p, rec.offset, rec.events)    # atomic; offset <= applied_offset(p): no-op
+        for ex in j.outbox(p):                  # closed, not yet known to be produced
+            produce("opengem.examples", key=ex.example_id, value=ex.to_json())
+        (after the producer's acks) j.ack(ids)  # removes them from the outbox
+        commit Kafka offset rec.offset + 1      # optional: applied_offset is the truth
+
+Each :meth:`LabelJoiner.process` call writes one RocksDB ``WriteBatch``
+holding everything it changed -- open impressions, tombstones, the early
+buffer, the partition's counters and watermark, the outbox of newly closed
+examples and the partition's applied offset -- synced to the WAL by default
+(``JoinerConfig.sync``). After a crash at any point the joiner is exactly at
+the end of some record it knows (``applied_offset``); replaying older records
+is a no-op, so the worker may resume from the consumer group's committed
+offset or from ``applied_offset + 1``. On start the worker re-produces
+whatever is still in the outbox: example production is at-least-once of a
+deterministic set, and consumers dedup by ``example_id`` (= request_id).
+
+Memory: the open impressions of a partition (a few per ad impression and click
+window, plus clicked ones for the conversion window) live in a dict and a
+deadline heap, loaded from RocksDB on first use of the partition after a
+restart; RocksDB holds the durable copy. Tombstones live only in RocksDB (one
+multi-get per call for the impressions, a get per unmatched click /
+conversion), so a long retention costs disk, not RAM.
+
+Key layout (raw bytes, ``<p>`` = partition in decimal, ``<rid>`` = request_id)::
+
+    M                       {"format": 1}
+    S/<p>                   JSON {"offset", "max_ts", "counters"}
+    P/<p>/<rid>             open impression: JSON [event values in FIELDS order, click_ts, held_conversion_ts]
+    E/<p>/<rid>             early buffer: JSON [[kind, ts], ...]
+    O/<p>/<rid>             outbox: Example JSON
+    T/<p>/<rid>             tombstone: <Bqq flags (clicked, converted, late click), impression ts, click ts or -1
+    X/<p>/<expire be64><rid>  tombstone expiry index (range-deleted by the GC)
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import operator
+import os
+import struct
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from opengem.stream.events import FIELDS, Event
+
+FORMAT_VERSION = 1
+_MIN = 60_000
+_HOUR = 60 * _MIN
+
+
+@dataclass(frozen=True)
+class JoinerConfig:
+    # Click attribution window from the impression; clicks come within seconds to minutes.
+    click_window_ms: int = 30 * _MIN
+    # Post-click conversion window, the industry-standard 1-day click-through attribution.
+    conversion_window_ms: int = 24 * _HOUR
+    # Watermark = max ts seen - this: events are mostly ts-ordered within a partition.
+    allowed_lateness_ms: int = 60_000
+    # Tombstones of closed request_ids are kept this long in event time (None: 2x the longest window).
+    tombstone_retention_ms: int | None = None
+    # Tombstone garbage collection runs at most once per this much event time.
+    gc_interval_ms: int = 60_000
+    # fsync the WAL on every process() call, so the worker may commit Kafka offsets right after.
+    sync: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("click_window_ms", "conversion_window_ms", "allowed_lateness_ms", "gc_interval_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.tombstone_retention_ms is not None and self.tombstone_retention_ms < 0:
+            raise ValueError("tombstone_retention_ms must be >= 0")
+
+    @property
+    def retention_ms(self) -> int:
+        if self.tombstone_retention_ms is not None:
+            return self.tombstone_retention_ms
+        return 2 * max(self.click_window_ms, self.conversion_window_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One labelled impression, the value of an ``opengem.examples`` record."""
+
+    request_id: str
+    ts: int  # the impression's event time (ms)
+    surface: str
+    user_id: int
+    item_id: int
+    advertiser_id: int | None
+    ad_format: str | None
+    category: int | None
+    age_bucket: int | None
+    country: str | None
+    device: str | None
+    hour: int | None
+    click: int  # 0/1
+    conversion: int  # 0/1 (post-click, within the conversion window)
+    click_ts: int | None
+    conversion_ts: int | None
+    # Simulator ground truth, for oracle evaluation only -- never a model feature.
+    p_click: float | None = None
+    p_conversion: float | None = None
+
+    @property
+    def example_id(self) -> str:
+        return self.request_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(zip(EXAMPLE_FIELDS, _example_values(self)))
+
+    def to_json(self) -> bytes:
+        return _enc(self.to_dict()).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Example":
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise ValueError("example must be a JSON object")
+        unknown = d.keys() - _EXAMPLE_SET
+        if unknown:
+            raise ValueError(f"unknown example fields {sorted(unknown)}")
+        return cls(**d)
+
+
+EXAMPLE_FIELDS = tuple(f.name for f in fields(Example))
+_EXAMPLE_SET = frozenset(EXAMPLE_FIELDS)
+_example_values = operator.attrgetter(*EXAMPLE_FIELDS)
+_enc = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_event_values = operator.attrgetter(*FIELDS)
+_BE8 = struct.Struct(">Q")
+_NO_TS = -(2**62)  # max_ts of a partition that has seen no event
+
+COUNTERS = (
+    "impressions", "examples", "clicks", "conversions",
+    "duplicate_impression", "duplicate_click", "duplicate_conversion",
+    "click_outside_window", "conversion_outside_window", "unattributed_conversion",
+    "late_click", "late_conversion", "orphan_click", "orphan_conversion", "missing_request_id",
+)
+
+# Tombstone: flags, impression ts, click ts (-1: none). Flags:
+_CLICKED, _CONVERTED, _LATE_CLICK = 1, 2, 4
+_TOMB = struct.Struct("<Bqq")
+
+
+class _Open:
+    """An open impression."""
+
+    __slots__ = ("ev", "click_ts", "held_conv", "deadline")
+
+    def __init__(self, ev: Event, click_ts: int | None, held_conv: int | None, deadline: int):
+        self.ev = ev
+        self.click_ts = click_ts
+        self.held_conv = held_conv  # ts of a conversion seen before any click, not yet attributed
+        self.deadline = deadline
+
+    def encode(self) -> bytes:
+        return _enc([_event_values(self.ev), self.click_ts, self.held_conv]).encode()
+
+
+class _Partition:
+    """In-memory state of one partition (a cache of what RocksDB holds durably)."""
+
+    def __init__(self, p: int):
+        self.p = p
+        pb = str(p).encode()
+        self.k_state = b"S/" + pb
+        self.k_open = b"P/" + pb + b"/"
+        self.k_early = b"E/" + pb + b"/"
+        self.k_out = b"O/" + pb + b"/"
+        self.k_tomb = b"T/" + pb + b"/"
+        self.k_exp = b"X/" + pb + b"/"
+        self.offset: int | None = None
+        self.max_ts = _NO_TS
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.open: dict[str, _Open] = {}
+        self.heap: list[tuple[int, str]] = []  # (deadline, rid); stale entries skipped
+        self.early: dict[str, list[list]] = {}  # rid -> [[kind, ts], ...]
+        self.early_heap: list[tuple[int, str]] = []  # (ts, rid)
+        self.outbox: dict[str, Example] = {}
+        self.next_gc = -(2**62)
+        self.gc_from = 0  # tombstone expiries below this were collected in this process
+
+
+def _iter_prefix(db: Rdict, prefix: bytes, start: bytes | None = None) -> Iterable[tuple[bytes, bytes]]:
+    it = db.iter()
+    it.seek(start or prefix)
+    while it.valid():
+        k = it.key()
+        if not k.startswith(prefix):
+            break
+        yield k, it.value()
+        it.next()
+
+
+class LabelJoiner:
+    """Joins one worker's partitions; state in the RocksDB at ``path``.
+
+    One process, one thread: RocksDB locks ``path`` and the in-memory caches assume a single writer.
+
+    ``process(partition, offset, events) -> list[Example]`` (newly closed);
+    ``outbox(partition=None)`` / ``ack(example_ids)``: the produce-then-ack queue;
+    ``applied_offset(partition)``; ``counters(partition=None)``; ``pending(partition=None)``;
+    ``watermark(partition)``; ``flush_all(partition=None)``; ``close()``.
+    """
+
+    def __init__(self, path: str | os.PathLike, cfg: JoinerConfig = JoinerConfig()):
+        self.cfg = cfg
+        self.path = str(path)
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        o = Options(raw_mode=True)
+        o.create_if_missing(True)
+        self._db = Rdict(self.path, o)
+        self._wopts = WriteOptions()
+        self._wopts.sync = cfg.sync
+        meta = self._db.get(b"M")
+        if meta is None:
+            self._db.put(b"M", _enc({"format": FORMAT_VERSION}).encode(), self._wopts)
+        elif json.loads(meta)["format"] != FORMAT_VERSION:
+            raise ValueError(f"joiner state at {self.path} has format {json.loads(meta)['format']}, want {FORMAT_VERSION}")
+        # Persisted per-partition headers (offset, watermark, counters); the rest loads lazily.
+        self._states: dict[int, dict] = {}
+        for k, v in _iter_prefix(self._db, b"S/"):
+            self._states[int(k[2:])] = json.loads(v)
+        self._parts: dict[int, _Partition] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ state loading
+
+    def _part(self, p: int) -> _Partition:
+        part = self._parts.get(p)
+        if part is None:
+            part = self._parts[p] = self._load(p)
+        return part
+
+    def _load(self, p: int) -> _Partition:
+        if not isinstance(p, int) or p < 0:
+            raise ValueError(f"partition must be an int >= 0, got {p!r}")
+        part = _Partition(p)
+        st = self._states.get(p)
+        if st is not None:
+            part.offset = st["offset"]
+            part.max_ts = st["max_ts"]
+            part.counters.update(st["counters"])
+        cw, vw = self.cfg.click_window_ms, self.cfg.conversion_window_ms
+        n = len(part.k_open)
+        for k, v in _iter_prefix(self._db, part.k_open):
+            vals, click_ts, held = json.loads(v)
+            ev = Event(*vals)
+            dl = ev.ts + cw if click_ts is None else click_ts + vw
+            rid = k[n:].decode()
+            part.open[rid] = _Open(ev, click_ts, held, dl)
+            part.heap.append((dl, rid))
+        heapq.heapify(part.heap)
+        n = len(part.k_early)
+        for k, v in _iter_prefix(self._db, part.k_early):
+            rid = k[n:].decode()
+            lst = part.early[rid] = json.loads(v)
+            part.early_heap.append((min(t for _, t in lst), rid))
+        heapq.heapify(part.early_heap)
+        n = len(part.k_out)
+        for k, v in _iter_prefix(self._db, part.k_out):
+            part.outbox[k[n:].decode()] = Example.from_json(v)
+        return part
+
+    def _all_parts(self, partition: int | None) -> list[_Partition]:
+        if partition is not None:
+            return [self._part(partition)]
+        return [self._part(p) for p in sorted(set(self._states) | set(self._parts))]
+
+    # ------------------------------------------------------------------ queries
+
+    def applied_offset(self, partition: int) -> int | None:
+        """The last offset applied for ``partition`` (None: nothing yet)."""
+        part = self._parts.get(partition)
+        if part is not None:
+            return part.offset
+        st = self._states.get(partition)
+        return None if st is None else st["offset"]
+
+    def partitions(self) -> list[int]:
+        return sorted(set(self._states) | set(self._parts))
+
+    def watermark(self, partition: int) -> int | None:
+        part = self._part(partition)
+        return None if part.max_ts == _NO_TS else part.max_ts - self.cfg.allowed_lateness_ms
+
+    def counters(self, partition: int | None = None) -> dict[str, int]:
+        """Persisted counters (see the module docstring), summed over partitions by default."""
+        out = dict.fromkeys(COUNTERS, 0)
+        for part in self._all_parts(partition):
+            for k, v in part.counters.items():
+                out[k] += v
+        return out
+
+    def pending(self, partition: int | None = None) -> int:
+        """Open impressions (waiting for their windows to close)."""
+        return sum(len(part.open) for part in self._all_parts(partition))
+
+    def outbox(self, partition: int | None = None) -> list[Example]:
+        """Closed examples not yet acknowledged as produced (close order; after a restart, request_id order)."""
+        return [ex for part in self._all_parts(partition) for ex in part.outbox.values()]
+
+    def ack(self, example_ids: Sequence[str]) -> None:
+        """Remove produced examples from the outbox (one durable write). Unknown ids are ignored."""
+        wb = WriteBatch(raw_mode=True)
+        done = []
+        parts = self._all_parts(None)
+        for rid in example_ids:
+            for part in parts:
+                if rid in part.outbox:
+                    wb.delete(part.k_out + rid.encode())
+                    done.append((part, rid))
+                    break
+        if done:
+            self._db.write(wb, self._wopts)
+            for part, rid in done:
+                part.outbox.pop(rid, None)
+
+    # ------------------------------------------------------------------ the join
+
+    def process(self, partition: int, offset: int, events: Sequence[Event]) -> list[Example]:
+        """Apply the events of one Kafka record (or of records ending at ``offset``) atomically.
+
+        Open impressions, tombstones, the early buffer, counters, watermark, the
+        outbox of newly closed examples and the applied offset go into ONE
+        WriteBatch. Returns the newly closed examples (also in :meth:`outbox`).
+        A call with ``offset <= applied_offset(partition)`` is a no-op (replay).
+        """
+        part = self._part(partition)
+        if part.offset is not None and offset <= part.offset:
+            return []
+        wb = WriteBatch(raw_mode=True)
+        run = _Run(self, part, wb, events)
+        try:
+            run.apply(events)
+            part.offset = offset
+            self._write_state(part, wb)
+            self._db.write(wb, self._wopts)
+        except BaseException:
+            # Memory may be ahead of RocksDB: forget it, reload on next use.
+            self._parts.pop(partition, None)
+            raise
+        for ex in run.closed:
+            part.outbox[ex.request_id] = ex
+        return run.closed
+
+    def flush_all(self, partition: int | None = None) -> list[Example]:
+        """Close every open impression now, whatever the watermark (tests, end of a finite stream).
+
+        Not for an ordinary shutdown: impressions still inside their windows would be
+        labelled with what is known so far. One durable write per partition; offsets unchanged.
+        """
+        out = []
+        for part in self._all_parts(partition):
+            wb = WriteBatch(raw_mode=True)
+            run = _Run(self, part, wb, ())
+            try:
+                for dl, rid in sorted((r.deadline, rid) for rid, r in part.open.items()):
+                    run.close(rid, part.open[rid])
+                for ts, rid in sorted(part.early_heap):
+                    run.expire_early(rid)
+                part.heap.clear()
+                part.early_heap.clear()
+                self._write_state(part, wb)
+                self._db.write(wb, self._wopts)
+            except BaseException:
+                self._parts.pop(part.p, None)
+                raise
+            for ex in run.closed:
+                part.outbox[ex.request_id] = ex
+            out += run.closed
+        return out
+
+    def _write_state(self, part: _Partition, wb: WriteBatch) -> None:
+        st = {"offset": part.offset, "max_ts": part.max_ts, "counters": part.counters}
+        raw = _enc(st)
+        wb.put(part.k_state, raw.encode())
+        self._states[part.p] = json.loads(raw)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._parts.clear()
+            self._db.close()
+
+    def __enter__(self) -> "LabelJoiner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Run:
+    """One process() call: applies events to a partition's memory and fills the WriteBatch."""
+
+    def __init__(self, joiner: LabelJoiner, part: _Partition, wb: WriteBatch, events: Sequence[Event]):
+        cfg = joiner.cfg
+        self.db = joiner._db
+        self.part = part
+        self.wb = wb
+        self.cw = cfg.click_window_ms
+        self.vw = cfg.conversion_window_ms
+        self.lateness = cfg.allowed_lateness_ms
+        self.retention = cfg.retention_ms
+        self.gc_interval = max(1, cfg.gc_interval_ms)
+        self.c = part.counters
+        self.closed: list[Example] = []
+        self.tombs: dict[str, tuple[int, int, int] | None] = {}  # tombstones changed in this run (None: deleted)
+        self.prefetched: dict[str, tuple[int, int, int]] = {}
+        # Impressions that are not open may be duplicates of closed ones: one multi-get.
+        op = part.open
+        rids = [e.request_id for e in events
+                if e.kind == "impression" and e.request_id is not None and e.request_id not in op]
+        if rids:
+            kt = part.k_tomb
+            vals = self.db.get([kt + r.encode() for r in rids])
+            self.prefetched = {r: _TOMB.unpack(v) for r, v in zip(rids, vals) if v is not None}
+
+    # -- tombstones
+
+    def tomb(self, rid: str, prefetched: bool = False) -> tuple[int, int, int] | None:
+        """(flags, impression ts, click ts or -1) of a closed request_id, or None."""
+        if rid in self.tombs:
+            return self.tombs[rid]
+        if prefetched:
+            return self.prefetched.get(rid)
+        v = self.db.get(self.part.k_tomb + rid.encode())
+        return None if v is None else _TOMB.unpack(v)
+
+    def set_tomb(self, rid: str, tomb: tuple[int, int, int]) -> None:
+        self.tombs[rid] = tomb
+        self.wb.put(self.part.k_tomb + rid.encode(), _TOMB.pack(*tomb))
+
+    # -- the event loop
+
+    def apply(self, events: Sequence[Event]) -> None:
+        part = self.part
+        lateness = self.lateness
+        max_ts = part.max_ts
+        wm = max_ts - lateness
+        heap = part.heap
+        early_heap = part.early_heap
+        on_imp, on_click, on_conv = self.on_impression, self.on_click, self.on_conversion
+        for e in events:
+            ts = e.ts
+            if ts > max_ts:
+                max_ts = part.max_ts = ts
+                wm = ts - lateness
+            k = e.kind
+            if k == "impression":
+                on_imp(e, wm)
+            elif k == "click":
+                on_click(e.request_id, ts, wm)
+            elif k == "conversion":
+                on_conv(e.request_id, ts, wm)
+            if heap and heap[0][0] <= wm:
+                self.close_due(wm)
+            if early_heap and early_heap[0][0] <= wm:
+                self.expire_due(wm)
+            if wm >= part.next_gc:
+                self.gc(wm)
+
+    def on_impression(self, e: Event, wm: int) -> None:
+        part, c = self.part, self.c
+        rid = e.request_id
+        if rid is None:
+            c["missing_request_id"] += 1
+            return
+        if rid in part.open or self.tomb(rid, prefetched=True) is not None:
+            c["duplicate_impression"] += 1
+            return
+        c["impressions"] += 1
+        rec = _Open(e, None, None, e.ts + self.cw)
+        part.open[rid] = rec
+        heapq.heappush(part.heap, (rec.deadline, rid))
+        early = part.early.pop(rid, None)
+        if early is None:
+            self.wb.put(part.k_open + rid.encode(), rec.encode())
+            return
+        self.wb.delete(part.k_early + rid.encode())
+        self.wb.put(part.k_open + rid.encode(), rec.encode())
+        for kind, ts in sorted(early, key=lambda x: (x[1], x[0] != "click")):
+            (self.on_click if kind == "click" else self.on_conversion)(rid, ts, wm)
+
+    def on_click(self, rid: str | None, ts: int, wm: int) -> None:
+        part, c = self.part, self.c
+        if rid is None:
+            c["missing_request_id"] += 1
+            return
+        rec = part.open.get(rid)
+        if rec is None:
+            self.unmatched(rid, "click", ts)
+            return
+        if rec.click_ts is not None:
+            c["duplicate_click"] += 1
+            return
+        if ts > rec.ev.ts + self.cw:
+            c["click_outside_window"] += 1
+            return
+        c["clicks"] += 1
+        rec.click_ts = ts
+        rec.deadline = ts + self.vw
+        held = rec.held_conv
+        if held is not None and ts <= held:
+            rec.held_conv = None
+            if held <= rec.deadline:
+                self.attribute(rid, rec, held)
+                return
+            c["conversion_outside_window"] += 1
+        heapq.heappush(part.heap, (rec.deadline, rid))
+        self.wb.put(part.k_open + rid.encode(), rec.encode())
+
+    def on_conversion(self, rid: str | None, ts: int, wm: int) -> None:
+        part, c = self.part, self.c
+        if rid is None:
+            c["missing_request_id"] += 1
+            return
+        rec = part.open.get(rid)
+        if rec is None:
+            self.unmatched(rid, "conversion", ts)
+            return
+        if rec.click_ts is None:
+            # Maybe its click is still on the way (out of order); attributed if it comes.
+            if rec.held_conv is None:
+                rec.held_conv = ts
+                self.wb.put(part.k_open + rid.encode(), rec.encode())
+            else:
+                c["duplicate_conversion"] += 1
+            return
+        if rec.click_ts <= ts <= rec.deadline:
+            self.attribute(rid, rec, ts)
+        elif ts < rec.click_ts:
+            c["unattributed_conversion"] += 1
+        else:
+            c["conversion_outside_window"] += 1
+
+    def attribute(self, rid: str, rec: _Open, ts: int) -> None:
+        self.c["conversions"] += 1
+        self.close(rid, rec, ts)
+
+    def unmatched(self, rid: str, kind: str, ts: int) -> None:
+        """A click / conversion without an open impression: late, duplicate or (maybe) early."""
+        c = self.c
+        tomb = self.tomb(rid)
+        if tomb is not None:
+            flags, imp_ts, click_ts = tomb
+            if kind == "click":
+                if flags & (_CLICKED | _LATE_CLICK):
+                    c["duplicate_click"] += 1
+                elif ts > imp_ts + self.cw:
+                    c["click_outside_window"] += 1
+                else:
+                    c["late_click"] += 1
+                    self.set_tomb(rid, (flags | _LATE_CLICK, imp_ts, ts))
+            elif flags & _CONVERTED:
+                c["duplicate_conversion"] += 1
+            elif not flags & (_CLICKED | _LATE_CLICK) or ts < click_ts:
+                c["unattributed_conversion"] += 1
+            elif ts > click_ts + self.vw:
+                c["conversion_outside_window"] += 1
+            else:
+                c["late_conversion"] += 1
+                self.set_tomb(rid, (flags | _CONVERTED, imp_ts, click_ts))
+            return
+        part = self.part
+        lst = part.early.get(rid)
+        if lst is None:
+            lst = part.early[rid] = []
+            heapq.heappush(part.early_heap, (ts, rid))
+        lst.append([kind, ts])
+        self.wb.put(part.k_early + rid.encode(), _enc(lst).encode())
+
+    # -- closing
+
+    def close(self, rid: str, rec: _Open, conversion_ts: int | None = None) -> None:
+        part, c, ev = self.part, self.c, rec.ev
+        if rec.held_conv is not None:
+            c["unattributed_conversion"] += 1
+        ex = Example(
+            request_id=rid, ts=ev.ts, surface=ev.surface, user_id=ev.user_id, item_id=ev.item_id,
+            advertiser_id=ev.advertiser_id, ad_format=ev.ad_format, category=ev.category,
+            age_bucket=ev.age_bucket, country=ev.country, device=ev.device, hour=ev.hour,
+            click=int(rec.click_ts is not None), conversion=int(conversion_ts is not None),
+            click_ts=rec.click_ts, conversion_ts=conversion_ts,
+            p_click=ev.p_click, p_conversion=ev.p_conversion,
+        )
+        c["examples"] += 1
+        del part.open[rid]
+        rb = rid.encode()
+        wb = self.wb
+        wb.delete(part.k_open + rb)
+        wb.put(part.k_out + rb, ex.to_json())
+        flags = (_CLICKED if ex.click else 0) | (_CONVERTED if ex.conversion else 0)
+        self.set_tomb(rid, (flags, ev.ts, -1 if rec.click_ts is None else rec.click_ts))
+        expire = max(part.max_ts, ev.ts, rec.click_ts or 0, conversion_ts or 0) + self.retention
+        wb.put(part.k_exp + _BE8.pack(max(expire, 0)) + rb, b"")
+        self.closed.append(ex)
+
+    def close_due(self, wm: int) -> None:
+        part = self.part
+        heap, op = part.heap, part.open
+        while heap and heap[0][0] <= wm:
+            dl, rid = heapq.heappop(heap)
+            rec = op.get(rid)
+            if rec is not None and rec.deadline == dl:
+                self.close(rid, rec)
+
+    def expire_early(self, rid: str) -> None:
+        lst = self.part.early.pop(rid, None)
+        if lst is None:
+            return
+        for kind, _ in lst:
+            self.c["orphan_click" if kind == "click" else "orphan_conversion"] += 1
+        self.wb.delete(self.part.k_early + rid.encode())
+
+    def expire_due(self, wm: int) -> None:
+        h = self.part.early_heap
+        while h and h[0][0] <= wm:
+            _, rid = heapq.heappop(h)
+            self.expire_early(rid)
+
+    def gc(self, wm: int) -> None:
+        """Drop tombstones whose expiry <= wm (the index is range-deleted)."""
+        part = self.part
+        part.next_gc = wm + self.gc_interval
+        if wm < part.gc_from:
+            return
+        prefix = part.k_exp
+        n = len(prefix)
+        hi = _BE8.pack(max(wm + 1, 0))
+        found = False
+        for k, _ in _iter_prefix(self.db, prefix, prefix + _BE8.pack(part.gc_from)):
+            if k[n:n + 8] >= hi:
+                break
+            rid = k[n + 8:].decode()
+            self.tombs[rid] = None
+            self.wb.delete(part.k_tomb + k[n + 8:])
+            found = True
+        if found:
+            self.wb.delete_range(prefix + _BE8.pack(part.gc_from), prefix + hi)
+        part.gc_from = max(wm + 1, 0)
