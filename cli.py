@@ -147,6 +147,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from opengem.stream.broker import ensure_topics, resolve_bootstrap
+    from opengem.stream.ingest import wipe
+    from opengem.stream.joiner import JoinerConfig
+    from opengem.stream.worker import WorkerConfig, run_worker
+
+    cfg = _load(args)
+    k = cfg.kafka
+    bootstrap, embedded = resolve_bootstrap(k.bootstrap, cfg.data_dir)
+    ensure_topics(bootstrap, (k.events_topic, k.examples_topic, k.dlq_topic), k.partitions, k.replication)
+    wcfg = WorkerConfig()
+    if args.click_window or args.conversion_window:
+        j = wcfg.ingest.joiner
+        j = dataclasses.replace(j, click_window_ms=int((args.click_window or j.click_window_ms / 1000) * 1000),
+                                conversion_window_ms=int((args.conversion_window or j.conversion_window_ms / 1000) * 1000))
+        wcfg = dataclasses.replace(wcfg, ingest=dataclasses.replace(wcfg.ingest, joiner=j))
+    if args.rebuild:
+        wipe(cfg.data_dir, k.events_topic)
+    print(f"opengem stream worker: {k.events_topic} at {bootstrap} → shards in {cfg.data_dir}/shards", flush=True)
+    run_worker(cfg, bootstrap, embedded, wcfg, loglevel="info" if args.verbose else "warning")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opengem.demo import run_demo
 
@@ -183,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "arrow"), default="arrow")
     p.add_argument("--dry-run", action="store_true", help="parse and validate only")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("stream", help="run the Faust stream worker: store, DLQ, label joiner")
+    _common(p)
+    p.add_argument("--click-window", type=float, help="click attribution window in seconds of event time (default 1800)")
+    p.add_argument("--conversion-window", type=float,
+                   help="conversion window after the click, seconds of event time (default 86400)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="delete this worker's shards first; they are rebuilt from the topic")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("demo", help="start the whole system on the embedded broker and show it working")
     _common(p)

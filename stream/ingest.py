@@ -1,0 +1,274 @@
+"""What the stream worker does with a batch of Kafka records — plain functions, no Faust.
+
+For every partition the worker owns there is one *shard*: a sequence store
+(:mod:`opengem.features.store`) and a label joiner (:mod:`opengem.stream.joiner`),
+both RocksDB, both remembering the last Kafka offset they applied. A batch of
+records goes through three steps, in this order, so a crash at any point loses
+nothing and duplicates nothing in the stores:
+
+1. :meth:`Ingestor.prepare` decodes and validates every record (JSON per event,
+   JSON arrays, or Arrow batches — vectorized). Invalid records (or rows of an
+   Arrow batch) become dead-letter messages with the reason attached.
+2. The caller produces those dead letters and waits for Kafka's acks
+   (at-least-once: a crash before step 3 re-sends them).
+3. :meth:`Ingestor.commit` appends the valid events to each shard's store in one
+   synced RocksDB write batch together with the records' offsets, then feeds the
+   ad events to the joiner (its own synced batch with its own offsets). Each part
+   skips records at or below its own applied offset, so a replay is a no-op.
+   It returns the joiner's outbox — closed examples to produce to
+   ``opengem.examples``; the caller acks them with :meth:`Ingestor.ack_examples`
+   once Kafka has them (after a crash they are sent again: consumers dedup on
+   ``example_id``).
+
+Only after that may the Kafka consumer commit the offsets. The stores, not the
+consumer group, say where a shard stands: a worker that finds its shard behind
+the group's committed offset (a shard lost or restored from an older copy) seeks
+back to the shard's offset + 1 (:meth:`Ingestor.resume_offset`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from opengem.features.store import SequenceStore, StoreConfig
+from opengem.stream.codec import batch_to_events, decode_arrow_columns, read_arrow, sniff
+from opengem.stream.events import AD_KINDS, DEFAULT_SURFACES, Event, EventError, parse_json
+from opengem.stream.joiner import Example, JoinerConfig, LabelJoiner
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "opengem-reason"
+ERROR_HEADER = "opengem-error"
+SOURCE_HEADER = "opengem-source"
+
+
+class Record(NamedTuple):
+    """One consumed Kafka record."""
+
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = None
+
+
+class DeadLetter(NamedTuple):
+    """A record (or one row of an Arrow batch) for ``opengem.events.dlq``."""
+
+    key: bytes | None
+    value: bytes
+    reason: str
+    message: str
+    partition: int
+    offset: int
+    row: int | None = None
+
+    def headers(self, topic: str) -> list[tuple[str, bytes]]:
+        src = f"{topic}/{self.partition}/{self.offset}" + ("" if self.row is None else f"#{self.row}")
+        return [(REASON_HEADER, self.reason.encode()), (ERROR_HEADER, self.message[:500].encode()),
+                (SOURCE_HEADER, src.encode())]
+
+
+@dataclass
+class Prepared:
+    """The decoded form of a batch of records (see :meth:`Ingestor.prepare`)."""
+
+    # partition -> [(offset, payload)], payload: list[Event] or a pyarrow RecordBatch
+    valid: dict[int, list[tuple[int, Any]]] = field(default_factory=lambda: defaultdict(list))
+    dead: list[DeadLetter] = field(default_factory=list)
+    records: int = 0
+    events: int = 0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    joiner: JoinerConfig = field(default_factory=JoinerConfig)
+    # Maximum future skew of an event's ts against the worker's clock: more is
+    # a DLQ'd record ("future_ts"), not a poisoned sequence.
+    max_future_ms: int = 24 * 3600 * 1000
+
+
+def _row_json(batch: pa.RecordBatch, row: int) -> bytes:
+    """One Arrow row as JSON for the dead-letter topic (values as they arrived)."""
+    d = {name: batch.column(i)[row].as_py() for i, name in enumerate(batch.schema.names)}
+    return json.dumps(d, default=repr, separators=(",", ":")).encode()
+
+
+class Shard:
+    """The store and the joiner of one partition."""
+
+    def __init__(self, root: Path, partition: int, cfg: IngestConfig, surfaces: Sequence[str]):
+        self.partition = partition
+        self.dir = root / f"p{partition:04d}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        store_cfg = cfg.store if tuple(cfg.store.surfaces) == tuple(surfaces) else \
+            StoreConfig(**{**cfg.store.__dict__, "surfaces": tuple(surfaces)})
+        self.store = SequenceStore(str(self.dir / "store"), store_cfg)
+        self.joiner = LabelJoiner(str(self.dir / "joiner"), cfg.joiner)
+
+    def applied(self) -> int | None:
+        """The lowest offset both parts applied (None: one of them has nothing)."""
+        a, b = self.store.applied_offset(self.partition), self.joiner.applied_offset(self.partition)
+        if a is None or b is None:
+            return None
+        return min(a, b)
+
+    def close(self) -> None:
+        self.store.close()
+        self.joiner.close()
+
+
+class Ingestor:
+    """Owns the shards of the partitions assigned to this worker."""
+
+    def __init__(self, data_dir: str | Path, *, surfaces: Sequence[str] = DEFAULT_SURFACES,
+                 cfg: IngestConfig = IngestConfig(), topic: str = "opengem.events"):
+        self.root = Path(data_dir) / "shards" / topic
+        self.surfaces = tuple(surfaces)
+        self.cfg = cfg
+        self.topic = topic
+        self._shards: dict[int, Shard] = {}
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()  # records, events, dead letters by reason, examples
+        self.dlq_reasons: Counter[str] = Counter()
+
+    # -- shards -----------------------------------------------------------------------------
+    def shard(self, partition: int) -> Shard:
+        with self._lock:
+            s = self._shards.get(partition)
+            if s is None:
+                s = self._shards[partition] = Shard(self.root, partition, self.cfg, self.surfaces)
+            return s
+
+    def partitions(self) -> list[int]:
+        return sorted(self._shards)
+
+    def release(self, partitions: Iterable[int]) -> None:
+        """Close the shards of revoked partitions (another worker may open them next)."""
+        with self._lock:
+            for p in partitions:
+                s = self._shards.pop(p, None)
+                if s is not None:
+                    s.close()
+
+    def resume_offset(self, partition: int) -> int:
+        """Where consumption of ``partition`` must resume for this shard: applied + 1, or 0."""
+        a = self.shard(partition).applied()
+        return 0 if a is None else a + 1
+
+    def close(self) -> None:
+        self.release(list(self._shards))
+
+    # -- step 1 ------------------------------------------------------------------------------
+    def prepare(self, records: Sequence[Record], now_ms: int | None = None) -> Prepared:
+        out = Prepared()
+        kw = dict(surfaces=self.surfaces, now_ms=now_ms, max_future_ms=self.cfg.max_future_ms)
+        for r in records:
+            out.records += 1
+            value = r.value if r.value is not None else b""
+            try:
+                if sniff(value) == "arrow":
+                    batch, errors = decode_arrow_columns(value, **kw)
+                    if errors:
+                        full = read_arrow(value)  # the rows as they arrived, for the DLQ
+                        for row, e in errors:
+                            out.dead.append(DeadLetter(r.key, _row_json(full, row), e.reason, e.message,
+                                                       r.partition, r.offset, row))
+                    # Even with every row bad the offset is consumed: record it as applied.
+                    out.valid[r.partition].append((r.offset, batch if batch.num_rows else []))
+                    out.events += batch.num_rows
+                    continue
+                events = parse_json(value, **kw)
+                out.valid[r.partition].append((r.offset, events))
+                out.events += len(events)
+            except EventError as e:
+                out.dead.append(DeadLetter(r.key, value, e.reason, e.message, r.partition, r.offset))
+                out.valid[r.partition].append((r.offset, []))  # the offset is consumed all the same
+        return out
+
+    # -- step 3 ------------------------------------------------------------------------------
+    def commit(self, prep: Prepared) -> list[tuple[int, Example]]:
+        """Durably apply ``prep`` (after its dead letters were acked).
+
+        Returns ``(partition, example)`` pairs to produce: the outbox of every
+        shard touched, including examples from before a restart not yet acked."""
+        for d in prep.dead:
+            self.dlq_reasons[d.reason] += 1
+        self.counts["records"] += prep.records
+        self.counts["dead_letters"] += len(prep.dead)
+        examples: list[tuple[int, Example]] = []
+        for p, items in prep.valid.items():
+            shard = self.shard(p)
+            with shard.store.batch() as b:
+                for offset, payload in items:
+                    if b.add(payload, p, offset):
+                        self.counts["events"] += len(payload)
+            j_off = shard.joiner.applied_offset(p)
+            ad_events: list[Event] = []
+            last = None
+            for offset, payload in items:
+                if j_off is not None and offset <= j_off:
+                    continue
+                last = offset
+                ad_events.extend(_ad_events(payload))
+            if last is not None:
+                shard.joiner.process(p, last, ad_events)
+            examples.extend((p, ex) for ex in shard.joiner.outbox(p))
+        return examples
+
+    def pending_examples(self) -> list[tuple[int, Example]]:
+        """Examples closed but not yet acknowledged, of every open shard (re-sent after a restart)."""
+        return [(p, ex) for p, s in list(self._shards.items()) for ex in s.joiner.outbox(p)]
+
+    def ack_examples(self, examples: Sequence[tuple[int, Example]]) -> None:
+        """Kafka acknowledged these examples: drop them from the joiners' outboxes."""
+        by_part: dict[int, list[str]] = defaultdict(list)
+        for p, ex in examples:
+            by_part[p].append(ex.example_id)
+        for p, ids in by_part.items():
+            s = self._shards.get(p)
+            if s is not None:
+                s.joiner.ack(ids)
+        self.counts["examples"] += len(examples)
+
+    # -- convenience for tests and the benchmark ----------------------------------------------
+    def process(self, records: Sequence[Record], now_ms: int | None = None
+                ) -> tuple[list[DeadLetter], list[tuple[int, Example]]]:
+        """prepare + commit + ack without a broker (dead letters and examples are returned)."""
+        prep = self.prepare(records, now_ms)
+        examples = self.commit(prep)
+        self.ack_examples(examples)
+        return prep.dead, examples
+
+
+
+
+def _ad_events(payload: Any) -> list[Event]:
+    if isinstance(payload, list):
+        return [e for e in payload if e.is_ad]
+    if payload.num_rows == 0:
+        return []
+    kind = payload.column(payload.schema.get_field_index("kind"))
+    if isinstance(kind, pa.DictionaryArray):
+        is_ad_dict = np.isin(np.asarray(kind.dictionary.to_pylist(), dtype=object), AD_KINDS)
+        mask = is_ad_dict[kind.indices.to_numpy(zero_copy_only=False)]
+    else:
+        mask = np.isin(np.asarray(kind.to_pylist(), dtype=object), AD_KINDS)
+    if not mask.any():
+        return []
+    return batch_to_events(payload.filter(pa.array(mask)))
+
+
+def wipe(data_dir: str | Path, topic: str = "opengem.events") -> None:
+    """Delete every shard (to rebuild them from the topic)."""
+    shutil.rmtree(Path(data_dir) / "shards" / topic, ignore_errors=True)

@@ -1,0 +1,154 @@
+"""`opengem stream`: the Faust worker — a thin adapter around :mod:`opengem.stream.ingest`.
+
+One agent consumes ``opengem.events`` in batches (``stream.take_events``), and
+for each batch:
+
+1. ``Ingestor.prepare`` decodes/validates (JSON per event, JSON arrays, Arrow
+   batches), turning bad input into dead letters with the reason attached;
+2. the dead letters are produced to ``opengem.events.dlq`` and their acks awaited;
+3. ``Ingestor.commit`` appends to the partition shards' RocksDB stores and feeds
+   the label joiner, each in one synced write batch with the records' offsets;
+4. the joiner's newly closed examples are produced to ``opengem.examples``
+   (key = user id) and acknowledged back to the joiner once Kafka has them.
+
+Faust acks the batch's events only when the loop body has finished, so the
+consumer group never commits an offset whose effect is not durable. The shards
+hold their own offsets: on a partition's first batch after an assignment the
+worker compares the batch's first offset with the shard's applied offset and
+seeks back if the shard is behind (a shard lost or restored from an older copy),
+so the shard, not the group, decides where consumption resumes.
+
+Partition-aligned scale-out: every worker of the group owns the shards of the
+partitions it is assigned (``<data_dir>/shards/opengem.events/pNNNN``); see
+the README ("Scaling out") for how a shard moves on rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opengem.config import Config
+from opengem.stream.ingest import IngestConfig, Ingestor, Record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    # Records per batch handed to the ingestor: large enough to amortize the
+    # synced RocksDB write (~1 ms), small enough to keep batches under ~100 ms.
+    take_max: int = 2000
+    # Flush a partial batch after this long, so a slow stream still moves.
+    take_within_s: float = 0.2
+    # Faust's commit interval for the consumer group's offsets (seconds).
+    commit_interval_s: float = 1.0
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    # Faust's app id = consumer group id of the workers.
+    app_id: str = "opengem-stream"
+
+
+def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = WorkerConfig(),
+              ingestor: Ingestor | None = None) -> tuple[Any, Ingestor]:
+    """The Faust app and the ingestor it drives (not started)."""
+    import faust
+
+    from opengem.stream.broker import faust_timing
+
+    k = cfg.kafka
+    ing = ingestor or Ingestor(cfg.data_dir, surfaces=cfg.surfaces, cfg=wcfg.ingest, topic=k.events_topic)
+    app = faust.App(
+        wcfg.app_id,
+        broker=[f"kafka://{b.strip()}" for b in bootstrap.split(",") if b.strip()],
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",  # no Faust tables: the shards are the state
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=wcfg.commit_interval_s,
+        web_enabled=False,
+        datadir=f"{cfg.data_dir}/faust",
+        **faust_timing(embedded),
+    )
+    events = app.topic(k.events_topic, key_type=bytes, value_type=bytes)
+    dlq = app.topic(k.dlq_topic, key_type=bytes, value_type=bytes)
+    examples_topic = app.topic(k.examples_topic, key_type=bytes, value_type=bytes)
+    checked: set[int] = set()  # partitions whose shard position was checked since assignment
+    stats = {"batches": 0, "started": time.monotonic()}
+    app.opengem_stats = stats  # type: ignore[attr-defined]
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_: Any, revoked: Any, **kw: Any) -> None:  # noqa: ARG001
+        parts = [tp.partition for tp in revoked if tp.topic == k.events_topic]
+        checked.difference_update(parts)
+        ing.release(parts)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app_: Any, assigned: Any, **kw: Any) -> None:  # noqa: ARG001
+        checked.clear()
+
+    async def produce_examples(pairs: list) -> None:
+        futs = [await examples_topic.send(key=str(ex.user_id).encode(), value=ex.to_json())
+                for _, ex in pairs]
+        if futs:
+            await asyncio.gather(*futs)
+            ing.ack_examples(pairs)
+
+    fences: dict[int, int] = {}  # partition -> after a seek back, drop records past this offset
+
+    @app.agent(events, concurrency=1)
+    async def ingest(stream: Any) -> None:
+        from faust.types import TP
+
+        async for batch in stream.take_events(wcfg.take_max, within=wcfg.take_within_s):
+            records = []
+            for ev in batch:
+                m = ev.message
+                p = m.partition
+                if p not in checked:
+                    checked.add(p)
+                    # Examples a previous run closed but never saw acknowledged: send them first.
+                    await produce_examples([(q, ex) for q, ex in ing.pending_examples() if q == p])
+                    resume = ing.resume_offset(p)
+                    if m.offset > resume:
+                        log.warning("shard of partition %d is behind the consumer group (next offset %d, "
+                                    "group at %d): seeking back", p, resume, m.offset)
+                        fences[p] = m.offset
+                        await app.consumer.seek(TP(k.events_topic, p), resume)
+                if p in fences:
+                    # Records fetched before the seek (offset > fence) are dropped; the first
+                    # record at or below the fence comes from the new position.
+                    if m.offset > fences[p]:
+                        continue
+                    del fences[p]
+                records.append(Record(p, m.offset, m.value, m.key))
+            if not records:
+                continue
+            prep = ing.prepare(records)
+            if prep.dead:
+                futs = [await dlq.send(key=d.key, value=d.value, headers=d.headers(k.events_topic))
+                        for d in prep.dead]
+                await asyncio.gather(*futs)
+            pairs = ing.commit(prep)
+            await produce_examples(pairs)
+            stats["batches"] += 1
+            stats["last_batch_at"] = time.monotonic()
+
+    return app, ing
+
+
+def run_worker(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = WorkerConfig(),
+               loglevel: str = "warning") -> None:
+    """Run the worker until SIGINT/SIGTERM (Faust's own signal handling stops it cleanly)."""
+    import faust
+
+    app, ing = build_app(cfg, bootstrap, embedded, wcfg)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        ing.close()
