@@ -160,7 +160,7 @@ def _table(title: str, counts: Counter[str], total: int) -> str:
 
 
 def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> int:
-    from opengem.stream.broker import EmbeddedBroker, ensure_topics, wait_for_kafka
+    from opengem.stream.broker import EmbeddedBroker, ensure_topics, is_embedded, wait_for_kafka
 
     k = cfg.kafka
     topics = (k.events_topic, k.examples_topic, k.dlq_topic)
@@ -168,8 +168,8 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> 
     tty = sys.stdout.isatty()
     t_start = time.monotonic()
     if k.bootstrap:
-        bootstrap, embedded = k.bootstrap, False
-        wait_for_kafka(bootstrap)
+        wait_for_kafka(k.bootstrap)
+        bootstrap, embedded = k.bootstrap, is_embedded(k.bootstrap)
         ensure_topics(bootstrap, topics, k.partitions, k.replication)
         print(f"opengem demo on Kafka cluster {bootstrap}")
     else:

@@ -36,6 +36,8 @@ from typing import Iterable
 log = logging.getLogger(__name__)
 
 BROKER_STATE_FILE = "broker.json"
+# The cluster id opengem gives the embedded broker; Tansu's own default is "tansu_cluster".
+EMBEDDED_CLUSTER_ID = "opengem-embedded-tansu"
 
 
 class BrokerError(RuntimeError):
@@ -122,9 +124,16 @@ def consumer_timing(embedded: bool) -> dict[str, int]:
 
 
 def faust_timing(embedded: bool) -> dict[str, float]:
-    """The same for a Faust app's settings (seconds)."""
+    """The same for a Faust app's settings (seconds).
+
+    Also a short rebalance timeout: after a member dies (kill -9) the embedded
+    broker waits the whole rebalance timeout (Faust's default: 60 s) for it to
+    rejoin before a restarted worker gets its partitions back. The worker's
+    batches take well under a second, so 5 s leaves room for live members.
+    """
     if embedded:
-        return {"broker_session_timeout": 2.0, "broker_heartbeat_interval": 0.5}
+        return {"broker_session_timeout": 2.0, "broker_heartbeat_interval": 0.5,
+                "broker_rebalance_timeout": 5.0}
     return {}
 
 
@@ -199,7 +208,7 @@ class EmbeddedBroker:
             self.port = _free_port()
         url = f"tcp://{self.host}:{self.port}"
         cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+               "--storage-engine", "memory://tansu/", "--cluster-id", EMBEDDED_CLUSTER_ID]
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab")
@@ -277,13 +286,34 @@ def running_embedded(state_dir: str) -> str | None:
         return None
 
 
+def is_embedded(bootstrap: str) -> bool:
+    """Whether ``bootstrap`` is a Tansu broker (the embedded one, or any Tansu), by its cluster id.
+
+    Its group-join quirk needs the short timeouts of :func:`consumer_timing`
+    however the user pointed opengem at it (``--bootstrap`` or ``broker.json``).
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="opengem-probe", request_timeout_ms=5000)
+        try:
+            cluster_id = str(admin.describe_cluster().get("cluster_id") or "")
+        finally:
+            admin.close()
+    except (KafkaError, OSError, ValueError):
+        return False
+    return cluster_id == EMBEDDED_CLUSTER_ID or "tansu" in cluster_id.lower()
+
+
 def resolve_bootstrap(configured: str, state_dir: str) -> tuple[str, bool]:
     """(bootstrap, embedded?) for a command that needs Kafka but does not start a broker.
 
     A configured bootstrap wins; else a running `opengem broker` in ``state_dir``.
+    ``embedded`` is true for a Tansu broker, however it was found.
     """
     if configured:
-        return configured, False
+        return configured, is_embedded(configured)
     found = running_embedded(state_dir)
     if found:
         return found, True

@@ -58,7 +58,10 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
 
     from opengem.stream.broker import faust_timing
 
+    from pathlib import Path
+
     k = cfg.kafka
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
     ing = ingestor or Ingestor(cfg.data_dir, surfaces=cfg.surfaces, cfg=wcfg.ingest, topic=k.events_topic)
     app = faust.App(
         wcfg.app_id,

@@ -25,6 +25,7 @@ def test_start_creates_topics_and_stop_cleans_up(tmp_path):
         assert b.bootstrap.startswith("127.0.0.1:")
         assert running_embedded(str(tmp_path)) == b.bootstrap
         assert resolve_bootstrap("", str(tmp_path)) == (b.bootstrap, True)
+        assert resolve_bootstrap(b.bootstrap, "/nonexistent") == (b.bootstrap, True)
         c = KafkaConsumer(bootstrap_servers=b.bootstrap)
         try:
             assert c.partitions_for_topic("a.events") == {0, 1, 2}
@@ -38,7 +39,7 @@ def test_start_creates_topics_and_stop_cleans_up(tmp_path):
 
 
 def test_resolve_bootstrap_prefers_configuration_and_explains_absence(tmp_path):
-    assert resolve_bootstrap("kafka1:9092", str(tmp_path)) == ("kafka1:9092", False)
+    assert resolve_bootstrap("127.0.0.1:1", str(tmp_path)) == ("127.0.0.1:1", False)
     with pytest.raises(RuntimeError, match="opengem broker"):
         resolve_bootstrap("", str(tmp_path))
 
