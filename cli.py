@@ -150,8 +150,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from opengem.stream.broker import ensure_topics, resolve_bootstrap
-    from opengem.stream.ingest import wipe
+    from opengem.stream.broker import ensure_topics, resolve_bootstrap, topic_id
+    from opengem.stream.ingest import bind_topic, wipe
     from opengem.stream.joiner import JoinerConfig
     from opengem.stream.worker import WorkerConfig, run_worker
 
@@ -167,6 +167,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         wcfg = dataclasses.replace(wcfg, ingest=dataclasses.replace(wcfg.ingest, joiner=j))
     if args.rebuild:
         wipe(cfg.data_dir, k.events_topic)
+    bind_topic(cfg.data_dir, k.events_topic, topic_id(bootstrap, k.events_topic))
     print(f"opengem stream worker: {k.events_topic} at {bootstrap} → shards in {cfg.data_dir}/shards", flush=True)
     run_worker(cfg, bootstrap, embedded, wcfg, loglevel="info" if args.verbose else "warning")
     return 0
@@ -176,7 +177,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from opengem.demo import run_demo
 
     cfg = _load(args)
-    return run_demo(cfg, duration_s=args.duration, rate=args.rate, fmt=args.format, stop=Stop())
+    return run_demo(cfg, duration_s=args.duration, rate=args.rate, fmt=args.format, stop=Stop(),
+                    click_window_s=args.click_window, conversion_window_s=args.conversion_window)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60, help="seconds to run (0: until Ctrl-C)")
     p.add_argument("--rate", type=float, default=20_000, help="simulated events/s (0: as fast as possible)")
     p.add_argument("--format", choices=("json", "arrow"), default="arrow")
+    p.add_argument("--click-window", type=float, default=300,
+                   help="click attribution window, seconds of event time (demo default 300: the simulated "
+                        "clock runs ~200x faster than the wall clock at 20k events/s)")
+    p.add_argument("--conversion-window", type=float, default=7200,
+                   help="conversion window after the click, seconds of event time (demo default 7200)")
     p.set_defaults(func=cmd_demo)
     return ap
 
@@ -231,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # kafka-python warns about its own event loop timing under load
+        logging.getLogger("kafka").setLevel(logging.ERROR)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

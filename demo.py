@@ -92,6 +92,52 @@ class SimulatorSource(_Thread):
         return f"simulator sent {self.sent:,} ({self.sent / dt:,.0f} ev/s)"
 
 
+class WorkerProcess:
+    """`opengem stream` as its own process, as it runs in production."""
+
+    name = "stream worker"
+
+    def __init__(self, cfg: Config, bootstrap: str, click_window_s: float, conversion_window_s: float,
+                 rebuild: bool):
+        import subprocess
+
+        self._subprocess = subprocess
+        self.cmd = [sys.executable, "-m", "opengem.cli", "stream", "--bootstrap", bootstrap,
+                    "--data-dir", cfg.data_dir, "--click-window", str(click_window_s),
+                    "--conversion-window", str(conversion_window_s)] + (["--rebuild"] if rebuild else [])
+        self.log_path = f"{cfg.data_dir}/logs/stream.log"
+        self.proc = None
+
+    def start(self) -> None:
+        import os
+
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        # Own process group: Ctrl-C reaches the demo, which stops the worker in order.
+        self.proc = self._subprocess.Popen(self.cmd, stdout=self._log, stderr=self._log,
+                                           stdin=self._subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except self._subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def failed(self) -> BaseException | None:
+        if self.proc is not None and self.proc.poll() not in (None, 0):
+            return RuntimeError(f"exited with code {self.proc.returncode}; see {self.log_path}")
+        return None
+
+    def status(self) -> str:
+        return "worker up" if self.proc is not None and self.proc.poll() is None else "worker down"
+
+
 class EventMonitor(_Thread):
     """A consumer group on opengem.events that counts what flows, per surface and kind."""
 
@@ -107,15 +153,21 @@ class EventMonitor(_Thread):
         self.bad = 0
         self.first_at: float | None = None
         self.t0 = time.monotonic()
+        self.examples = 0
+        self.example_ids: set[str] = set()
+        self.labels: Counter[str] = Counter()  # examples by surface, clicks, conversions
+        self.clicks_by_surface: Counter[str] = Counter()
+        self.conversions_by_surface: Counter[str] = Counter()
+        self.dlq: Counter[str] = Counter()
 
     def loop(self) -> None:
         from kafka import KafkaConsumer
 
         from opengem.stream.broker import consumer_timing
-        from opengem.stream.codec import decode
         from opengem.stream.events import EventError
 
-        c = KafkaConsumer(self.cfg.kafka.events_topic, bootstrap_servers=self.bootstrap,
+        k = self.cfg.kafka
+        c = KafkaConsumer(k.events_topic, k.examples_topic, k.dlq_topic, bootstrap_servers=self.bootstrap,
                           group_id="opengem-demo-monitor",
                           # a fresh embedded broker: read it all; a real cluster: from now on
                           auto_offset_reset="earliest" if self.embedded else "latest",
@@ -124,22 +176,53 @@ class EventMonitor(_Thread):
         try:
             while not self._stop.is_set():
                 polled = c.poll(timeout_ms=200, max_records=2000)
-                for msgs in polled.values():
+                for tp, msgs in polled.items():
+                    if tp.topic == k.examples_topic:
+                        self._examples(msgs)
+                        continue
+                    if tp.topic == k.dlq_topic:
+                        for m in msgs:
+                            self.dlq[dict(m.headers).get("opengem-reason", b"?").decode()] += 1
+                        continue
                     for m in msgs:
                         self.records += 1
                         try:
-                            evs = decode(m.value, surfaces=self.cfg.surfaces)
+                            counts = self._count(m.value)
                         except EventError:
                             self.bad += 1
                             continue
                         if self.first_at is None:
                             self.first_at = time.monotonic() - self.t0
-                        self.events += len(evs)
-                        for e in evs:
-                            self.by_surface[e.surface] += 1
-                            self.by_kind[e.kind] += 1
+                        for (surface, kind), n in counts.items():
+                            self.events += n
+                            self.by_surface[surface] += n
+                            self.by_kind[kind] += n
         finally:
             c.close()
+
+    def _count(self, raw: bytes) -> Counter:
+        """(surface, kind) -> events in one record; Arrow batches are counted column-wise."""
+        from opengem.stream.codec import decode_arrow_columns, sniff
+        from opengem.stream.events import parse_json
+
+        if sniff(raw) == "json":
+            return Counter((e.surface, e.kind) for e in parse_json(raw, surfaces=self.cfg.surfaces))
+        batch, _ = decode_arrow_columns(raw, surfaces=self.cfg.surfaces)
+        pairs = zip(batch.column("surface").to_pylist(), batch.column("kind").to_pylist())
+        return Counter(pairs)
+
+    def _examples(self, msgs) -> None:
+        from opengem.stream.joiner import Example
+
+        for m in msgs:
+            ex = Example.from_json(m.value)
+            if ex.example_id in self.example_ids:  # re-sent after a worker restart
+                continue
+            self.example_ids.add(ex.example_id)
+            self.examples += 1
+            self.labels[ex.surface] += 1
+            self.clicks_by_surface[ex.surface] += ex.click
+            self.conversions_by_surface[ex.surface] += ex.conversion
 
     def drain(self, target: int, timeout_s: float) -> None:
         """Wait until ``target`` events were consumed (or the timeout), so the summary is complete."""
@@ -149,7 +232,8 @@ class EventMonitor(_Thread):
 
     def status(self) -> str:
         dt = max(time.monotonic() - self.t0, 1e-9)
-        return f"consumed {self.events:,} ({self.events / dt:,.0f} ev/s)"
+        return (f"consumed {self.events:,} ({self.events / dt:,.0f} ev/s) | examples {self.examples:,}"
+                + (f" | dlq {sum(self.dlq.values()):,}" if self.dlq else ""))
 
 
 def _table(title: str, counts: Counter[str], total: int) -> str:
@@ -159,7 +243,8 @@ def _table(title: str, counts: Counter[str], total: int) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> int:
+def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
+             click_window_s: float = 300, conversion_window_s: float = 7200) -> int:
     from opengem.stream.broker import EmbeddedBroker, ensure_topics, is_embedded, wait_for_kafka
 
     k = cfg.kafka
@@ -179,10 +264,13 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> 
         print(f"opengem demo: embedded Kafka broker at {bootstrap} "
               f"(memory only; started in {time.monotonic() - t_start:.1f}s)")
     monitor = EventMonitor(cfg, bootstrap, embedded)
+    # A fresh embedded broker is a new incarnation of the topics: its shards start over.
+    worker = WorkerProcess(cfg, bootstrap, click_window_s, conversion_window_s, rebuild=embedded and broker is not None)
     source = SimulatorSource(cfg, bootstrap, rate, fmt)
-    components: list = [monitor, source]
+    components: list = [worker, monitor, source]
     rc = 0
     try:
+        worker.start()
         monitor.start()
         source.start()
         print(f"simulating {'as fast as possible' if rate == 0 else f'{rate:,.0f} events/s'} "
@@ -207,10 +295,13 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> 
         print(f"\ndemo error: {e}", file=sys.stderr)
         rc = 1
     finally:
+        # Stop in data-flow order: no new events, everything read back, the worker
+        # finishes its batch and flushes its examples, the monitor sees them.
         source.stop()
         monitor.drain(source.sent, timeout_s=5.0)
-        for c in reversed(components):
-            c.stop()
+        worker.stop()
+        time.sleep(1.0)
+        monitor.stop()
         if broker is not None:
             broker.stop()
     total = monitor.events
@@ -220,4 +311,17 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop) -> 
     if total:
         print(_table("surface", monitor.by_surface, total))
         print(_table("kind", monitor.by_kind, total))
+    print(f"\nlabelled examples from the stream worker's joiner (click window {click_window_s:.0f}s, "
+          f"conversion window {conversion_window_s:.0f}s of event time): {monitor.examples:,}")
+    if monitor.examples:
+        open_ = monitor.by_kind.get("impression", 0) - monitor.examples
+        print(f"  (impressions still inside their window: {max(open_, 0):,}; clicked ones wait for the whole "
+              "conversion window, so early figures under-count clicks and over-count conversions)")
+        print(f"  {'surface':<12}{'examples':>10}{'CTR':>8}{'CVR':>8}")
+        for surf, n in monitor.labels.most_common():
+            c, v = monitor.clicks_by_surface[surf], monitor.conversions_by_surface[surf]
+            print(f"  {surf:<12}{n:>10,}{c / n:>8.2%}{(v / c if c else 0):>8.2%}")
+    if monitor.dlq:
+        print("dead-lettered records: " + ", ".join(f"{r}={n}" for r, n in monitor.dlq.most_common()))
+    print(f"stores: {cfg.data_dir}/shards  logs: {cfg.data_dir}/logs")
     return rc

@@ -112,6 +112,26 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, replic
         admin.close()
 
 
+def topic_id(bootstrap: str, topic: str) -> str | None:
+    """The topic's unique id (KIP-516; Tansu has them too), None if the broker gives none.
+
+    A topic deleted and created again (or an embedded broker restarted: its
+    topics live in memory) gets a new id, so state derived from the old
+    incarnation can be recognised and refused.
+    """
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="opengem-admin")
+    try:
+        for t in admin.describe_topics([topic]):
+            if t.get("name", t.get("topic")) == topic:
+                tid = t.get("topic_id")
+                return str(tid) if tid and str(tid).strip("0-") else None
+        return None
+    finally:
+        admin.close()
+
+
 def consumer_timing(embedded: bool) -> dict[str, int]:
     """Group timing for kafka-python / aiokafka consumers.
 

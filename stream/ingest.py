@@ -269,6 +269,35 @@ def _ad_events(payload: Any) -> list[Event]:
     return batch_to_events(payload.filter(pa.array(mask)))
 
 
+class ShardMismatch(RuntimeError):
+    pass
+
+
+def bind_topic(data_dir: str | Path, topic: str, tid: str | None) -> None:
+    """Tie the shards under ``data_dir`` to one incarnation of ``topic`` (its topic id).
+
+    Shards hold Kafka offsets; offsets of another incarnation of the topic (an
+    embedded broker restarted, a topic recreated) would make the worker skip
+    records it never saw. Raises ShardMismatch in that case.
+    """
+    root = Path(data_dir) / "shards" / topic
+    root.mkdir(parents=True, exist_ok=True)
+    f = root / "TOPIC_ID"
+    if tid is None:
+        return
+    if f.exists():
+        have = f.read_text().strip()
+        if have != tid:
+            raise ShardMismatch(
+                f"the shards in {root} were built from another incarnation of {topic} (topic id {have}, "
+                f"the broker's is {tid}; an embedded broker restarted?). Run with --rebuild to delete them "
+                f"and rebuild from the topic, or point --data-dir elsewhere")
+        return
+    tmp = root / "TOPIC_ID.tmp"
+    tmp.write_text(tid)
+    tmp.replace(f)
+
+
 def wipe(data_dir: str | Path, topic: str = "opengem.events") -> None:
     """Delete every shard (to rebuild them from the topic)."""
     shutil.rmtree(Path(data_dir) / "shards" / topic, ignore_errors=True)
