@@ -311,13 +311,18 @@ def _from_arrow(name: str, col: Any, maps: dict[str, dict[str, int]]) -> np.ndar
     if pa.types.is_dictionary(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         if not pa.types.is_dictionary(col.type):
             col = pc.dictionary_encode(col)
-        codes = _map_strings(name, col.dictionary.to_pylist(), maps.get(name))
         idx = col.indices
         if idx.null_count:
             if name in _REQUIRED:
                 raise ValueError(f"{name} is required, got null")
             idx = idx.fill_null(-1)
         idx = idx.to_numpy(zero_copy_only=False).astype(np.int64)
+        # Map only the dictionary entries some row uses: a batch filtered after
+        # validation keeps its dictionary, rejected values (an unknown surface) included.
+        words = col.dictionary.to_pylist()
+        used = np.unique(idx[idx >= 0])
+        codes = np.zeros(len(words), np.int64)
+        codes[used] = _map_strings(name, [words[i] for i in used.tolist()], maps.get(name))
         table = np.append(codes, _NONE.get(name, 0))  # index -1 -> the null sentinel
         return table[idx].astype(dt)
     if col.null_count:
