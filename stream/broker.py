@@ -69,7 +69,7 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
     while time.monotonic() < deadline:
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000,
-                                     client_id="opengem-probe")
+                                     bootstrap_timeout_ms=3000, client_id="opengem-probe")
             try:
                 admin.list_topics()
                 return
@@ -316,7 +316,8 @@ def is_embedded(bootstrap: str) -> bool:
     from kafka.errors import KafkaError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="opengem-probe", request_timeout_ms=5000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="opengem-probe", request_timeout_ms=5000,
+                                 bootstrap_timeout_ms=5000)
         try:
             cluster_id = str(admin.describe_cluster().get("cluster_id") or "")
         finally:

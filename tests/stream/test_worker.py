@@ -64,7 +64,7 @@ class ShardWatch:
         out: dict[int, int] = {}
         if not self.root.exists():
             return out
-        for d in sorted(self.root.iterdir()):
+        for d in sorted(self.root.glob("p[0-9]*")):
             r = self.readers.get(d.name)
             if r is None:
                 if not (d / "store" / "CURRENT").exists():
@@ -192,7 +192,7 @@ def test_malformed_records_go_to_the_dlq_and_valid_events_are_all_stored(tmp_pat
         assert max(per_user.values()) < 4096
         stored = Counter()
         root = tmp_path / "d" / "shards" / "opengem.events"
-        for d in sorted(root.iterdir()):
+        for d in sorted(root.glob("p[0-9]*")):
             s = SequenceStore(str(d / "store"))
             try:
                 for u in per_user:
