@@ -159,7 +159,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     k = cfg.kafka
     bootstrap, embedded = resolve_bootstrap(k.bootstrap, cfg.data_dir)
     ensure_topics(bootstrap, (k.events_topic, k.examples_topic, k.dlq_topic), k.partitions, k.replication)
-    wcfg = WorkerConfig()
+    wcfg = WorkerConfig(metrics_port=None if args.metrics_port < 0 else args.metrics_port)
     if args.click_window or args.conversion_window:
         j = wcfg.ingest.joiner
         j = dataclasses.replace(j, click_window_ms=int((args.click_window or j.click_window_ms / 1000) * 1000),
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--click-window", type=float, help="click attribution window in seconds of event time (default 1800)")
     p.add_argument("--conversion-window", type=float,
                    help="conversion window after the click, seconds of event time (default 86400)")
+    p.add_argument("--metrics-port", type=int, default=9101,
+                   help="Prometheus metrics on 127.0.0.1:PORT/metrics (a free port if taken; -1: off)")
     p.add_argument("--rebuild", action="store_true",
                    help="delete this worker's shards first; they are rebuilt from the topic")
     p.set_defaults(func=cmd_stream)

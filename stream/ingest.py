@@ -202,17 +202,26 @@ class Ingestor:
 
         Returns ``(partition, example)`` pairs to produce: the outbox of every
         shard touched, including examples from before a restart not yet acked."""
+        from opengem.ops import metrics as m
+
         for d in prep.dead:
             self.dlq_reasons[d.reason] += 1
+            m.STREAM_DLQ.labels(d.reason).inc()
         self.counts["records"] += prep.records
         self.counts["dead_letters"] += len(prep.dead)
         examples: list[tuple[int, Example]] = []
         for p, items in prep.valid.items():
             shard = self.shard(p)
+            n_events = 0
             with shard.store.batch() as b:
                 for offset, payload in items:
                     if b.add(payload, p, offset):
-                        self.counts["events"] += len(payload)
+                        n_events += len(payload)
+            self.counts["events"] += n_events
+            label = str(p)
+            m.STREAM_RECORDS.labels(label).inc(len(items))
+            m.STREAM_EVENTS.labels(label).inc(n_events)
+            m.STORE_OFFSET.labels(label).set(items[-1][0])
             j_off = shard.joiner.applied_offset(p)
             ad_events: list[Event] = []
             last = None
@@ -230,6 +239,23 @@ class Ingestor:
         """Examples closed but not yet acknowledged, of every open shard (re-sent after a restart)."""
         return [(p, ex) for p, s in list(self._shards.items()) for ex in s.joiner.outbox(p)]
 
+    def update_gauges(self) -> None:
+        """Refresh the slow-moving gauges (joiner outcomes, pending impressions, store size)."""
+        from opengem.ops import metrics as m
+
+        totals: Counter[str] = Counter()
+        pending = 0
+        for p, s in list(self._shards.items()):
+            totals.update(s.joiner.counters(p))
+            pending += s.joiner.pending(p)
+            try:
+                m.STORE_BYTES.labels(str(p)).set(sum(s.store.disk_bytes().values()))
+            except Exception:  # noqa: BLE001 - a size is best effort
+                pass
+        for outcome, n in totals.items():
+            m.JOINER_EVENTS.labels(outcome).set(n)
+        m.JOINER_PENDING.set(pending)
+
     def ack_examples(self, examples: Sequence[tuple[int, Example]]) -> None:
         """Kafka acknowledged these examples: drop them from the joiners' outboxes."""
         by_part: dict[int, list[str]] = defaultdict(list)
@@ -240,6 +266,9 @@ class Ingestor:
             if s is not None:
                 s.joiner.ack(ids)
         self.counts["examples"] += len(examples)
+        from opengem.ops import metrics as m
+
+        m.observe_examples(ex for _, ex in examples)
 
     # -- convenience for tests and the benchmark ----------------------------------------------
     def process(self, records: Sequence[Record], now_ms: int | None = None

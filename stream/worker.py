@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opengem.config import Config
+from opengem.ops import metrics
 from opengem.stream.ingest import IngestConfig, Ingestor, Record
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class WorkerConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     # Faust's app id = consumer group id of the workers.
     app_id: str = "opengem-stream"
+    # Prometheus metrics on 127.0.0.1:<port>/metrics (a free port if taken; None: off).
+    metrics_port: int | None = 9101
+    # How often the slow gauges (store size, joiner outcomes) are refreshed.
+    gauge_interval_s: float = 5.0
 
 
 def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = WorkerConfig(),
@@ -101,6 +106,10 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
             await asyncio.gather(*futs)
             ing.ack_examples(pairs)
 
+    @app.timer(wcfg.gauge_interval_s)
+    async def refresh_gauges() -> None:
+        ing.update_gauges()
+
     fences: dict[int, int] = {}  # partition -> after a seek back, drop records past this offset
 
     @app.agent(events, concurrency=1)
@@ -108,6 +117,7 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
         from faust.types import TP
 
         async for batch in stream.take_events(wcfg.take_max, within=wcfg.take_within_s):
+            t_batch = time.monotonic()
             records = []
             for ev in batch:
                 m = ev.message
@@ -138,6 +148,7 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
                 await asyncio.gather(*futs)
             pairs = ing.commit(prep)
             await produce_examples(pairs)
+            metrics.STREAM_BATCH_SECONDS.observe(time.monotonic() - t_batch)
             stats["batches"] += 1
             stats["last_batch_at"] = time.monotonic()
 
@@ -150,6 +161,9 @@ def run_worker(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig =
     import faust
 
     app, ing = build_app(cfg, bootstrap, embedded, wcfg)
+    if wcfg.metrics_port is not None:
+        port = metrics.serve(wcfg.metrics_port)
+        print(f"metrics at http://127.0.0.1:{port}/metrics", flush=True)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

@@ -43,9 +43,9 @@ def _env():
     return env
 
 
-def start_worker(bootstrap: str, data_dir: Path, log: Path) -> subprocess.Popen:
+def start_worker(bootstrap: str, data_dir: Path, log: Path, metrics_port: int = -1) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "opengem.cli", "stream", "--bootstrap", bootstrap,
-                             "--data-dir", str(data_dir), *WINDOWS],
+                             "--data-dir", str(data_dir), "--metrics-port", str(metrics_port), *WINDOWS],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env())
 
 
@@ -103,6 +103,22 @@ def wait_until_applied(bootstrap: str, data_dir: Path, scratch: Path, proc: subp
         raise AssertionError(f"worker did not catch up: want {want}, have {watch.offsets()}")
     finally:
         watch.close()
+
+
+def scrape(log: Path) -> dict[str, float]:
+    """The worker's /metrics (its port is in its log), as {series: value}."""
+    import re
+    import urllib.request
+
+    m = re.search(rb"metrics at (http://127\.0\.0\.1:\d+/metrics)", log.read_bytes())
+    assert m, "the worker did not say where its metrics are"
+    text = urllib.request.urlopen(m.group(1).decode(), timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -173,10 +189,11 @@ def test_malformed_records_go_to_the_dlq_and_valid_events_are_all_stored(tmp_pat
         p.flush()
         p.close()
 
-        w = start_worker(b.bootstrap, tmp_path / "d", tmp_path / "worker.log")
+        w = start_worker(b.bootstrap, tmp_path / "d", tmp_path / "worker.log", metrics_port=0)
         try:
             wait_until_applied(b.bootstrap, tmp_path / "d", tmp_path / "scratch", w, timeout_s=180)
             assert w.poll() is None, "worker stopped"
+            scraped = scrape(tmp_path / "worker.log")
         finally:
             stop(w)
         assert w.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
@@ -186,6 +203,10 @@ def test_malformed_records_go_to_the_dlq_and_valid_events_are_all_stored(tmp_pat
         got = Counter(dict(m.headers)[REASON_HEADER].decode() for m in dlq)
         assert got == Counter(r for _, r in bad)
         assert {m.value for m in dlq} == {v for v, _ in bad}
+        # The same counts, scraped over HTTP from the worker's Prometheus endpoint.
+        for reason, n in Counter(r for _, r in bad).items():
+            assert scraped[f'opengem_stream_dlq_records_total{{reason="{reason}"}}'] == n
+        assert sum(v for k, v in scraped.items() if k.startswith("opengem_stream_events_total{")) == len(valid)
 
         # Every valid event is in its user's stored sequence (no user passes the 4096 cap here).
         per_user = Counter(e.user_id for e in valid)
