@@ -1,0 +1,767 @@
+"""Stream worker ingest: simulated events → embedded broker → one worker → shard stores.
+
+Everything runs on one embedded (Tansu) broker. The events are produced
+*before* any clock starts, into two topics of 4 partitions:
+
+* ``bench.json``: one JSON event per record (key = user id), what any producer
+  can send -- opengem's ``EventProducer(fmt="json")``;
+* ``bench.arrow``: one Arrow IPC batch of one partition's events per record,
+  ``EventProducer(fmt="arrow").send_batch`` on the simulator's
+  ``record_batches(n, 8192)`` (≈ 2k events per record).
+
+Both streams span the same ~2.8 h of event time whatever their length (the
+simulator's rate is set to n / 10,000 s; its default gives that for 1M), so
+the share of impressions that close into examples (click window 30 min) --
+and the worker's cost of producing them -- is the same in ``--quick``.
+
+Every consumer runs in its own subprocess (this file with ``--child``), joins
+a fresh consumer group, and is timed from the first message its consumer
+receives to its own end condition, so process start-up and the group join are
+outside the clock. Measured alternately, ``--repeats`` times; the best run of
+each is kept (the machine is shared).
+
+* bare Faust loop (the per-event baseline): a ``faust.App`` with the worker's
+  settings (raw serializers, ``faust_timing(True)``, ``topic_disable_leader``,
+  no web, ``memory://`` store) whose agent only ``json.loads`` each value;
+  ends at the N-th event.
+* opengem worker: ``stream.worker.build_app`` itself (the Faust adapter,
+  ``Ingestor.prepare`` / ``commit``, DLQ, joiner, example production), on the
+  JSON topic and on the Arrow topic; ends when the shards have durably stored
+  all N events and the examples of that last batch are acknowledged.
+  ``worker_time_breakdown_s``: the fastest run's seconds in ``Ingestor.prepare``,
+  ``Ingestor.commit`` (of which ``LabelJoiner.process``) and producing the
+  examples each commit returned (sends + acks); the rest is Faust. Also the
+  largest batch (events) and its prepare + commit time (the event loop is
+  blocked meanwhile).
+* raw aiokafka ceiling: ``AIOKafkaConsumer.getmany`` over all partitions,
+  counting records (JSON topic: one event each) or the row counts of the Arrow
+  records (read from the IPC stream, zero-copy, no validation); no decoding.
+
+``ceiling_events_per_s`` is the JSON topic's (the issue's "~290k events/s":
+one Kafka record per event, and the batched goal of 100k events/s is 35 % of
+it); the Arrow topic's is reported as ``arrow_ceiling_events_per_s``.
+
+After a last Arrow run (with a secondary reader, so not one of the timed
+repeats) the shards are opened, compacted and sized:
+
+* ``bytes_per_event``: SST bytes of the sequence column family (chunks, tails,
+  user heads, directories, offsets) / events stored, vs the raw 18-byte record;
+* ``read_last4096_p99_ms``: during that run, a RocksDB secondary reader of
+  partition 0's shard (catch-up thread every 0.2 s) in this process reads the
+  last 4096 events of one of the partition's 16 heaviest users, decoded into
+  arrays, every ~5 ms; ``batched_read_256_users_ms``: median ``read_batch`` of
+  the partition's 256 heaviest users (max_len 4096), also during ingest. The
+  baseline: the same reads once the worker has exited (``..._idle_...``).
+
+Memory (``worker_rss_mb``): peak RSS (VmHWM) of the worker process in the main
+runs, and in two synthetic scenarios streamed as Arrow batches through the
+broker (users take turns, sessions of up to 16 events, every user comes back
+at least once; 22 % impressions, the rest organic; ``synth_batches``):
+"1M users × 100 events" (default store) and "10k users × 16k events"
+(``max_events=16384``). Both are scaled down to 2M events (events per user;
+the users are kept; ``--quick``: fewer users too) to fit the time budget, so
+they are not at steady state: ``memory_scenarios`` gives the RSS at each
+tenth of the stream. Each runs with the worker's defaults (``take_max`` 2000
+*records*: a batch may hold the whole backlog) and with ``take_max=8``
+(≤ ~16k events per batch: the store's, joiner's and Faust's own memory).
+
+JSON keys: events_per_s, faust_loop_events_per_s, ratio_to_faust_loop,
+batched_events_per_s, ceiling_events_per_s, batched_ratio_to_ceiling,
+bytes_per_event, read_last4096_p99_ms, batched_read_256_users_ms,
+worker_rss_mb (+ context keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+PARTITIONS = 4
+RAW_BYTES = 18
+T0_MS = 1_767_225_600_000  # 2026-01-01, the simulator's start
+
+
+# =========================================================================== children
+# Each runs in its own process: `python bench/ingest.py --child ROLE SPEC.json`.
+# SPEC holds the bootstrap, topic, event count and where to write the result.
+
+
+def _proc_status_kb(field: str, pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _finish_child(spec: dict, result: dict) -> None:
+    """Write the result, then stop the Faust worker the way Ctrl-C would."""
+    result["vm_hwm_mb"] = _proc_status_kb("VmHWM") / 1024
+    result["vm_rss_mb"] = _proc_status_kb("VmRSS") / 1024
+    tmp = spec["result"] + ".tmp"
+    Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, spec["result"])
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _hook_first_message(app: Any, clock: dict) -> None:
+    """clock["t0"] = when the consumer hands over its first message (one cheap call per
+    message, the same in every child). Must run before the app starts: Faust's consumer
+    and streams bind ``app.sensors.on_message_in`` when they are created."""
+    orig = app.sensors.on_message_in
+
+    def on_message_in(tp: Any, offset: int, message: Any) -> None:
+        if "t0" not in clock:
+            clock["t0"] = time.perf_counter()
+        orig(tp, offset, message)
+
+    app.sensors.on_message_in = on_message_in
+
+
+def _run_faust(app: Any, spec: dict) -> None:
+    import faust
+
+    # As stream.worker.run_worker does. ("no_spinner": an experiment switch; Faust's
+    # start-up spinner leaves the root logger at DEBUG, so every debug() call of
+    # Faust / aiokafka builds a LogRecord.)
+    worker = faust.Worker(app, loglevel="warning", quiet=True)
+    if spec.get("no_spinner"):
+        worker.spinner = None
+    if spec.get("profile"):
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            worker.execute_from_commandline()
+        finally:
+            prof.disable()
+            prof.dump_stats(spec["profile"])
+    else:
+        worker.execute_from_commandline()
+
+
+def child_faust_loop(spec: dict) -> None:
+    """The bare Faust agent loop: json.loads each value, count, stop at N."""
+    import faust
+
+    from opengem.stream.broker import faust_timing
+
+    n_target = spec["events"]
+    app = faust.App(
+        f"bench-loop-{uuid.uuid4().hex[:8]}",
+        broker=f"kafka://{spec['bootstrap']}",
+        value_serializer="raw", key_serializer="raw", store="memory://",
+        topic_disable_leader=True, topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest", broker_commit_interval=1.0,
+        web_enabled=False, datadir=spec["datadir"], **faust_timing(True),
+    )
+    topic = app.topic(spec["topic"], key_type=bytes, value_type=bytes)
+    clock: dict = {}
+    _hook_first_message(app, clock)
+
+    @app.agent(topic, concurrency=1)
+    async def loop(stream: Any) -> None:
+        n = 0
+        loads = json.loads
+        async for value in stream:
+            loads(value)
+            n += 1
+            if n == n_target:
+                dt = time.perf_counter() - clock["t0"]
+                _finish_child(spec, {"events": n, "seconds": dt, "events_per_s": n / dt})
+
+    _run_faust(app, spec)
+
+
+def child_worker(spec: dict) -> None:
+    """opengem's worker (``build_app``), stopping once the shards hold all N events."""
+    from opengem.config import Config, KafkaConfig
+    from opengem.features.store import StoreConfig
+    from opengem.stream.ingest import IngestConfig, Ingestor
+    from opengem.stream.worker import WorkerConfig, build_app
+
+    n_target = spec["events"]
+    kafka = dataclasses.replace(KafkaConfig(), events_topic=spec["topic"], examples_topic=spec["examples_topic"],
+                                dlq_topic=spec["dlq_topic"], partitions=PARTITIONS)
+    cfg = dataclasses.replace(Config(), data_dir=spec["datadir"], kafka=kafka)
+    store = StoreConfig(**spec.get("store", {}))
+    wcfg = WorkerConfig(app_id=f"bench-worker-{uuid.uuid4().hex[:8]}", ingest=IngestConfig(store=store),
+                        **({"take_max": spec["take_max"]} if spec.get("take_max") else {}))
+    clock: dict = {}
+    progress: list[tuple[int, float]] = []  # (events stored, VmRSS MB) at each tenth of the stream
+
+    from opengem.stream.joiner import LabelJoiner
+
+    # Where the time goes (perf_counter around the plain steps; the rest is Faust,
+    # the take buffer, record building and the DLQ / example sends).
+    spent = {"prepare_s": 0.0, "commit_s": 0.0, "joiner_s": 0.0, "examples_s": 0.0,
+             "batches": 0, "max_batch_events": 0, "max_batch_s": 0.0}
+    process = LabelJoiner.process
+
+    def timed_process(self: Any, *a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return process(self, *a, **kw)
+        finally:
+            spent["joiner_s"] += time.perf_counter() - t
+
+    LabelJoiner.process = timed_process
+
+    class TimedIngestor(Ingestor):
+        done_pending = False
+        committed_at = prepared_at = 0.0
+
+        def prepare(self, records: Any, now_ms: int | None = None) -> Any:
+            t = self.prepared_at = time.perf_counter()
+            out = super().prepare(records, now_ms)
+            spent["prepare_s"] += time.perf_counter() - t
+            return out
+
+        def commit(self, prep: Any) -> list:
+            t = time.perf_counter()
+            pairs = super().commit(prep)
+            self.committed_at = time.perf_counter()
+            spent["commit_s"] += self.committed_at - t
+            # The event loop is blocked for prepare + commit: the largest batch says for how long.
+            spent["batches"] += 1
+            if prep.events > spent["max_batch_events"]:
+                spent["max_batch_events"] = prep.events
+            spent["max_batch_s"] = max(spent["max_batch_s"], self.committed_at - self.prepared_at)
+            stored = self.counts["events"]
+            while len(progress) < 10 and stored >= n_target * (len(progress) + 1) / 10:
+                progress.append((stored, _proc_status_kb("VmRSS") / 1024))
+            if stored >= n_target and "t1" not in clock:
+                if pairs:
+                    self.done_pending = True  # done once the worker has produced them
+                else:
+                    self._done()
+            return pairs
+
+        def ack_examples(self, examples: Any) -> None:
+            if self.committed_at:  # produced since the commit that returned them
+                spent["examples_s"] += time.perf_counter() - self.committed_at
+                self.committed_at = 0.0
+            super().ack_examples(examples)
+            if self.done_pending and "t1" not in clock:
+                self._done()
+
+        def _done(self) -> None:
+            clock["t1"] = time.perf_counter()
+            dt = clock["t1"] - clock["t0"]
+            n = self.counts["events"]
+            _finish_child(spec, {"events": n, "seconds": dt, "events_per_s": n / dt,
+                                 "counts": dict(self.counts), "batches": app.opengem_stats["batches"],
+                                 "rss_progress": progress, "spent": dict(spent)})
+
+    ing = TimedIngestor(cfg.data_dir, surfaces=cfg.surfaces, cfg=wcfg.ingest, topic=spec["topic"])
+    app, ing = build_app(cfg, spec["bootstrap"], True, wcfg, ingestor=ing)
+    _hook_first_message(app, clock)
+    try:
+        _run_faust(app, spec)
+    finally:
+        ing.close()
+
+
+def child_aiokafka(spec: dict) -> None:
+    """The raw consumer ceiling: getmany over every partition, count, no decoding."""
+    import asyncio
+
+    import pyarrow as pa
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    arrow = spec["fmt"] == "arrow"
+
+    async def run() -> dict:
+        c = AIOKafkaConsumer(bootstrap_servers=spec["bootstrap"], group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+        await c.start()
+        try:
+            tps = [TopicPartition(spec["topic"], p) for p in range(PARTITIONS)]
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+            n = 0
+            # The clock starts before the first fetch (the consumer prefetches in the
+            # background: by the first getmany's return much may be fetched already).
+            t0 = time.perf_counter()
+            while n < spec["events"]:
+                got = await c.getmany(timeout_ms=1000)
+                for msgs in got.values():
+                    if arrow:
+                        for m in msgs:  # row count from the IPC stream's batch metadata
+                            n += pa.ipc.open_stream(m.value).read_next_batch().num_rows
+                    else:
+                        n += len(msgs)
+            dt = time.perf_counter() - t0
+            return {"events": n, "seconds": dt, "events_per_s": n / dt}
+        finally:
+            await c.stop()
+
+    result = asyncio.run(run())
+    result["vm_hwm_mb"] = _proc_status_kb("VmHWM") / 1024
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+CHILDREN: dict[str, Callable[[dict], None]] = {
+    "faust_loop": child_faust_loop, "worker": child_worker, "aiokafka": child_aiokafka,
+}
+
+
+# =========================================================================== parent
+
+
+def run_child(role: str, spec: dict, timeout_s: float, during: Callable[[subprocess.Popen, Path], Any] | None = None,
+              ) -> tuple[dict, Any]:
+    """Run ``role`` in a subprocess with ``spec``; ``during(proc, result_path)`` runs in this
+    process meanwhile (e.g. the read sampler). Returns (the child's result, during's)."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{role}-"))
+    spec = {**spec, "result": str(work / "result.json")}
+    spec.setdefault("datadir", str(work / "data"))
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log = open(work / "child.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", role, str(spec_path)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=str(BENCH_DIR.parent))
+    side = None
+    try:
+        if during is not None:
+            side = during(proc, Path(spec["result"]))
+        deadline = time.monotonic() + timeout_s
+        while not Path(spec["result"]).exists() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{role} did not finish within {timeout_s:.0f}s")
+            time.sleep(0.05)
+        try:
+            proc.wait(30)  # Faust's clean shutdown after the SIGTERM it sent itself
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if not Path(spec["result"]).exists():
+            raise RuntimeError(f"{role} exited with {proc.returncode} and no result:\n"
+                               + (work / "child.log").read_text()[-3000:])
+        return json.loads(Path(spec["result"]).read_text()), side
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if not spec.get("keep"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def produce_json(bootstrap: str, topic: str, n: int, sim_cfg: Any) -> int:
+    from opengem.stream.producer import EventProducer
+    from opengem.stream.simulator import Simulator
+
+    with EventProducer(bootstrap, topic, fmt="json") as prod:
+        for batch in Simulator(sim_cfg).batches(n, batch_size=8192):
+            prod.send(batch)
+        prod.flush()
+        return prod.events_sent
+
+
+def produce_arrow(bootstrap: str, topic: str, batches: Any) -> tuple[int, int, np.ndarray]:
+    """Send RecordBatches through opengem's Arrow producer; (events, records, user ids of all events)."""
+    from opengem.stream.producer import EventProducer
+
+    users = []
+    with EventProducer(bootstrap, topic, fmt="arrow") as prod:
+        for rb in batches:
+            prod.send_batch(rb)
+            users.append(rb.column(rb.schema.get_field_index("user_id")).to_numpy())
+        prod.flush()
+        return prod.events_sent, prod.records_sent, np.concatenate(users)
+
+
+def synth_batches(n_users: int, per_user: int, rows: int = 8192, session: int = 16, seed: int = 0):
+    """Synthetic, valid event batches (codec.EVENT_SCHEMA): every user emits sessions of
+    ``session`` events, users take turns (round-robin), ts 10 ms apart globally; 22 %
+    impressions (unique request ids), the rest organic kinds."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from opengem.stream.codec import EVENT_SCHEMA
+    from opengem.stream.events import AD_FORMATS, DEFAULT_SURFACES, DEVICES, KINDS
+
+    rng = np.random.default_rng(seed)
+    total = n_users * per_user
+    session = max(1, min(session, per_user // 2))  # every user comes back at least once
+    uid_of = np.arange(n_users, dtype=np.int64) * 7 + 1
+    u_age = rng.integers(0, 8, n_users).astype(np.int8)
+    u_dev = rng.integers(0, len(DEVICES), n_users).astype(np.int8)
+    u_ctry = rng.integers(0, 3, n_users).astype(np.int16)
+    kinds = ("impression", "view", "like", "share", "comment", "follow")
+    kp = np.array([0.22, 0.55, 0.11, 0.04, 0.04, 0.04])
+    kind_codes = np.array([KINDS.index(k) for k in kinds], np.int8)
+    F = EVENT_SCHEMA.field
+
+    def dict_arr(name: str, codes: np.ndarray, values: tuple, mask: np.ndarray | None = None) -> Any:
+        t = F(name).type
+        return pa.DictionaryArray.from_arrays(pa.array(codes, t.index_type, mask=mask), pa.array(values, t.value_type))
+
+    for a in range(0, total, rows):
+        i = np.arange(a, min(a + rows, total), dtype=np.int64)
+        block = i // session
+        user = block % n_users  # blocks of `session` events per user, users in turn
+        uid = uid_of[user]
+        ts = T0_MS + i * 10
+        k = kind_codes[np.searchsorted(np.cumsum(kp), rng.random(len(i)) * kp.sum())]
+        imp = k == KINDS.index("impression")
+        item = np.where(imp, 1_000_000_000 + rng.integers(0, 50_000, len(i)), rng.integers(0, 1_000_000, len(i)))
+        ids = pc.binary_join_element_wise("m", pc.cast(pa.array(i), pa.string()), "")
+        req = pc.binary_join_element_wise("q", pc.cast(pa.array(i, mask=~imp), pa.string()), "")
+        cols = {
+            "event_id": ids, "user_id": pa.array(uid), "ts": pa.array(ts),
+            "surface": dict_arr("surface", rng.integers(0, 4, len(i)).astype(np.int16), DEFAULT_SURFACES),
+            "kind": dict_arr("kind", k, KINDS), "item_id": pa.array(item), "is_ad": pa.array(imp),
+            "request_id": req, "age_bucket": pa.array(u_age[user]),
+            "country": dict_arr("country", u_ctry[user], ("US", "BR", "IN")),
+            "device": dict_arr("device", u_dev[user], DEVICES),
+            "ad_format": dict_arr("ad_format", (item % 4).astype(np.int8), AD_FORMATS, ~imp),
+            "advertiser_id": pa.array(item % 1000, mask=~imp), "category": pa.array((item % 32).astype(np.int32)),
+            "hour": pa.array(((ts // 3_600_000) % 24).astype(np.int8)),
+            "p_click": pa.nulls(len(i), pa.float64()), "p_conversion": pa.nulls(len(i), pa.float64()),
+        }
+        yield pa.RecordBatch.from_arrays([cols[n] for n in EVENT_SCHEMA.names], schema=EVENT_SCHEMA)
+
+
+# --------------------------------------------------------------------------- store
+
+
+def shard_dir(datadir: str | Path, topic: str, p: int) -> Path:
+    return Path(datadir) / "shards" / topic / f"p{p:04d}" / "store"
+
+
+def store_size(datadir: str | Path, topic: str, users: np.ndarray, store_cfg: dict) -> dict:
+    """Compact every shard; SST bytes of the sequence CF per stored event."""
+    from opengem.features.store import SequenceStore, StoreConfig
+
+    seq = items = stored = 0
+    for p in range(PARTITIONS):
+        path = shard_dir(datadir, topic, p)
+        if not path.exists():
+            continue
+        s = SequenceStore(str(path), StoreConfig(**store_cfg))
+        try:
+            s.compact()
+            sizes = s.disk_bytes()
+            seq += sizes["sequences"]
+            items += sizes["items"]
+            stored += int(s.user_features(users).n_stored.sum())  # users of other shards: 0
+        finally:
+            s.close()
+    return {"bytes_per_event": seq / stored, "stored_events": stored, "sequence_bytes": seq, "item_cf_bytes": items}
+
+
+def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.ndarray,
+                 pause_s: float = 0.005, idle_reads: int = 1000) -> Callable[[subprocess.Popen, Path], dict]:
+    """A `during` hook: a secondary reader of partition 0's shard (catch-up thread every
+    0.2 s, as a serving process would run it) reads while the worker ingests; then, once
+    the worker has exited and the reader has caught up, the same reads on an idle machine
+    (the same-run baseline of the latency)."""
+
+    def during(proc: subprocess.Popen, result: Path) -> dict:
+        from opengem.features.store import SequenceStore
+
+        path = shard_dir(datadir, topic, 0)
+        while not (path / "CURRENT").exists():
+            if proc.poll() is not None or result.exists():
+                return {}
+            time.sleep(0.01)
+        time.sleep(0.2)  # let the writer finish opening the DB (meta key, column families)
+        sec = Path(tempfile.mkdtemp(prefix="bench-ingest-secondary-"))
+        r = SequenceStore.open_reader(str(path), str(sec), interval_s=0.2)
+        catch_ups: list[tuple[float, float]] = []  # (start, end) of the follower thread's catch-ups
+        catch_up = r.catch_up
+
+        def timed_catch_up() -> None:
+            t = time.perf_counter()
+            try:
+                catch_up()
+            finally:
+                catch_ups.append((t, time.perf_counter()))
+
+        r.catch_up = timed_catch_up  # the follower thread calls self.catch_up()
+        out: dict[str, Any] = {"single_s": [], "overlap": [], "batch_s": [], "lens": [], "batch_events": 0}
+
+        def sample(n: int | None, batch_every: int = 40) -> None:
+            i = 0
+            while (n is None and not result.exists() and proc.poll() is None) or (n is not None and i < n):
+                u = int(heavy[i % len(heavy)])
+                t = time.perf_counter()
+                seq = r.read(u, None, 4096)
+                t1 = time.perf_counter()
+                out["single_s"].append(t1 - t)
+                # did a catch-up run during this read? (rocksdict may hold the GIL in it)
+                out["overlap"].append(bool(catch_ups) and catch_ups[-1][1] > t)
+                out["lens"].append(len(seq.ts))
+                i += 1
+                if batch_every and i % batch_every == 0:
+                    t = time.perf_counter()
+                    jb = r.read_batch(batch_users, None, 4096)
+                    out["batch_s"].append(time.perf_counter() - t)
+                    out["batch_events"] = int(jb.lengths.sum())
+                time.sleep(pause_s)
+
+        try:
+            sample(None)
+            proc.wait(60)
+            r.catch_up()  # everything the worker wrote
+            during_ingest = out
+            out = {"single_s": [], "overlap": [], "batch_s": [], "lens": [], "batch_events": 0}
+            sample(idle_reads, batch_every=100)
+            idle = out
+        finally:
+            r.close()
+            shutil.rmtree(sec, ignore_errors=True)
+        return {**during_ingest, "idle": idle,
+                "catch_up_s": [b - a for a, b in catch_ups]}
+
+    return during
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    from _common import parser, table, write
+
+    from opengem.stream.broker import EmbeddedBroker, ensure_topics, high_watermarks
+    from opengem.stream.producer import partition_of
+    from opengem.stream.simulator import SimConfig, Simulator
+
+    ap = parser("ingest", __doc__)
+    ap.add_argument("--json-events", type=int, default=0, help="per-event path (default 200k, quick 30k)")
+    ap.add_argument("--arrow-events", type=int, default=0, help="batched path (default 1M, quick 150k)")
+    ap.add_argument("--repeats", type=int, default=0, help="alternating repeats (default 2, quick 1); best is kept")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory scenarios")
+    args = ap.parse_args()
+    q = args.quick
+    n_json = args.json_events or (30_000 if q else 200_000)
+    n_arrow = args.arrow_events or (150_000 if q else 1_000_000)
+    repeats = args.repeats or (1 if q else 2)
+    # Memory scenarios: (name, users, events per user, store overrides, the issue's events per user),
+    # scaled down in events per user (and in users with --quick) to fit the time budget.
+    scenarios = [
+        ("1M_users_x_100", 50_000 if q else 1_000_000, 4 if q else 2, {}, 100),
+        ("10k_users_x_16k", 1_000 if q else 10_000, 200 if q else 200, {"max_events": 16384}, 16384),
+    ]
+    # Each scenario runs with the worker's defaults (take_max 2000 *records*: with ~2k-event
+    # Arrow records one batch may hold the whole backlog) and with batches bounded to
+    # BOUNDED_TAKE records (≤ ~16k events), which leaves the store's and joiner's own memory.
+    bounded_take = 8
+    # Both topics' streams span the same event time as the simulator's default rate gives
+    # 1M events (~2.8 h): impressions close into examples (click window 30 min) in the same
+    # proportion whatever the event count, so --quick and the JSON topic see the same mix.
+    span_s = 10_000.0
+    sim_json = SimConfig(seed=1, events_per_second=n_json / span_s)
+    sim_cfg = SimConfig(seed=1, events_per_second=n_arrow / span_s)
+    t_start = time.monotonic()
+
+    with EmbeddedBroker(port=0) as b:
+        bs = b.bootstrap
+        ensure_topics(bs, ["bench.json", "bench.arrow", "bench.examples", "bench.dlq"], PARTITIONS)
+        print(f"producing {n_json:,} JSON events and {n_arrow:,} Arrow-batched events (outside the clock)…",
+              flush=True)
+        sent_json = produce_json(bs, "bench.json", n_json, sim_json)
+        sent_arrow, arrow_records, users = produce_arrow(
+            bs, "bench.arrow", Simulator(sim_cfg).record_batches(n_arrow, batch_size=8192))
+        hw_json, hw_arrow = high_watermarks(bs, "bench.json"), high_watermarks(bs, "bench.arrow")
+        assert sum(hw_json.values()) == sent_json, f"JSON topic holds {sum(hw_json.values())}, sent {sent_json}"
+        assert sum(hw_arrow.values()) == arrow_records, f"Arrow topic {sum(hw_arrow.values())} ≠ {arrow_records}"
+        print(f"  {sent_json:,} JSON records; {sent_arrow:,} events in {arrow_records:,} Arrow records "
+              f"({sent_arrow / arrow_records:,.0f} events/record)", flush=True)
+
+        common = {"bootstrap": bs, "examples_topic": "bench.examples", "dlq_topic": "bench.dlq"}
+        json_spec = {**common, "topic": "bench.json", "events": sent_json}
+        arrow_spec = {**common, "topic": "bench.arrow", "events": sent_arrow}
+        runs: dict[str, list[float]] = {k: [] for k in ("faust_loop", "worker_json", "worker_arrow",
+                                                        "aiokafka_json", "aiokafka_arrow")}
+        rss: dict[str, float] = {}
+        counts: dict[str, Any] = {}
+        spent: dict[str, dict] = {}  # the fastest run's time breakdown, per path
+        t_json = max(120, sent_json / 2000)
+        t_arrow = max(120, sent_arrow / 10000)
+        for r in range(repeats):
+            res, _ = run_child("faust_loop", json_spec, t_json)
+            runs["faust_loop"].append(res["events_per_s"])
+            for path, spec, limit in (("json", json_spec, t_json), ("arrow", arrow_spec, t_arrow)):
+                res, _ = run_child("worker", spec, limit)
+                if res["events_per_s"] >= max(runs[f"worker_{path}"], default=0):
+                    spent[path] = {"seconds": res["seconds"], **res["spent"]}
+                runs[f"worker_{path}"].append(res["events_per_s"])
+                rss[path] = max(rss.get(path, 0.0), res["vm_hwm_mb"])
+                counts[path] = res["counts"]
+            runs["aiokafka_json"].append(run_child("aiokafka", {**json_spec, "fmt": "json"}, t_json)[0]["events_per_s"])
+            runs["aiokafka_arrow"].append(run_child("aiokafka", {**arrow_spec, "fmt": "arrow"}, t_arrow)[0]["events_per_s"])
+            print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()),
+                  flush=True)
+
+        # The Arrow path once more, with a secondary reader on partition 0's shard; then size the shards.
+        print("Arrow run with a concurrent reader, then compaction…", flush=True)
+        uniq, cnt = np.unique(users, return_counts=True)
+        p0 = np.array([partition_of(int(u), PARTITIONS) == 0 for u in uniq])
+        by_count = uniq[p0][np.argsort(-cnt[p0], kind="stable")]
+        heavy, batch_users = by_count[:16], by_count[:256]
+        work = Path(tempfile.mkdtemp(prefix="bench-ingest-read-"))
+        try:
+            datadir = str(work / "data")
+            res, reads = run_child("worker", {**arrow_spec, "datadir": datadir}, t_arrow,
+                                   during=read_sampler(datadir, "bench.arrow", heavy, batch_users))
+            reader_run_eps = res["events_per_s"]
+            size = store_size(datadir, "bench.arrow", uniq, {})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if not reads or not reads["single_s"]:
+            raise RuntimeError("the reader took no samples during ingest")
+        idle = reads["idle"]
+        flags = np.asarray(reads["overlap"], bool)
+        lat = np.asarray(reads["single_s"])
+        overlap, clear = lat[flags], lat[~flags]
+
+        # Memory scenarios.
+        mem: dict[str, dict] = {}
+        if not args.no_memory:
+            for name, n_users, per_user, store_over, full_per_user in scenarios:
+                topic = f"bench.mem.{name}"
+                ensure_topics(bs, [topic], PARTITIONS)
+                print(f"memory scenario {name}: producing {n_users:,} users × {per_user:,} events…", flush=True)
+                ev, recs, _ = produce_arrow(bs, topic, synth_batches(n_users, per_user, seed=2))
+                for variant, take in (("", None), ("_bounded_batches", bounded_take)):
+                    res, _ = run_child("worker", {**common, "topic": topic, "events": ev, "store": store_over,
+                                                  "take_max": take}, max(300, ev / 5000))
+                    mem[name + variant] = {
+                        "users": n_users, "events_per_user": per_user, "issue_events_per_user": full_per_user,
+                        "events": ev, "records": recs, "store": store_over, "take_max": take or 2000,
+                        "peak_rss_mb": res["vm_hwm_mb"], "events_per_s": res["events_per_s"],
+                        "max_batch_events": res["spent"]["max_batch_events"],
+                        "max_batch_s": res["spent"]["max_batch_s"],
+                        "rss_mb_at_tenths": [round(m, 1) for _, m in res["rss_progress"]]}
+                    print(f"  take_max {take or 2000}: peak RSS {res['vm_hwm_mb']:,.0f} MB at "
+                          f"{res['events_per_s']:,.0f} events/s, largest batch {res['spent']['max_batch_events']:,} "
+                          f"events", flush=True)
+
+    best = {k: max(v) for k, v in runs.items()}
+    ms = lambda xs, p_: float(np.percentile(np.asarray(xs) * 1e3, p_))  # noqa: E731
+    figures = {
+        "events_per_s": best["worker_json"],
+        "faust_loop_events_per_s": best["faust_loop"],
+        "ratio_to_faust_loop": best["worker_json"] / best["faust_loop"],
+        "batched_events_per_s": best["worker_arrow"],
+        "ceiling_events_per_s": best["aiokafka_json"],
+        "batched_ratio_to_ceiling": best["worker_arrow"] / best["aiokafka_json"],
+        "arrow_ceiling_events_per_s": best["aiokafka_arrow"],
+        "batched_ratio_to_arrow_ceiling": best["worker_arrow"] / best["aiokafka_arrow"],
+        "batched_speedup_over_per_event": best["worker_arrow"] / best["worker_json"],
+        "bytes_per_event": size["bytes_per_event"],
+        "raw_bytes_per_event": RAW_BYTES,
+        "bytes_ratio_to_raw": size["bytes_per_event"] / RAW_BYTES,
+        "stored_events": size["stored_events"],
+        "item_cf_bytes": size["item_cf_bytes"],
+        "read_last4096_p50_ms": ms(reads["single_s"], 50),
+        "read_last4096_p99_ms": ms(reads["single_s"], 99),
+        "read_samples": len(reads["single_s"]),
+        "read_mean_events": float(np.mean(reads["lens"])),
+        # The same reads after ingest, machine idle: the latency's same-run baseline.
+        "read_last4096_idle_p50_ms": ms(idle["single_s"], 50),
+        "read_last4096_idle_p99_ms": ms(idle["single_s"], 99),
+        "read_p99_ratio_ingest_to_idle": ms(reads["single_s"], 99) / ms(idle["single_s"], 99),
+        "read_idle_mean_events": float(np.mean(idle["lens"])),
+        # Reads during which the follower thread's catch-up ran, vs the others.
+        "read_last4096_p99_ms_overlapping_catch_up": ms(overlap, 99) if len(overlap) else None,
+        "read_last4096_p99_ms_not_overlapping": ms(clear, 99) if len(clear) else None,
+        "reads_overlapping_catch_up": int(len(overlap)),
+        "catch_up_p50_ms": ms(reads["catch_up_s"], 50) if reads["catch_up_s"] else None,
+        "catch_up_max_ms": float(np.max(reads["catch_up_s"]) * 1e3) if reads["catch_up_s"] else None,
+        "batched_read_256_users_ms": ms(reads["batch_s"], 50) if reads["batch_s"] else None,
+        "batched_read_256_users_events": reads["batch_events"],
+        "batched_read_samples": len(reads["batch_s"]),
+        "batched_read_256_users_idle_ms": ms(idle["batch_s"], 50) if idle["batch_s"] else None,
+        "batched_read_256_users_idle_events": idle["batch_events"],
+        "batched_events_per_s_with_reader": reader_run_eps,
+        "worker_rss_mb": {"json_run": rss["json"], "arrow_run": rss["arrow"],
+                          **{name: m["peak_rss_mb"] for name, m in mem.items()}},
+        "memory_scenarios": mem,
+        "worker_counts": counts,
+        # Seconds of the fastest run of each path spent in Ingestor.prepare, Ingestor.commit
+        # (of which LabelJoiner.process), and producing the examples each commit returned.
+        "worker_time_breakdown_s": spent,
+        "runs": runs,
+        "wall_s": time.monotonic() - t_start,
+    }
+    goal = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    rows = [
+        ["bare Faust loop, JSON per event (baseline)", best["faust_loop"], 1.0, ""],
+        ["opengem worker, JSON per event", best["worker_json"], figures["ratio_to_faust_loop"],
+         f"≥ 0.90: {goal(figures['ratio_to_faust_loop'] >= 0.9)}"],
+        ["raw aiokafka getmany, JSON topic (ceiling)", best["aiokafka_json"], 1.0, ""],
+        ["opengem worker, Arrow batches", best["worker_arrow"], figures["batched_ratio_to_ceiling"],
+         f"≥ 100k/s and ≥ 0.35: {goal(best['worker_arrow'] >= 1e5 and figures['batched_ratio_to_ceiling'] >= 0.35)}"],
+        ["raw aiokafka getmany, Arrow topic (context)", best["aiokafka_arrow"],
+         figures["batched_ratio_to_arrow_ceiling"], "worker / this"],
+        ["bytes per stored event (compacted) vs raw 18", size["bytes_per_event"], figures["bytes_ratio_to_raw"],
+         f"≤ 6: {goal(size['bytes_per_event'] <= 6)}"],
+        ["read last 4096 during ingest, p50 ms", figures["read_last4096_p50_ms"], "", ""],
+        ["read last 4096 during ingest, p99 ms", figures["read_last4096_p99_ms"],
+         figures["read_p99_ratio_ingest_to_idle"], f"≤ 1 ms: {goal(figures['read_last4096_p99_ms'] <= 1)}"],
+        ["read last 4096 after ingest (idle), p50 / p99 ms",
+         f"{figures['read_last4096_idle_p50_ms']:.3f} / {figures['read_last4096_idle_p99_ms']:.3f}", "", ""],
+        ["read_batch 256 users during ingest, median ms", figures["batched_read_256_users_ms"] or "", "", ""],
+        ["read_batch 256 users after ingest (idle), median ms", figures["batched_read_256_users_idle_ms"] or "",
+         "", ""],
+        ["worker peak RSS MB, JSON run / Arrow run", f"{rss['json']:,.0f} / {rss['arrow']:,.0f}", "", ""],
+    ]
+    for name, m in mem.items():
+        rows.append([f"worker peak RSS MB, {m['users']:,} users × {m['events_per_user']:,}, take_max {m['take_max']}",
+                     m["peak_rss_mb"], "", f"batch ≤ {m['max_batch_events']:,} ev, {m['events_per_s']:,.0f} ev/s"])
+    print()
+    print(table(rows, ["measure", "value", "ratio", "goal"]))
+    print(f"\nreads during ingest overlapping a catch-up: {len(overlap):,}, p99 "
+          f"{figures['read_last4096_p99_ms_overlapping_catch_up'] or 0:.3f} ms; others p99 "
+          f"{figures['read_last4096_p99_ms_not_overlapping'] or 0:.3f} ms; catch-up p50 "
+          f"{figures['catch_up_p50_ms'] or 0:.2f} ms, max {figures['catch_up_max_ms'] or 0:.1f} ms")
+    print(f"read samples {len(reads['single_s']):,} (mean {np.mean(reads['lens']):,.0f} events); "
+          f"read_batch returned {reads['batch_events']:,} events; Arrow run with reader "
+          f"{reader_run_eps:,.0f} events/s; wall {figures['wall_s']:,.0f} s")
+    for name, m in mem.items():
+        print(f"{name}: RSS MB at each tenth of the stream: {m['rss_mb_at_tenths']}")
+    config = {"json_events": sent_json, "arrow_events": sent_arrow, "arrow_records": arrow_records,
+              "arrow_batch_size": 8192, "partitions": PARTITIONS, "repeats": repeats, "sim_seed": sim_cfg.seed,
+              "sim_users": sim_cfg.n_users, "sim_span_s": span_s,
+              "sim_events_per_second": {"json": sim_json.events_per_second, "arrow": sim_cfg.events_per_second},
+              "read_pause_s": 0.005, "quick": q,
+              "worker": "stream.worker.build_app, WorkerConfig defaults (take_max 2000, within 0.2 s), "
+                        "StoreConfig defaults (sync=True)",
+              "memory_scenarios": {n: {"users": u, "events_per_user": e, "store": s, "issue_events_per_user": f}
+                                   for n, u, e, s, f in scenarios},
+              "memory_bounded_take_max": bounded_take}
+    write(args.out, "ingest", config, figures)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        CHILDREN[sys.argv[2]](json.loads(Path(sys.argv[3]).read_text()))
+    else:
+        main()

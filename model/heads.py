@@ -1,0 +1,98 @@
+"""Multi-domain, multi-task output: shared trunk -> a tower per surface -> one logit per task.
+
+Tasks form a funnel (ESMM, Ma et al. 2018): a tower emits *stage* logits
+``raw[:, t]`` = logit P(stage t | stage t-1) (click | impression, conversion |
+click, ...), and the impression-level probability of task t is the product
+``prod_{j<=t} sigmoid(raw[:, j])``. So pCVR over impressions = pCTR x
+pCVR-given-click <= pCTR by construction, and both are trained with BCE over
+*impressions* (conversions are only observed after clicks, so the
+click-conditional rate is never fitted on a biased sample directly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opengem.model.config import HeadConfig
+
+_LOG_HALF = -math.log(2.0)
+
+
+def mlp(sizes: tuple[int, ...] | list[int], last_act: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between; (sizes[0]) -> (sizes[-1])."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_act or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2.
+
+    Each branch gets an input that is safe for it, so the branch torch.where
+    discards has a finite gradient (else 0 * inf = NaN in backward).
+    """
+    near = x > _LOG_HALF
+    a = torch.log(-torch.expm1(torch.where(near, x, _LOG_HALF)))
+    b = torch.log1p(-torch.exp(torch.where(near, _LOG_HALF, x)))
+    return torch.where(near, a, b)
+
+
+def funnel_logits(raw: torch.Tensor) -> torch.Tensor:
+    """Stage logits (B, T) -> impression-level logits (B, T) of prod_{j<=t} sigmoid(raw_j).
+
+    logit p = log p - log(1 - p) with log p = sum_j logsigmoid(raw_j); log p is
+    clamped to <= -1e-30 so p = 1 (both stages saturated) stays finite.
+    """
+    logp = torch.cumsum(F.logsigmoid(raw), dim=1).clamp(max=-1e-30)
+    return logp - log1mexp(logp)
+
+
+def funnel_probs(raw: torch.Tensor) -> torch.Tensor:
+    """Stage logits (B, T) -> impression-level probabilities (B, T), non-increasing in t."""
+    return torch.cumprod(torch.sigmoid(raw), dim=1)
+
+
+def funnel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over impressions and tasks. logits: impression-level (B, T), labels (B, T)."""
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class MultiDomainHeads(nn.Module):
+    """h: (B, n_in), surface_idx: (B,) -> stage logits (B, n_tasks) from each row's surface tower.
+
+    Optional MMoE: n_experts shared expert MLPs, mixed per surface by a softmax gate.
+    All towers run on all rows and the row's own is gathered (towers are small;
+    a gather beats B tiny matmuls).
+    """
+
+    def __init__(self, n_in: int, n_surfaces: int, n_tasks: int, cfg: HeadConfig):
+        super().__init__()
+        self.n_towers = n_surfaces if cfg.per_surface else 1
+        self.trunk = mlp((n_in,) + cfg.trunk, last_act=True)
+        t_in = cfg.trunk[-1] if cfg.trunk else n_in
+        self.experts = nn.ModuleList(mlp((t_in,) + cfg.tower, last_act=True) for _ in range(cfg.n_experts))
+        self.gates = nn.Linear(t_in, self.n_towers * cfg.n_experts) if cfg.n_experts else None
+        x_in = cfg.tower[-1] if cfg.n_experts and cfg.tower else t_in
+        tower = cfg.tower if not cfg.n_experts else ()
+        self.towers = nn.ModuleList(mlp((x_in,) + tower + (n_tasks,)) for _ in range(self.n_towers))
+
+    def forward(self, h: torch.Tensor, surface_idx: torch.Tensor) -> torch.Tensor:
+        B = h.shape[0]
+        h = self.trunk(h)  # (B, t_in)
+        if self.gates is not None:
+            e = torch.stack([ex(h) for ex in self.experts], dim=1)  # (B, E, H)
+            g = self.gates(h).view(B, self.n_towers, -1).softmax(-1)  # (B, S, E)
+            xs = torch.einsum("bse,beh->bsh", g, e)  # (B, S, H)
+        else:
+            xs = h.unsqueeze(1).expand(B, self.n_towers, -1)  # (B, S, t_in)
+        raw = torch.stack([t(xs[:, s]) for s, t in enumerate(self.towers)], dim=1)  # (B, S, T)
+        if self.n_towers == 1:
+            return raw[:, 0]
+        return raw[torch.arange(B, device=h.device), surface_idx]  # (B, T)

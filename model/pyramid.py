@@ -1,0 +1,240 @@
+"""Pyramid-parallel sequence arch over thousands of history events.
+
+The history (B, L, d), right-aligned (most recent event last) with a mask, is
+cut by age into ``n_levels`` segments that run as parallel *branches*:
+
+    level 0: the most recent R events, one token each (full resolution)
+    level j: the next R * c^j older events, merged c^j -> 1 (chunk mean + linear)
+    last level: everything older, up to ``max_len``, merged c^(n_levels-1) -> 1
+
+so each branch holds about R tokens however long the history is. Every branch
+is a small pre-LN transformer stack with its own weights; after each layer its
+tokens are merged again by ``shrink`` (down to ``min_tokens``), so token counts
+shrink level by level. Each branch sees, prepended, its own CLS token and the
+*context tokens* (the target ad and the non-sequence summary from the
+interaction arch) -- the conditioning. The branches meet in the summary of
+every layer: the branch CLS tokens ‖ PMA pooling (learned queries attending
+over all branches' tokens) ‖ the most recent tokens of level 0.
+
+With ``pyramid=False`` there is one full-resolution branch over the last
+``max_len`` events (the ablation; attention is then quadratic in max_len).
+Empty histories work: a branch with no events attends to its prefix only.
+Time order comes from the time-delta bucket embedded in every event token and
+from the level embedding, not from positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PyramidConfig:
+    # Sequence layers (each interleaves with one Wukong layer in GEM).
+    n_layers: int = 2
+    # Longest history used; reads are truncated to the most recent max_len events.
+    max_len: int = 1024
+    # False: one full-resolution branch over max_len events (ablation).
+    pyramid: bool = True
+    # Events of level 0 = tokens per branch: recent past at full resolution.
+    recent: int = 64
+    # Parallel branches (time scales).
+    n_levels: int = 3
+    # Each level covers c x more events than the one before, merged c^j -> 1.
+    level_factor: int = 4
+    # Per-layer token merge factor inside a branch (1: no shrinking).
+    shrink: int = 2
+    # A branch stops shrinking at this many tokens.
+    min_tokens: int = 8
+    n_heads: int = 2
+    # FFN hidden = ffn_mult * d, the usual transformer ratio is 4; 2 is cheaper on CPU.
+    ffn_mult: int = 2
+    # PMA learned queries pooling all branches into the summary.
+    n_pma: int = 2
+    # Most recent level-0 tokens copied into the summary (last-N signal).
+    n_recent: int = 2
+
+    def __post_init__(self) -> None:
+        if self.pyramid and self.max_len <= self.level_start(self.n_levels - 1):
+            raise ValueError(f"max_len {self.max_len} does not reach the last pyramid level")
+
+    @property
+    def n_branches(self) -> int:
+        return self.n_levels if self.pyramid else 1
+
+    def level_start(self, j: int) -> int:
+        """Age rank (0 = most recent) of the first event of level j."""
+        return sum(self.recent * self.level_factor**i for i in range(j))
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """[(first age rank, end age rank, merge factor)] per branch."""
+        if not self.pyramid:
+            return [(0, self.max_len, 1)]
+        out = []
+        for j in range(self.n_levels):
+            s = self.level_start(j)
+            e = self.max_len if j == self.n_levels - 1 else min(self.max_len, s + self.recent * self.level_factor**j)
+            out.append((s, e, self.level_factor**j))
+        return out
+
+    @property
+    def n_summary(self) -> int:
+        return self.n_branches + self.n_pma + self.n_recent
+
+
+class TokenMerge(nn.Module):
+    """Chunk mean over ``factor`` consecutive valid tokens, then a linear map.
+
+    x: (B, T, d), mask: (B, T) bool -> (B, ceil(T / factor), d), (B, ceil(T / factor)) bool.
+    Chunks are aligned to the most recent end (left padding); empty chunks are masked.
+    """
+
+    def __init__(self, d: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, d = x.shape
+        f = self.factor
+        pad = (-T) % f
+        x = F.pad(x, (0, 0, pad, 0))  # (B, T', d)
+        w = F.pad(mask, (pad, 0), value=False).to(x.dtype).view(B, -1, f, 1)  # (B, T'/f, f, 1)
+        x = x.view(B, -1, f, d)
+        n = w.sum(2)  # (B, T'/f, 1)
+        out = self.proj((x * w).sum(2) / n.clamp(min=1))  # (B, T'/f, d)
+        m = n.squeeze(-1) > 0
+        return out * m.unsqueeze(-1), m
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block. x: (B, T, d), mask: (B, T) bool (True = real) -> (B, T, d)."""
+
+    def __init__(self, d: int, n_heads: int, ffn_mult: int):
+        super().__init__()
+        self.h = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, H, T, Dh)
+        x = x + self.out(a.transpose(1, 2).reshape(B, T, d))
+        return x + self.ffn(self.ln2(x))
+
+
+class PMA(nn.Module):
+    """Pooling by multi-head attention: n learned queries over (B, T, d) keys -> (B, n, d)."""
+
+    def __init__(self, d: int, n: int, n_heads: int):
+        super().__init__()
+        self.h = n_heads
+        self.queries = nn.Parameter(torch.randn(n, d) * 0.02)
+        self.ln = nn.LayerNorm(d)
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        n, h = self.queries.shape[0], self.h
+        q = self.q(self.queries).view(1, n, h, d // h).transpose(1, 2).expand(B, -1, -1, -1)  # (B, H, n, Dh)
+        k, v = self.kv(self.ln(x)).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, H, n, Dh)
+        return self.out(a.transpose(1, 2).reshape(B, n, d))
+
+
+@dataclass
+class PyramidState:
+    """Per branch b: tokens[b] (B, T_b, d), masks[b] (B, T_b) bool, cls[b] (B, 1, d)."""
+
+    tokens: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    cls: list[torch.Tensor]
+
+
+class PyramidArch(nn.Module):
+    """Pyramid-parallel encoder, run layer by layer so GEM can interleave it.
+
+    ``init(events (B, L, d), mask (B, L))`` -> state;
+    ``layer(i, state, ctx (B, n_ctx, d))`` -> state, summary (B, n_summary, d);
+    ``forward(events, mask, ctx)`` runs every layer with a fixed ctx -> summary.
+    """
+
+    def __init__(self, d: int, cfg: PyramidConfig):
+        super().__init__()
+        self.cfg = cfg
+        nb = cfg.n_branches
+        self.segments = cfg.segments()
+        self.n_summary = cfg.n_summary
+        self.in_norm = nn.LayerNorm(d)
+        self.pool = nn.ModuleList(TokenMerge(d, f) if f > 1 else nn.Identity() for _, _, f in self.segments)
+        self.level_emb = nn.Parameter(torch.randn(nb, d) * 0.02)
+        self.cls0 = nn.Parameter(torch.randn(nb, d) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(Block(d, cfg.n_heads, cfg.ffn_mult) for _ in range(nb)) for _ in range(cfg.n_layers)
+        )
+        self.merges = nn.ModuleList(
+            nn.ModuleList(TokenMerge(d, cfg.shrink) for _ in range(nb)) for _ in range(max(cfg.n_layers - 1, 0))
+        ) if cfg.shrink > 1 else None
+        self.pma = nn.ModuleList(PMA(d, cfg.n_pma, cfg.n_heads) for _ in range(cfg.n_layers)) if cfg.n_pma else None
+        self.out_norm = nn.LayerNorm(d)
+
+    def init(self, events: torch.Tensor, mask: torch.Tensor) -> PyramidState:
+        """events: (B, L, d) right-aligned, mask: (B, L) bool; L <= max_len."""
+        B, L, d = events.shape
+        x = self.in_norm(events) * mask.unsqueeze(-1)
+        toks, masks = [], []
+        for b, (s, e, f) in enumerate(self.segments):
+            lo, hi = max(L - e, 0), max(L - s, 0)  # positions of ages [s, e)
+            xb, mb = x[:, lo:hi], mask[:, lo:hi]  # (B, n_b, d)
+            if f > 1 and xb.shape[1]:
+                xb, mb = self.pool[b](xb, mb)  # (B, ceil(n_b / f), d)
+            toks.append((xb + self.level_emb[b]) * mb.unsqueeze(-1))
+            masks.append(mb)
+        cls = [self.cls0[b].expand(B, 1, d) for b in range(len(self.segments))]
+        return PyramidState(toks, masks, cls)
+
+    def layer(self, i: int, st: PyramidState, ctx: torch.Tensor) -> tuple[PyramidState, torch.Tensor]:
+        """One layer of every branch; ctx: (B, n_ctx, d). Returns (state, summary (B, n_summary, d))."""
+        B, P = ctx.shape[0], 1 + ctx.shape[1]
+        toks, masks, cls = [], [], []
+        for b, block in enumerate(self.blocks[i]):
+            xb, mb = st.tokens[b], st.masks[b]
+            seq = torch.cat([st.cls[b], ctx, xb], dim=1)  # (B, P + T_b, d)
+            m = torch.cat([mb.new_ones(B, P), mb], dim=1)
+            out = block(seq, m)
+            cls.append(out[:, :1])
+            xb = out[:, P:] * mb.unsqueeze(-1)
+            if self.merges is not None and i < len(self.merges) and xb.shape[1] > self.cfg.min_tokens:
+                xb, mb = self.merges[i][b](xb, mb)
+            toks.append(xb)
+            masks.append(mb)
+        st = PyramidState(toks, masks, cls)
+        return st, self.summary(i, st)
+
+    def summary(self, i: int, st: PyramidState) -> torch.Tensor:
+        """CLS of every branch ‖ PMA over all tokens ‖ the n_recent latest level-0 tokens."""
+        cls = torch.cat(st.cls, dim=1)  # (B, nb, d)
+        parts = [cls]
+        if self.pma is not None:
+            keys = torch.cat([cls] + st.tokens, dim=1)
+            km = torch.cat([cls.new_ones(cls.shape[:2], dtype=torch.bool)] + st.masks, dim=1)
+            parts.append(self.pma[i](keys, km))  # (B, n_pma, d)
+        k = self.cfg.n_recent
+        if k:
+            x0 = st.tokens[0][:, -k:]
+            parts.append(F.pad(x0, (0, 0, k - x0.shape[1], 0)))  # (B, k, d), zeros where absent
+        return self.out_norm(torch.cat(parts, dim=1))
+
+    def forward(self, events: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        st = self.init(events, mask)
+        s = None
+        for i in range(self.cfg.n_layers):
+            st, s = self.layer(i, st, ctx)
+        return s

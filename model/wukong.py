@@ -1,0 +1,110 @@
+"""Wukong interaction arch: stacked Factorization-Machine and Linear-Compress blocks.
+
+Each :class:`WukongLayer` maps n_in embeddings (B, n_in, d) to n_out = n_fm +
+n_lcb embeddings (Zhang et al., "Wukong: Towards a Scaling Law for Large-Scale
+Recommendation", 2024):
+
+* FMB -- optimized FM: with a learned projection Y (n_in, k),
+  ``X (Xᵀ Y)`` is (B, n_in, k): every embedding's dot products with k learned
+  mixtures of all embeddings (rank-k instead of the full n_in x n_in
+  interaction matrix), flattened, layer-normed, then an MLP to n_fm embeddings;
+* LCB -- a linear recombination W (n_lcb, n_in) of the n_in embeddings;
+* ``LN(FMB(X) ‖ LCB(X) + residual(X))``; the residual is the identity when
+  n_in == n_out, else a learned linear map over the embedding axis.
+
+Stacking l layers captures interactions of order up to 2^l.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class WukongConfig:
+    # Layers; Wukong's scaling knob #1 (interaction order grows 2^l).
+    n_layers: int = 2
+    # Embeddings produced by the FM block; scaling knob #2 (width).
+    n_fm: int = 8
+    # Embeddings produced by the linear compress block; keeps low-order signal.
+    n_lcb: int = 8
+    # Rank k of the FM projection: cost O(n k d) instead of O(n^2 d).
+    rank: int = 8
+    # Hidden width of the FM block's MLP, as a multiple of n_fm * d.
+    mlp_mult: int = 1
+
+    @property
+    def n_out(self) -> int:
+        return self.n_fm + self.n_lcb
+
+
+class FMBlock(nn.Module):
+    """x: (B, n_in, d) -> (B, n_fm, d), through ``X (Xᵀ Y)`` with Y (n_in, k)."""
+
+    def __init__(self, n_in: int, d: int, cfg: WukongConfig):
+        super().__init__()
+        self.n_fm, self.d = cfg.n_fm, d
+        self.proj = nn.Parameter(torch.randn(n_in, cfg.rank) / n_in**0.5)  # Y: (n_in, k)
+        self.norm = nn.LayerNorm(n_in * cfg.rank)
+        hidden = cfg.mlp_mult * cfg.n_fm * d
+        self.mlp = nn.Sequential(nn.Linear(n_in * cfg.rank, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_fm * d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xty = torch.einsum("bnd,nk->bdk", x, self.proj)  # (B, d, k)
+        z = torch.bmm(x, xty)  # (B, n_in, k)
+        z = self.mlp(self.norm(z.flatten(1)))  # (B, n_fm * d)
+        return z.view(x.shape[0], self.n_fm, self.d)
+
+
+class LCBlock(nn.Module):
+    """x: (B, n_in, d) -> (B, n_lcb, d), a linear recombination of the embeddings."""
+
+    def __init__(self, n_in: int, cfg: WukongConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cfg.n_lcb, n_in) / n_in**0.5)  # (n_lcb, n_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("mn,bnd->bmd", self.weight, x)
+
+
+class WukongLayer(nn.Module):
+    """x: (B, n_in, d) -> (B, n_fm + n_lcb, d)."""
+
+    def __init__(self, n_in: int, d: int, cfg: WukongConfig):
+        super().__init__()
+        self.fmb = FMBlock(n_in, d, cfg)
+        self.lcb = LCBlock(n_in, cfg)
+        n_out = cfg.n_out
+        # Residual over the embedding axis: identity when the count is unchanged.
+        self.res = None if n_in == n_out else nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.fmb(x), self.lcb(x)], dim=1)  # (B, n_out, d)
+        r = x if self.res is None else torch.einsum("mn,bnd->bmd", self.res, x)
+        return self.norm(y + r)
+
+
+class WukongArch(nn.Module):
+    """A stack of WukongLayers. ``extra[i]`` embeddings are appended to layer i's input
+    (the sequence summaries InterFormer feeds in); ``forward`` alone runs the plain stack.
+
+    x: (B, n_in, d) -> (B, n_out, d)
+    """
+
+    def __init__(self, n_in: int, d: int, cfg: WukongConfig, extra: tuple[int, ...] = ()):
+        super().__init__()
+        self.cfg = cfg
+        self.extra = tuple(extra) + (0,) * (cfg.n_layers - len(extra))
+        ins = [n_in] + [cfg.n_out] * (cfg.n_layers - 1)
+        self.n_in = tuple(n + e for n, e in zip(ins, self.extra))  # layer i's input count
+        self.layers = nn.ModuleList(WukongLayer(n, d, cfg) for n in self.n_in)
+        self.n_out = cfg.n_out if cfg.n_layers else n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -1,0 +1,195 @@
+"""GemModel and baselines: shapes, gradients, determinism, ablations, ESMM, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from opengem.model.baselines import BaselineConfig, DCNBaseline, DLRMBaseline
+from opengem.model.batch import NONSEQ_KEYS, TABLE_OF, make_kjt, synthetic_batch
+from opengem.model.config import GemConfig, gem_last_n, load_gem_config, preset, with_pyramid
+from opengem.model.gem import GemModel, n_params
+from opengem.model.heads import funnel_logits, funnel_loss, funnel_probs
+
+TINY = preset("tiny")
+AGE = (100, 200)  # how far back the magic item sits
+AWKWARD = [0, 1, 16_384, 0, 3, 255, 257]  # empty, one, 16k (truncated), around max_len
+
+
+def _ablations():
+    c = TINY
+    return {
+        "full": c,
+        "no_seq": replace(c, use_sequence=False),
+        "no_interleave": replace(c, interleave=False),
+        "no_pyramid": with_pyramid(c, pyramid=False, max_len=64),
+        "shared_head": replace(c, heads=replace(c.heads, per_surface=False)),
+        "experts": replace(c, heads=replace(c.heads, n_experts=3)),
+        "deep_wukong": replace(c, wukong=replace(c.wukong, n_layers=3)),
+        "last50": gem_last_n(c, 50),
+    }
+
+
+def _finite_grads(model):
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("name", list(_ablations()))
+def test_forward_backward_awkward_batches(name):
+    cfg = _ablations()[name]
+    torch.manual_seed(0)
+    model = GemModel(cfg)
+    for lengths in (AWKWARD, [0], [5]):
+        b = synthetic_batch(cfg, lengths, seed=len(lengths))
+        loss, logits = model.loss(b)
+        assert logits.shape == (len(lengths), 2) and torch.isfinite(logits).all()
+        model.zero_grad()
+        loss.backward()
+        _finite_grads(model)
+    emb = model.sparse.ec.embeddings["item"].weight
+    assert emb.grad is not None  # the shared item table learns from target and history
+
+
+@pytest.mark.parametrize("M", [DLRMBaseline, DCNBaseline])
+def test_baselines_same_api(M):
+    torch.manual_seed(0)
+    m = M(BaselineConfig(features=TINY.features, d=8, dense_arch=(16,), over_arch=(16,)))
+    b = synthetic_batch(TINY, AWKWARD)
+    loss, logits = m.loss(b)
+    loss.backward()
+    _finite_grads(m)
+    p = m.predict(b)
+    assert logits.shape == p.shape == (len(AWKWARD), 2) and (p[:, 1] <= p[:, 0]).all()
+
+
+def test_determinism_under_seed():
+    b = synthetic_batch(TINY, AWKWARD, seed=3)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        m = GemModel(TINY)
+        outs.append((m.state_dict(), m(b)))
+    (s1, y1), (s2, y2) = outs
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert torch.equal(y1, y2)
+    torch.manual_seed(124)
+    assert not torch.equal(GemModel(TINY)(b), y1)
+
+
+def test_all_optional_parts_off_is_the_plain_non_sequence_path():
+    cfg = replace(TINY, use_sequence=False, interleave=False, heads=replace(TINY.heads, per_surface=False))
+    torch.manual_seed(0)
+    m = GemModel(cfg).eval()
+    assert not any(k.startswith(("seq.", "ctx_", "seq_gate")) for k in m.state_dict())
+    b = synthetic_batch(cfg, [0, 4, 300], seed=1)
+    # Plain path by hand: embeddings ‖ dense tokens -> Wukong -> one head -> ESMM.
+    nonseq, _, _ = m.sparse(b, 0)
+    x = m.wukong(m.in_norm(torch.cat([nonseq, m.dense(b.dense)], 1)))
+    by_hand = funnel_logits(m.heads.towers[0](m.heads.trunk(x.flatten(1))))
+    torch.testing.assert_close(m(b), by_hand)
+    # History and surface are ignored.
+    b2 = dataclasses.replace(b, seq={k: v.flip(0) for k, v in b.seq.items()}, surface_idx=b.surface_idx.flip(0))
+    torch.testing.assert_close(m(b2), m(b))
+
+
+def test_history_beyond_max_len_is_ignored():
+    cfg = gem_last_n(TINY, 50)
+    torch.manual_seed(0)
+    m = GemModel(cfg).eval()
+    b = synthetic_batch(cfg, [80, 50], seed=2)
+    seq = {k: v.clone() for k, v in b.seq.items()}
+    seq["item"][:30] = 1  # the 30 oldest events of row 0 are beyond the last 50
+    torch.testing.assert_close(m(dataclasses.replace(b, seq=seq)), m(b))
+    seq["item"][40] = 1  # inside the window: matters
+    assert not torch.allclose(m(dataclasses.replace(b, seq=seq)), m(b))
+
+
+def test_esmm_consistency():
+    raw = torch.tensor([[0.0, 0.0], [100.0, 100.0], [-100.0, 50.0], [3.0, -40.0], [20.0, 20.0]])
+    p = funnel_probs(raw)
+    assert (p[:, 1] <= p[:, 0]).all()
+    lg = funnel_logits(raw)
+    assert torch.isfinite(lg).all()
+    torch.testing.assert_close(torch.sigmoid(lg), p, atol=1e-6, rtol=1e-4)
+    loss = funnel_loss(lg, torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]))
+    assert torch.isfinite(loss)
+    torch.manual_seed(0)
+    m = GemModel(TINY)
+    p = m.predict(synthetic_batch(TINY, AWKWARD))
+    assert ((p >= 0) & (p <= 1)).all() and (p[:, 1] <= p[:, 0]).all()
+
+
+def test_config_presets_and_toml_table():
+    assert n_params(GemModel(TINY))["total"] < 50_000
+    cfg = load_gem_config({"d": 16, "wukong": {"n_layers": 3}}, base="tiny")
+    assert cfg.d == 16 and cfg.wukong.n_layers == 3 and cfg.wukong.n_fm == TINY.wukong.n_fm
+    with pytest.raises(ValueError):
+        load_gem_config({"wukong": {"n_layerz": 3}}, base="tiny")
+    with pytest.raises(ValueError):  # interleaving needs a Wukong layer per sequence layer
+        replace(TINY, wukong=replace(TINY.wukong, n_layers=1))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def _task_batch(cfg: GemConfig, n: int, rng: np.random.Generator):
+    """click = parity(user + item) (a pure id interaction); conversion | click = a magic item
+    appears in the history 100..200 events back (far beyond the recent branch)."""
+    fc = cfg.features
+    L = 200
+    user, item = rng.integers(0, 6, n), rng.integers(0, 6, n)
+    click = ((user + item) % 2).astype(np.float32)
+    magic = rng.random(n) < 0.5
+    b = synthetic_batch(cfg, [L] * n, seed=int(rng.integers(1 << 30)))
+    cols = {k: np.ones(n, np.int64) for k in NONSEQ_KEYS}  # other ids: constant
+    cols["user_id"], cols["item_id"] = 10 + user, 10 + item
+    seq = {k: v.clone() for k, v in b.seq.items()}
+    hist = seq["item"].view(n, L)
+    hist[hist < 20] += 20  # the magic row never appears by chance
+    age = rng.integers(*AGE, n)
+    rows = np.flatnonzero(magic)
+    hist[rows, L - 1 - age[rows]] = 3
+    labels = torch.from_numpy(np.stack([click, click * magic], 1).astype(np.float32))
+    return dataclasses.replace(
+        b, sparse=make_kjt(cols), dense=torch.zeros_like(b.dense), seq=seq, labels=labels, surface_idx=b.surface_idx * 0
+    ).validate(fc)
+
+
+def _train(cfg, steps=150, lr=3e-3, seed=0):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    test = _task_batch(cfg, 256, rng)
+    m = GemModel(cfg)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+
+    def per_task():
+        with torch.no_grad():
+            return torch.nn.functional.binary_cross_entropy_with_logits(m(test), test.labels, reduction="none").mean(0)
+
+    before = per_task()
+    for _ in range(steps):  # a fresh batch every step, as in the online trainer
+        loss, _ = m.loss(_task_batch(cfg, 64, rng))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, per_task()
+
+
+def test_tiny_model_learns_id_interaction():
+    before, after = _train(TINY)
+    # click = parity(user + item), an XOR-like interaction: from ~ln 2 to near 0
+    assert before[0] > 0.6 and after[0] < 0.1, (before, after)
+
+
+@pytest.mark.xfail(reason="open: the sequence path does not yet pick up a single history item "
+                   "within a few hundred steps (conversion loss stays at the no-history floor ~0.35)")
+def test_tiny_model_learns_far_history_item():
+    before, after = _train(TINY, steps=200)
+    # conversion: without the far-back item the best possible is ~0.35 (half of clicks convert)
+    assert after[1] < 0.2, (before, after)

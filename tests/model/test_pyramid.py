@@ -1,0 +1,69 @@
+"""Pyramid sequence arch: awkward jagged inputs, truncation, and its segments."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from opengem.model.gem import truncate_recent
+from opengem.model.pyramid import PyramidArch, PyramidConfig
+
+CFG = PyramidConfig(n_layers=2, max_len=100, recent=4, n_levels=3, level_factor=3, min_tokens=2, n_heads=2,
+                    n_pma=2, n_recent=3)
+
+
+def _padded(lengths, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    idx, keep, mask = truncate_recent(lengths, CFG.max_len)
+    ev = torch.zeros(*mask.shape, d)
+    ev[mask] = torch.randn(int(keep.sum()), d, generator=g)
+    return ev.requires_grad_(True), mask
+
+
+def test_segments_cover_max_len():
+    segs = CFG.segments()
+    assert segs[0] == (0, 4, 1) and segs[1] == (4, 16, 3) and segs[2] == (16, 100, 9)
+    assert PyramidConfig(pyramid=False, max_len=50).segments() == [(0, 50, 1)]
+    with pytest.raises(ValueError):
+        PyramidConfig(max_len=10, recent=8)
+
+
+def test_truncate_recent_keeps_latest():
+    lengths = torch.tensor([0, 3, 7, 1])
+    idx, keep, mask = truncate_recent(lengths, 5)
+    assert keep.tolist() == [0, 3, 5, 1]
+    assert idx.tolist() == [0, 1, 2] + [5, 6, 7, 8, 9] + [10]
+    assert mask.shape == (4, 5) and mask.sum(1).tolist() == [0, 3, 5, 1] and mask[:, -1].tolist() == [0, 1, 1, 1]
+    idx, keep, mask = truncate_recent(torch.tensor([0, 0]), 5)
+    assert idx.numel() == 0 and mask.shape == (2, 0)
+
+
+@pytest.mark.parametrize("lengths", [[0], [1], [0, 0, 0], [0, 1, 37, 100, 5], [7]])
+@pytest.mark.parametrize("pyramid", [True, False])
+def test_shapes_and_grads(lengths, pyramid):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, pyramid=pyramid)
+    arch = PyramidArch(8, cfg)
+    ev, mask = _padded(lengths)
+    ctx = torch.randn(len(lengths), 3, 8, requires_grad=True)
+    s = arch(ev, mask, ctx)
+    assert s.shape == (len(lengths), cfg.n_summary, 8)
+    s.square().sum().backward()
+    assert torch.isfinite(ev.grad).all() and torch.isfinite(ctx.grad).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in arch.parameters())
+
+
+def test_padding_does_not_leak():
+    """A row's summary does not depend on the other rows (padding is masked)."""
+    torch.manual_seed(0)
+    arch = PyramidArch(8, CFG).eval()
+    ev, mask = _padded([3, 90])
+    ctx = torch.randn(2, 3, 8)
+    alone_ev, alone_mask = _padded([3])
+    both = arch(ev, mask, ctx)
+    ev1 = ev[:1, -3:]
+    one = arch(ev1, mask[:1, -3:], ctx[:1])
+    torch.testing.assert_close(both[:1], one, atol=1e-5, rtol=1e-5)
