@@ -212,10 +212,9 @@ class EventMonitor(_Thread):
         return Counter(pairs)
 
     def _examples(self, msgs) -> None:
-        from opengem.stream.joiner import Example
+        from opengem.stream.joiner import decode_examples
 
-        for m in msgs:
-            ex = Example.from_json(m.value)
+        for ex in (x for m in msgs for x in decode_examples(m.value)):
             if ex.example_id in self.example_ids:  # re-sent after a worker restart
                 continue
             self.example_ids.add(ex.example_id)

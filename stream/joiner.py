@@ -184,6 +184,26 @@ class Example:
         return cls(**d)
 
 
+def encode_examples(examples: Sequence[Example]) -> bytes:
+    """One ``opengem.examples`` record: a JSON array of examples (one source partition's batch)."""
+    return b"[" + b",".join(ex.to_json() for ex in examples) + b"]"
+
+
+def decode_examples(raw: bytes | str) -> list[Example]:
+    """An ``opengem.examples`` record: one JSON example object or a JSON array of them."""
+    d = json.loads(raw)
+    items = d if isinstance(d, list) else [d]
+    out = []
+    for x in items:
+        if not isinstance(x, dict):
+            raise ValueError("example must be a JSON object")
+        unknown = x.keys() - _EXAMPLE_SET
+        if unknown:
+            raise ValueError(f"unknown example fields {sorted(unknown)}")
+        out.append(Example(**x))
+    return out
+
+
 EXAMPLE_FIELDS = tuple(f.name for f in fields(Example))
 _EXAMPLE_SET = frozenset(EXAMPLE_FIELDS)
 _example_values = operator.attrgetter(*EXAMPLE_FIELDS)

@@ -34,6 +34,7 @@ from typing import Any
 from opengem.config import Config
 from opengem.ops import metrics
 from opengem.stream.ingest import IngestConfig, Ingestor, Record
+from opengem.stream.joiner import encode_examples
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class WorkerConfig:
     # Records per batch handed to the ingestor: large enough to amortize the
     # synced RocksDB write (~1 ms), small enough to keep batches under ~100 ms.
     take_max: int = 2000
+    # Events (not records) handled per store/joiner commit: bounds the time the
+    # event loop is held (~0.3 s) when records are Arrow batches of thousands.
+    chunk_events: int = 32_768
     # Flush a partial batch after this long, so a slow stream still moves.
     take_within_s: float = 0.2
     # Faust's commit interval for the consumer group's offsets (seconds).
@@ -99,12 +103,23 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
     async def on_assigned(app_: Any, assigned: Any, **kw: Any) -> None:  # noqa: ARG001
         checked.clear()
 
+    n_examples_parts = [_partition_count(bootstrap, k.examples_topic)]
+
     async def produce_examples(pairs: list) -> None:
-        futs = [await examples_topic.send(key=str(ex.user_id).encode(), value=ex.to_json())
-                for _, ex in pairs]
-        if futs:
-            await asyncio.gather(*futs)
-            ing.ack_examples(pairs)
+        """One record per source partition holding its examples as a JSON array.
+
+        Per-example records cost ~200 µs each in Faust/aiokafka — more than the
+        whole ingest of the events that made them; an array per batch costs ~nothing.
+        """
+        if not pairs:
+            return
+        by_part: dict[int, list] = {}
+        for p, ex in pairs:
+            by_part.setdefault(p, []).append(ex)
+        futs = [await examples_topic.send(value=encode_examples(exs), partition=p % n_examples_parts[0])
+                for p, exs in by_part.items()]
+        await asyncio.gather(*futs)
+        ing.ack_examples(pairs)
 
     @app.timer(wcfg.gauge_interval_s)
     async def refresh_gauges() -> None:
@@ -139,20 +154,53 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
                         continue
                     del fences[p]
                 records.append(Record(p, m.offset, m.value, m.key))
-            if not records:
-                continue
-            prep = ing.prepare(records)
-            if prep.dead:
-                futs = [await dlq.send(key=d.key, value=d.value, headers=d.headers(k.events_topic))
-                        for d in prep.dead]
-                await asyncio.gather(*futs)
-            pairs = ing.commit(prep)
-            await produce_examples(pairs)
+            # take_events counts records, and an Arrow record holds thousands of events:
+            # work in chunks of about chunk_events, yielding to the loop in between so
+            # heartbeats and fetches go on.
+            for chunk in _chunks(records, wcfg.chunk_events):
+                prep = ing.prepare(chunk)
+                if prep.dead:
+                    futs = [await dlq.send(key=d.key, value=d.value, headers=d.headers(k.events_topic))
+                            for d in prep.dead]
+                    await asyncio.gather(*futs)
+                pairs = ing.commit(prep)
+                await produce_examples(pairs)
+                await asyncio.sleep(0)
             metrics.STREAM_BATCH_SECONDS.observe(time.monotonic() - t_batch)
             stats["batches"] += 1
             stats["last_batch_at"] = time.monotonic()
 
     return app, ing
+
+
+def _chunks(records: list, max_events: int):
+    """Split records into runs of about ``max_events`` events (a record's size estimated from its bytes)."""
+    out: list = []
+    n = 0
+    for r in records:
+        out.append(r)
+        # JSON: one event per ~300 bytes; Arrow: ~60 bytes per event. An estimate is enough.
+        n += max(1, len(r.value) // (60 if r.value[:4] == b"\xff\xff\xff\xff" else 300))
+        if n >= max_events:
+            yield out
+            out, n = [], 0
+    if out:
+        yield out
+
+
+def _partition_count(bootstrap: str, topic: str) -> int:
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, client_id="opengem-metadata")
+    try:
+        deadline = time.monotonic() + 10
+        parts = c.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = c.partitions_for_topic(topic)
+        return max(1, len(parts or ()))
+    finally:
+        c.close()
 
 
 def run_worker(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = WorkerConfig(),
@@ -165,6 +213,9 @@ def run_worker(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig =
         port = metrics.serve(wcfg.metrics_port)
         print(f"metrics at http://127.0.0.1:{port}/metrics", flush=True)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # Faust's start-up spinner leaves the root logger at DEBUG: every debug call
+    # in Faust and aiokafka then builds a record (~25% of the batched path).
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     finally:
