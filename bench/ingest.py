@@ -348,7 +348,8 @@ def run_child(role: str, spec: dict, timeout_s: float, during: Callable[[subproc
         deadline = time.monotonic() + timeout_s
         while not Path(spec["result"]).exists() and proc.poll() is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{role} did not finish within {timeout_s:.0f}s")
+                raise TimeoutError(f"{role} did not finish within {timeout_s:.0f}s:\n"
+                                   + (work / "child.log").read_text(errors="replace")[-3000:])
             time.sleep(0.05)
         try:
             proc.wait(30)  # Faust's clean shutdown after the SIGTERM it sent itself
