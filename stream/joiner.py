@@ -189,6 +189,24 @@ def encode_examples(examples: Sequence[Example]) -> bytes:
     return b"[" + b",".join(ex.to_json() for ex in examples) + b"]"
 
 
+def encode_example_records(examples: Sequence[Example], max_bytes: int = 512 << 10) -> list[bytes]:
+    """Examples as JSON-array records of at most ~``max_bytes`` each (Kafka's default
+    message limit is 1 MiB; one example is ~400 bytes)."""
+    out: list[bytes] = []
+    cur: list[bytes] = []
+    size = 2
+    for ex in examples:
+        j = ex.to_json()
+        if cur and size + len(j) + 1 > max_bytes:
+            out.append(b"[" + b",".join(cur) + b"]")
+            cur, size = [], 2
+        cur.append(j)
+        size += len(j) + 1
+    if cur:
+        out.append(b"[" + b",".join(cur) + b"]")
+    return out
+
+
 def decode_examples(raw: bytes | str) -> list[Example]:
     """An ``opengem.examples`` record: one JSON example object or a JSON array of them."""
     d = json.loads(raw)

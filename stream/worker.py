@@ -34,7 +34,7 @@ from typing import Any
 from opengem.config import Config
 from opengem.ops import metrics
 from opengem.stream.ingest import IngestConfig, Ingestor, Record
-from opengem.stream.joiner import encode_examples
+from opengem.stream.joiner import encode_example_records
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
         by_part: dict[int, list] = {}
         for p, ex in pairs:
             by_part.setdefault(p, []).append(ex)
-        futs = [await examples_topic.send(value=encode_examples(exs), partition=p % n_examples_parts[0])
-                for p, exs in by_part.items()]
+        futs = [await examples_topic.send(value=rec, partition=p % n_examples_parts[0])
+                for p, exs in by_part.items() for rec in encode_example_records(exs)]
         await asyncio.gather(*futs)
         ing.ack_examples(pairs)
 

@@ -81,3 +81,14 @@ def test_shards_refuse_another_incarnation_of_the_topic(tmp_path):
     bind_topic(tmp_path, "opengem.events", "id-1")
     with pytest.raises(ShardMismatch, match="--rebuild"):
         bind_topic(tmp_path, "opengem.events", "id-2")
+
+
+def test_example_records_stay_under_the_size_limit_and_round_trip(tmp_path):
+    from opengem.stream.joiner import decode_examples, encode_example_records
+
+    ing = Ingestor(tmp_path, cfg=IngestConfig(joiner=JOINER))
+    _, pairs = ing.process(sim_records(60_000), now_ms=2**62)
+    exs = [ex for _, ex in pairs]
+    recs = encode_example_records(exs, max_bytes=64 << 10)
+    assert len(recs) > 1 and all(len(r) <= 64 << 10 for r in recs)
+    assert [e for r in recs for e in decode_examples(r)] == exs
