@@ -184,11 +184,6 @@ class Example:
         return cls(**d)
 
 
-def encode_examples(examples: Sequence[Example]) -> bytes:
-    """One ``opengem.examples`` record: a JSON array of examples (one source partition's batch)."""
-    return b"[" + b",".join(ex.to_json() for ex in examples) + b"]"
-
-
 def encode_example_records(examples: Sequence[Example], max_bytes: int = 512 << 10) -> list[bytes]:
     """Examples as JSON-array records of at most ~``max_bytes`` each (Kafka's default
     message limit is 1 MiB; one example is ~400 bytes)."""
