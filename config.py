@@ -101,14 +101,13 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if v is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(a, v, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {v!r} does not fit {tp}")
     if origin is tuple:
         if not isinstance(v, (list, tuple)):

@@ -23,7 +23,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import PoolingType
 
 from opengem.model.batch import N_DENSE, NONSEQ_KEYS, TABLE_OF, FeatureConfig, GemBatch
-from opengem.model.heads import funnel_logits, funnel_loss, funnel_probs
+from opengem.model.heads import FunnelRanker
 
 
 @dataclass(frozen=True)
@@ -46,23 +46,13 @@ def _ebc(cfg: BaselineConfig, device: torch.device | None) -> EmbeddingBagCollec
     ], device=device or torch.device("cpu"))
 
 
-class _Ranker(nn.Module):
-    """forward / predict / loss on top of ``self.net(dense, kjt) -> stage logits (B, T)``."""
+class _Ranker(FunnelRanker):
+    """The funnel API on top of ``self.net(dense, kjt) -> stage logits (B, T)``."""
 
     net: nn.Module
 
     def raw_logits(self, batch: GemBatch) -> torch.Tensor:
         return self.net(batch.dense, batch.sparse)
-
-    def forward(self, batch: GemBatch) -> torch.Tensor:
-        return funnel_logits(self.raw_logits(batch))
-
-    def predict(self, batch: GemBatch) -> torch.Tensor:
-        return funnel_probs(self.raw_logits(batch))
-
-    def loss(self, batch: GemBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch)
-        return funnel_loss(logits, batch.labels), logits
 
 
 class DLRMBaseline(_Ranker):

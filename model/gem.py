@@ -29,7 +29,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from opengem.model.batch import N_DENSE, NONSEQ_KEYS, SEQ_KEYS, TABLE_OF, FeatureConfig, GemBatch
 from opengem.model.config import GemConfig
-from opengem.model.heads import MultiDomainHeads, funnel_logits, funnel_loss, funnel_probs, mlp
+from opengem.model.heads import FunnelRanker, MultiDomainHeads, mlp
 from opengem.model.pyramid import PyramidArch
 from opengem.model.wukong import WukongArch
 
@@ -135,7 +135,7 @@ class DenseArch(nn.Module):
         return self.mlp(dense).view(-1, self.n, self.d)
 
 
-class GemModel(nn.Module):
+class GemModel(FunnelRanker):
     """forward(batch) -> impression-level logits (B, n_tasks) from each row's surface head.
 
     ``predict(batch)`` -> probabilities (B, n_tasks): pCTR, pCVR over impressions
@@ -202,15 +202,6 @@ class GemModel(nn.Module):
         """Funnel stage logits (B, n_tasks): click | impression, conversion | click."""
         return self.heads(self.represent(batch), batch.surface_idx)
 
-    def forward(self, batch: GemBatch) -> torch.Tensor:
-        return funnel_logits(self.raw_logits(batch))
-
-    def predict(self, batch: GemBatch) -> torch.Tensor:
-        return funnel_probs(self.raw_logits(batch))
-
-    def loss(self, batch: GemBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch)
-        return funnel_loss(logits, batch.labels), logits
 
 
 def n_params(model: nn.Module) -> dict[str, int]:

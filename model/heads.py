@@ -64,6 +64,27 @@ def funnel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
+class FunnelRanker(nn.Module):
+    """The ranking API every model shares: subclasses give ``raw_logits(batch)``,
+    the funnel stage logits (B, T) (click | impression, conversion | click)."""
+
+    def raw_logits(self, batch) -> torch.Tensor:  # noqa: ANN001 - a GemBatch
+        raise NotImplementedError
+
+    def forward(self, batch) -> torch.Tensor:  # noqa: ANN001
+        """Impression-level logits (B, T)."""
+        return funnel_logits(self.raw_logits(batch))
+
+    def predict(self, batch) -> torch.Tensor:  # noqa: ANN001
+        """Probabilities (B, T): pCTR, pCVR over impressions."""
+        return funnel_probs(self.raw_logits(batch))
+
+    def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """(scalar BCE over impressions, logits)."""
+        logits = self(batch)
+        return funnel_loss(logits, batch.labels), logits
+
+
 class MultiDomainHeads(nn.Module):
     """h: (B, n_in), surface_idx: (B,) -> stage logits (B, n_tasks) from each row's surface tower.
 

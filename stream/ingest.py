@@ -28,6 +28,7 @@ back to the shard's offset + 1 (:meth:`Ingestor.resume_offset`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -111,8 +112,7 @@ class Shard:
         self.partition = partition
         self.dir = root / f"p{partition:04d}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        store_cfg = cfg.store if tuple(cfg.store.surfaces) == tuple(surfaces) else \
-            StoreConfig(**{**cfg.store.__dict__, "surfaces": tuple(surfaces)})
+        store_cfg = dataclasses.replace(cfg.store, surfaces=tuple(surfaces))
         self.store = SequenceStore(str(self.dir / "store"), store_cfg)
         self.joiner = LabelJoiner(str(self.dir / "joiner"), cfg.joiner)
 

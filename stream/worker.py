@@ -33,6 +33,7 @@ from typing import Any
 
 from opengem.config import Config
 from opengem.ops import metrics
+from opengem.stream.codec import ARROW_MAGIC
 from opengem.stream.ingest import IngestConfig, Ingestor, Record
 from opengem.stream.joiner import encode_example_records
 
@@ -153,7 +154,8 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
                     if m.offset > fences[p]:
                         continue
                     del fences[p]
-                records.append(Record(p, m.offset, m.value, m.key))
+                # A null value (a tombstone) is bad input like any other: it goes to the DLQ.
+                records.append(Record(p, m.offset, m.value if m.value is not None else b"", m.key))
             # take_events counts records, and an Arrow record holds thousands of events:
             # work in chunks of about chunk_events, yielding to the loop in between so
             # heartbeats and fetches go on.
@@ -180,7 +182,7 @@ def _chunks(records: list, max_events: int):
     for r in records:
         out.append(r)
         # JSON: one event per ~300 bytes; Arrow: ~60 bytes per event. An estimate is enough.
-        n += max(1, len(r.value) // (60 if r.value[:4] == b"\xff\xff\xff\xff" else 300))
+        n += max(1, len(r.value) // (60 if r.value[:4] == ARROW_MAGIC else 300))
         if n >= max_events:
             yield out
             out, n = [], 0

@@ -92,3 +92,10 @@ def test_example_records_stay_under_the_size_limit_and_round_trip(tmp_path):
     recs = encode_example_records(exs, max_bytes=64 << 10)
     assert len(recs) > 1 and all(len(r) <= 64 << 10 for r in recs)
     assert [e for r in recs for e in decode_examples(r)] == exs
+
+
+def test_empty_and_null_records_are_dead_letters_not_crashes(tmp_path):
+    ing = Ingestor(tmp_path, cfg=IngestConfig(joiner=JOINER))
+    dead, _ = ing.process([Record(1, 0, b""), Record(1, 1, None)])
+    assert [d.reason for d in dead] == ["bad_format", "bad_format"]
+    assert ing.shard(1).applied() == 1

@@ -186,6 +186,8 @@ def test_malformed_records_go_to_the_dlq_and_valid_events_are_all_stored(tmp_pat
                 p.send("opengem.events", key=str(x.user_id).encode(), value=x.to_json())
             else:
                 p.send("opengem.events", key=str(rng.randrange(1000)).encode(), value=x[0])
+        p.send("opengem.events", key=b"1", value=None)  # a null record (tombstone) is bad input too
+        bad.append((b"", "bad_format"))
         p.flush()
         p.close()
 
