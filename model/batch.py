@@ -6,8 +6,8 @@ A batch holds, for B impressions:
   :data:`NONSEQ_KEYS`, already hashed into their tables (one id per key and row
   from :func:`make_batch`; the model also accepts several or none -- they are
   sum-pooled);
-* ``dense`` -- (B, D_dense) float32, :data:`DENSE_FEATURES` (log1p counters,
-  log recencies);
+* ``dense`` -- (B, D_dense) float32, :data:`DENSE_FEATURES` (log1p counters
+  and log recency over the point-in-time history);
 * the user's history as jagged columns: ``seq_lengths`` (B,) int64 is the
   single source of truth, ``seq[k]`` (sum_i L_i,) int64 for k in
   :data:`SEQ_KEYS`, oldest event first, no padding;
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from opengem.features.types import N_KINDS, ItemFeatures, JaggedSeq, UserFeatures, country_code
+from opengem.features.types import N_KINDS, JaggedSeq, country_code
 from opengem.stream.events import AD_FORMATS, DEFAULT_SURFACES, DEVICES
 
 # Non-sequence id features, in KJT key order.
@@ -60,11 +60,13 @@ TABLE_OF = {
 }
 _HASHED = frozenset({"user", "item", "advertiser", "category", "country"})
 
+# Dense features, all computed from the point-in-time history in make_batch (never
+# from the store's running counters, which would include events after the
+# impression -- its own click among them -- when the trainer reads them later).
 DENSE_FEATURES = (
-    tuple(f"user_log_count_{i}" for i in range(N_KINDS))
-    + ("user_log_events", "user_log_recency_s")
-    + tuple(f"item_log_count_{i}" for i in range(N_KINDS))
-    + ("item_log_recency_s", "seq_log_len")
+    tuple(f"hist_log_count_{i}" for i in range(N_KINDS))
+    + ("hist_log_len", "hist_log_recency_s")
+    + ("hist_log_same_item", "hist_log_same_advertiser", "hist_log_same_category")
 )
 N_DENSE = len(DENSE_FEATURES)
 
@@ -251,8 +253,6 @@ def _log_recency(now_ms: np.ndarray, last_ts: np.ndarray) -> np.ndarray:
 def make_batch(
     examples: Sequence[Any],
     seqs: JaggedSeq,
-    user_feats: UserFeatures | None,
-    item_feats: ItemFeatures | None,
     cfg: Any,
 ) -> GemBatch:
     """Examples (``opengem.stream.joiner.Example``) + their users' histories -> GemBatch.
@@ -260,8 +260,10 @@ def make_batch(
     ``seqs`` row i is example i's user history read as of the impression
     (``store.read_batch(user_ids, before_ts=ts, max_len)``, oldest first);
     events at or after the impression time are dropped here as a guard
-    against leakage. ``user_feats`` / ``item_feats`` (rows aligned with the
-    examples) give the dense counters; None -> zeros. ``cfg``: a
+    against leakage. The dense features are counters over that same
+    point-in-time history (per kind, length, recency, and how often the user
+    met the target item / advertiser / category), so trainer and server
+    compute them identically and nothing after the impression leaks in. ``cfg``: a
     :class:`FeatureConfig` or anything with a ``.features`` one. ``p_click`` /
     ``p_conversion`` are never read.
     """
@@ -303,22 +305,34 @@ def make_batch(
         "dt": dt_bucket(ts[row[keep]] - seqs.ts[keep], cfg.rows("dt")),
     }
 
-    dense = np.zeros((B, N_DENSE), np.float32)
-    if user_feats is not None:
-        dense[:, :N_KINDS] = np.log1p(user_feats.counts)
-        dense[:, N_KINDS] = np.log1p(user_feats.n_events)
-        dense[:, N_KINDS + 1] = _log_recency(ts, user_feats.last_ts)
-    if item_feats is not None:
-        o = N_KINDS + 2
-        dense[:, o:o + N_KINDS] = np.log1p(item_feats.counts)
-        dense[:, o + N_KINDS] = _log_recency(ts, item_feats.last_ts)
-    dense[:, -1] = np.log1p(lengths)
+    dense = _history_dense(B, row[keep], ts, seqs, keep, raw)
     labels = np.array([[float(getattr(e, t)) for t in cfg.tasks] for e in examples], np.float32).reshape(B, -1)
     return GemBatch(
         sparse=sparse, dense=torch.from_numpy(dense), seq_lengths=torch.from_numpy(lengths),
         seq={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in seq_np.items()},
         surface_idx=torch.from_numpy(surface), labels=torch.from_numpy(labels),
     ).validate(cfg)
+
+
+def _history_dense(
+    B: int, row: np.ndarray, ts: np.ndarray, seqs: JaggedSeq, keep: np.ndarray, raw: dict[str, Any]
+) -> np.ndarray:
+    """(B, N_DENSE) float32 from the kept history events (``row``: their example index)."""
+    dense = np.zeros((B, N_DENSE), np.float32)
+    kinds = seqs.kind[keep].astype(np.int64)
+    counts = np.bincount(row * N_KINDS + kinds, minlength=B * N_KINDS).reshape(B, N_KINDS)
+    dense[:, :N_KINDS] = np.log1p(counts)
+    n = np.bincount(row, minlength=B)
+    dense[:, N_KINDS] = np.log1p(n)
+    last = np.full(B, np.iinfo(np.int64).min, np.int64)
+    np.maximum.at(last, row, seqs.ts[keep])
+    dense[:, N_KINDS + 1] = _log_recency(ts, last)
+    for j, (col, key) in enumerate((("item_id", "item_id"), ("advertiser_id", "advertiser_id"),
+                                     ("category", "category"))):
+        target = np.asarray(raw[key], np.int64)
+        hit = (getattr(seqs, col)[keep].astype(np.int64) == target[row]) & (target[row] >= 0)
+        dense[:, N_KINDS + 2 + j] = np.log1p(np.bincount(row[hit], minlength=B))
+    return dense
 
 
 def synthetic_batch(

@@ -59,7 +59,7 @@ def test_make_batch_shares_rows_and_guards_leakage():
         _seq([], []),
         _seq([t0 - 1, t0 + 2, t0 + 50], [1, 2, 3]),  # t0+2 is the impression ts of ex 2: dropped, as is later
     ])
-    b = make_batch(exs, seqs, None, None, CFG)
+    b = make_batch(exs, seqs, CFG)
     assert b.seq_lengths.tolist() == [2, 0, 1]
     item = b.sparse["item_id"].values()
     assert b.seq["item"][0] == item[0]  # same raw item, same row in the shared table
@@ -70,7 +70,7 @@ def test_make_batch_shares_rows_and_guards_leakage():
     assert b.seq["dt"][0] > b.seq["dt"][1]  # 5 s ago is an older bucket than 10 ms ago
     # Ground truth is never a feature.
     exs2 = [dataclasses.replace(e, p_click=0.9, p_conversion=0.5) for e in exs]
-    b2 = make_batch(exs2, seqs, None, None, CFG)
+    b2 = make_batch(exs2, seqs, CFG)
     assert torch.equal(b.dense, b2.dense) and torch.equal(b.sparse.values(), b2.sparse.values())
 
 
