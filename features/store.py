@@ -37,7 +37,9 @@ record boundary it knows (``applied_offset``); replaying from any earlier
 offset skips what is already in. ``sync=False`` (one fsync saved per commit)
 survives a process crash but can lose the last commits on power loss; that
 is safe only if the worker resumes from ``applied_offset + 1`` rather than
-from the consumer group's committed offset.
+from the consumer group's committed offset -- which the stream worker does,
+so it commits with ``sync=False`` and calls :meth:`SequenceStore.sync_wal`
+on an interval (``IngestConfig``).
 
 Reads -- the same code in the writer and in every reader::
 
@@ -641,6 +643,11 @@ class SequenceStore(SequenceStoreBase):
         """Bytes of live SST files: ``sequences`` (sequences, user heads, offsets) and ``items``."""
         prop = "rocksdb.total-sst-files-size"
         return {"sequences": self._db.property_int_value(prop), "items": self._items.property_int_value(prop)}
+
+    def sync_wal(self) -> None:
+        """fsync the write-ahead log: every commit so far survives a power loss (writer only)."""
+        if self._db is not None and not self.read_only:
+            self._db.flush_wal(True)
 
     def close(self) -> None:
         self._stop.set()

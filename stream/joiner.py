@@ -472,6 +472,11 @@ class LabelJoiner:
         wb.put(part.k_state, raw.encode())
         self._states[part.p] = json.loads(raw)
 
+    def sync_wal(self) -> None:
+        """fsync the write-ahead log: every process() so far survives a power loss."""
+        if not self._closed:
+            self._db.flush_wal(True)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

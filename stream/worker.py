@@ -7,12 +7,15 @@ for each batch:
    batches), turning bad input into dead letters with the reason attached;
 2. the dead letters are produced to ``opengem.events.dlq`` and their acks awaited;
 3. ``Ingestor.commit`` appends to the partition shards' RocksDB stores and feeds
-   the label joiner, each in one synced write batch with the records' offsets;
+   the label joiner, each in one write batch with the records' offsets (the WAL
+   is written at once and fsynced every ``wal_sync_interval_s`` off the loop);
 4. the joiner's newly closed examples are produced to ``opengem.examples``
    (key = user id) and acknowledged back to the joiner once Kafka has them.
 
 Faust acks the batch's events only when the loop body has finished, so the
-consumer group never commits an offset whose effect is not durable. The shards
+consumer group never commits an offset whose effect is not in the shards' WAL
+(survives a killed process; a power loss can lose the last unsynced second,
+and then the shards' own offsets make the worker seek back). The shards
 hold their own offsets: on a partition's first batch after an assignment the
 worker compares the batch's first offset with the shard's applied offset and
 seeks back if the shard is behind (a shard lost or restored from an older copy),
@@ -59,6 +62,9 @@ class WorkerConfig:
     metrics_port: int | None = 9101
     # How often the slow gauges (store size, joiner outcomes) are refreshed.
     gauge_interval_s: float = 5.0
+    # fsync of the shards' WALs, off the event loop (commits themselves do not fsync:
+    # see IngestConfig); a power loss loses at most this much, a killed process nothing.
+    wal_sync_interval_s: float = 1.0
 
 
 def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = WorkerConfig(),
@@ -125,6 +131,10 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
     @app.timer(wcfg.gauge_interval_s)
     async def refresh_gauges() -> None:
         ing.update_gauges()
+
+    @app.timer(wcfg.wal_sync_interval_s)
+    async def sync_wal() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, ing.sync_wal)
 
     fences: dict[int, int] = {}  # partition -> after a seek back, drop records past this offset
 
