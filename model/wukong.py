@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from opengem.kernels import fm_interaction
+
 
 @dataclass(frozen=True)
 class WukongConfig:
@@ -53,9 +55,8 @@ class FMBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_in * cfg.rank, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_fm * d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xty = torch.einsum("bnd,nk->bdk", x, self.proj)  # (B, d, k)
-        z = torch.bmm(x, xty)  # (B, n_in, k)
-        z = self.mlp(self.norm(z.flatten(1)))  # (B, n_fm * d)
+        z = fm_interaction(x, self.proj)  # (B, n_in * k): fused Triton kernel on CUDA, einsum + bmm on CPU
+        z = self.mlp(self.norm(z))  # (B, n_fm * d)
         return z.view(x.shape[0], self.n_fm, self.d)
 
 
