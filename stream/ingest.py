@@ -161,7 +161,9 @@ class Ingestor:
         self.cfg = cfg
         self.topic = topic
         self._shards: dict[int, Shard] = {}
-        self._lock = threading.Lock()
+        # Held by commit, release, sync_wal and update_gauges: the worker runs prepare and
+        # commit on its ingest thread while the event loop may revoke partitions or refresh gauges.
+        self._lock = threading.RLock()
         self.counts: Counter[str] = Counter()  # records, events, dead letters by reason, examples
         self.dlq_reasons: Counter[str] = Counter()
 
@@ -281,6 +283,10 @@ class Ingestor:
 
         Returns ``(partition, example)`` pairs to produce: the outbox of every
         shard touched, including examples from before a restart not yet acked."""
+        with self._lock:
+            return self._commit(prep)
+
+    def _commit(self, prep: Prepared) -> list[tuple[int, Example]]:
         from opengem.ops import metrics as m
 
         for d in prep.dead:
@@ -341,6 +347,12 @@ class Ingestor:
 
     def update_gauges(self) -> None:
         """Refresh the slow-moving gauges (joiner outcomes, pending impressions, store size)."""
+        from opengem.ops import metrics as m
+
+        with self._lock:
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
         from opengem.ops import metrics as m
 
         totals: Counter[str] = Counter()
