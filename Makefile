@@ -23,7 +23,7 @@ else
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-integration test-slow test-all bench lock clean help
+.PHONY: install demo test test-integration test-slow test-all bench lock proto clean help
 
 help:
 	@echo "make demo | test | test-all | bench | install | lock | clean"
@@ -63,6 +63,14 @@ lock: install
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements/cpu.lock
 	$(UV) pip compile pyproject.toml --extra cuda --extra dev \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements/cuda.lock
+
+# Regenerate serving/ranking_pb2{,_grpc}.py and .pyi from serving/ranking.proto
+# (checked in). The repo root is the package `opengem`, so protoc runs on a
+# symlink named opengem: generated imports are `from opengem.serving import …`.
+proto: install
+	@tmp=$$(mktemp -d) && ln -s "$(CURDIR)" $$tmp/opengem && \
+	$(VPY) -m grpc_tools.protoc -I $$tmp --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp \
+	  $$tmp/opengem/serving/ranking.proto; rc=$$?; rm -rf $$tmp; exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -173,12 +173,104 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from opengem.model.trainer import run_trainer
+    from opengem.stream.broker import resolve_bootstrap
+
+    cfg = _load(args)
+    flags = {"preset": args.preset, "model": args.model, "batch_size": args.batch_size,
+             "checkpoint_every_s": args.checkpoint_every, "checkpoint_every_steps": args.checkpoint_every_steps,
+             "publish_every_s": args.publish_every, "publish_every_steps": args.publish_every_steps,
+             "metrics_port": args.metrics_port, "device": args.device}
+    changed = {k: v for k, v in flags.items() if v is not None}
+    if args.metrics_port is not None and args.metrics_port < 0:
+        changed["metrics_port"] = None
+    tcfg = dataclasses.replace(cfg.train, **changed)
+    bootstrap, _ = resolve_bootstrap(cfg.kafka.bootstrap, cfg.data_dir)
+    stop = Stop()
+    stats = run_trainer(cfg, tcfg, bootstrap, stop=lambda: bool(stop), fresh=args.fresh,
+                        max_examples=args.max_examples, idle_exit_s=args.idle_exit)
+    print(f"trainer stopped: {stats.steps:,} steps, {stats.examples:,} examples, version {stats.published or '-'}, "
+          f"checkpoint {stats.checkpoint or '-'}", flush=True)
+    return 0
+
+
+def _secret(path: str | None, env: str) -> str | None:
+    """A secret from a file (never from the command line, which `ps` shows) or the environment."""
+    import os
+
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get(env) or None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from opengem.serving.server import Service
+
+    cfg = _load(args, **{"serve.host": args.host, "serve.port": args.port, "serve.http_port": args.http_port,
+                         "serve.models_dir": args.models_dir})
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        with open(args.tls_key, "rb") as k, open(args.tls_cert, "rb") as c:
+            tls = (k.read(), c.read())
+    stop = Stop()
+    svc = Service(cfg, token=_secret(args.token_file, "OPENGEM_SERVE_TOKEN"), tls=tls)
+    mport = args.metrics_port if args.metrics_port is not None else cfg.serve.metrics_port
+    ends = svc.start(metrics_port=None if mport < 0 else mport)
+    cur = svc.models.current
+    print(f"opengem serve: gRPC {'(TLS) ' if tls else ''}on {cfg.serve.host}:{ends.grpc_port}"
+          + (f", JSON on http://{cfg.serve.host}:{ends.http_port}/v1/rank" if ends.http_port else "")
+          + (f", metrics on :{svc.metrics_port}" if svc.metrics_port else "")
+          + f"; model {cur.loaded.version + ' (' + cur.loaded.kind + ')' if cur else 'none yet'} "
+          f"from {svc.models.models_dir}", flush=True)
+    try:
+        while not stop.sleep(0.5):
+            pass
+    finally:
+        svc.stop()
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+
+    from opengem.serving.client import RankClient, format_response, response_dict
+
+    cands: list = [int(a) for a in args.ads.split(",") if a.strip()] if args.ads else []
+    if args.candidates:
+        with open(args.candidates) as f:
+            cands += json.load(f)
+    ctx = {k: v for k, v in (("hour", args.hour), ("device", args.device), ("country", args.country),
+                             ("ts_ms", args.ts_ms)) if v is not None}
+    ca = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            ca = f.read()
+    with RankClient(args.target, token=_secret(args.token_file, "OPENGEM_SERVE_TOKEN"), root_certificates=ca,
+                    timeout_s=args.timeout) as client:
+        try:
+            resp = client.rank(args.user, args.surface, cands, context=ctx, value_task=args.value_task or "")
+        except grpc.RpcError as e:
+            print(f"opengem rank: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(response_dict(resp), indent=1) if args.json else format_response(resp))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opengem.demo import run_demo
 
     cfg = _load(args)
     return run_demo(cfg, duration_s=args.duration, rate=args.rate, fmt=args.format, stop=Stop(),
-                    click_window_s=args.click_window, conversion_window_s=args.conversion_window)
+                    click_window_s=args.click_window, conversion_window_s=args.conversion_window,
+                    train_preset=args.train_preset)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +314,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete this worker's shards first; they are rebuilt from the topic")
     p.set_defaults(func=cmd_stream)
 
+    p = sub.add_parser("train", help="run the continuous trainer (also under torchrun --nproc_per_node=N)")
+    _common(p)
+    p.add_argument("--model", choices=("gem", "dlrm", "dcn"), help="model kind (default gem)")
+    p.add_argument("--preset", choices=("tiny", "base", "large"), help="GEM preset (default base)")
+    p.add_argument("--batch-size", type=int, help="examples per step and rank (default 256)")
+    p.add_argument("--checkpoint-every", type=float, help="seconds between checkpoints (default 60; 0: off)")
+    p.add_argument("--checkpoint-every-steps", type=int, help="steps between checkpoints (0: off)")
+    p.add_argument("--publish-every", type=float, help="seconds between published versions (default 10; 0: off)")
+    p.add_argument("--publish-every-steps", type=int, help="steps between published versions (0: off)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus on 127.0.0.1:PORT+rank (default 9102; a free port if taken; -1: off)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the checkpoints and start a new model (needed after the examples topic was "
+                        "created again, e.g. a restarted embedded broker)")
+    p.add_argument("--max-examples", type=int, help="stop after this many examples (per rank)")
+    p.add_argument("--idle-exit", type=float, help="stop once no example came for this many seconds")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run the gRPC ranking server (127.0.0.1 by default)")
+    _common(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1; others need a bearer token)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0: a free one)")
+    p.add_argument("--http-port", type=int, help="also serve JSON on POST /v1/rank (default off; 0: a free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9103; -1: off)")
+    p.add_argument("--models-dir", help="published model versions (default <data-dir>/models)")
+    p.add_argument("--token-file", help="file holding the bearer token clients must send "
+                   "(default: env OPENGEM_SERVE_TOKEN; none: no token)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("rank", help="send one Rank request to a server and print the ranking")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--user", type=int, required=True, help="user id")
+    p.add_argument("--surface", required=True)
+    p.add_argument("--ads", help="comma-separated ad ids")
+    p.add_argument("--candidates", help='JSON file: a list of ids or {"ad_id": …, "bid": …, "ad_format": …}')
+    p.add_argument("--hour", type=int)
+    p.add_argument("--device")
+    p.add_argument("--country")
+    p.add_argument("--ts-ms", type=int, help="request time (default: the server's clock)")
+    p.add_argument("--value-task", help="value = bid x P(task) (default: the server's)")
+    p.add_argument("--token-file", help="bearer token file (default: env OPENGEM_SERVE_TOKEN)")
+    p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_rank)
+
     p = sub.add_parser("demo", help="start the whole system on the embedded broker and show it working")
     _common(p)
     p.add_argument("--duration", type=float, default=60, help="seconds to run (0: until Ctrl-C)")
@@ -232,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "clock runs ~200x faster than the wall clock at 20k events/s)")
     p.add_argument("--conversion-window", type=float, default=7200,
                    help="conversion window after the click, seconds of event time (demo default 7200)")
+    p.add_argument("--train-preset", choices=("tiny", "base", "large"), default="tiny",
+                   help="GEM preset of the demo's trainer (tiny: keeps up with the demo's stream on 2 CPU cores)")
     p.set_defaults(func=cmd_demo)
     return ap
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opengem.model.train_config import TrainConfig
+from opengem.serving.config import ServeConfig
 from opengem.stream.events import DEFAULT_SURFACES
 
 T = TypeVar("T")
@@ -59,6 +61,8 @@ class Config:
     # Where runs keep their state (stores, checkpoints, models, logs).
     data_dir: str = "data"
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     sim: Any = None  # opengem.stream.simulator.SimConfig, filled in by load()
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Protocol
 
 from opengem.config import Config
@@ -138,6 +138,105 @@ class WorkerProcess:
         return "worker up" if self.proc is not None and self.proc.poll() is None else "worker down"
 
 
+class TrainerProcess(WorkerProcess):
+    """`opengem train` as its own process: learns from opengem.examples, publishes to <data>/models."""
+
+    name = "trainer"
+
+    def __init__(self, cfg: Config, bootstrap: str, preset: str, fresh: bool):
+        import subprocess
+
+        self._subprocess = subprocess
+        self.cmd = [sys.executable, "-m", "opengem.cli", "train", "--bootstrap", bootstrap, "--data-dir",
+                    cfg.data_dir, "--preset", preset] + (["--fresh"] if fresh else [])
+        self.log_path = f"{cfg.data_dir}/logs/train.log"
+        self.models_dir = cfg.serve.models_path(cfg.data_dir)
+        self.proc = None
+
+    def published(self) -> dict | None:
+        """meta.json of the version LATEST names (the registry's format), or None."""
+        import json
+
+        try:
+            version = (self.models_dir / "LATEST").read_text().strip()
+            return json.loads((self.models_dir / version / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def status(self) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            return "trainer down"
+        meta = self.published()
+        if meta is None:
+            return "trainer up, no version yet"
+        ne = (meta.get("progressive") or {}).get("click", {}).get("ne")
+        return f"model v{meta['version']}" + (f" NE(click) {ne:.3f}" if isinstance(ne, float) and ne == ne else "")
+
+
+class RankingServer:
+    """`opengem serve` in the demo's process: gRPC on a free 127.0.0.1 port over the worker's shards."""
+
+    name = "ranking server"
+
+    def __init__(self, cfg: Config):
+        import dataclasses
+
+        self.cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=0, metrics_port=-1))
+        self.svc = None
+        self.port = 0
+
+    def start(self) -> None:
+        from opengem.serving.server import Service
+
+        self.svc = Service(self.cfg)
+        self.port = self.svc.start().grpc_port
+
+    def stop(self) -> None:
+        if self.svc is not None:
+            self.svc.stop()
+            self.svc = None
+
+    def failed(self) -> BaseException | None:
+        return None
+
+    def status(self) -> str:
+        cur = self.svc.models.current if self.svc else None
+        return f"serving {cur.loaded.version}" if cur else "server: no model yet"
+
+
+def _rank_some(server: RankingServer, recent: list, n_requests: int = 3, n_ads: int = 8) -> None:
+    """End of the demo: rank a few requests of recently seen users and print them."""
+    import grpc
+
+    from opengem.serving.client import RankClient, format_response
+    from opengem.serving.models import ensure_model
+
+    models_dir = server.cfg.serve.models_path(server.cfg.data_dir)
+    published = ensure_model(models_dir, "base")
+    if published:
+        print(f"\nno model version was published yet: published an initial, UNTRAINED GEM (base preset) as "
+              f"version {published} in {models_dir} so that serving has one; its scores are not meaningful")
+    if server.svc.models.wait(60) is None:
+        print("ranking server: no model could be loaded; see the log", file=sys.stderr)
+        return
+    ads = list(dict.fromkeys(ex.item_id for ex in reversed(recent)))[:n_ads] or list(range(1, n_ads + 1))
+    users = list(dict.fromkeys((ex.user_id, ex.surface, ex.hour, ex.device) for ex in reversed(recent)))
+    users = users[:n_requests] or [(1, server.cfg.surfaces[0], None, None)]
+    now_ms = max((ex.ts for ex in recent), default=None)
+    now_ms = now_ms + 1 if now_ms is not None else None
+    with RankClient(f"127.0.0.1:{server.port}", timeout_s=30) as client:
+        for user, surface, hour, device in users:
+            # the simulated clock runs ahead of the wall clock: ask as of the latest event time seen
+            ctx = {k: v for k, v in (("hour", hour), ("device", device), ("ts_ms", now_ms)) if v is not None}
+            try:
+                resp = client.rank(user, surface, ads, context=ctx)
+            except grpc.RpcError as e:
+                print(f"\nRank(user {user}) failed: {e.code().name}: {e.details()}", file=sys.stderr)
+                continue
+            print(f"\nRank(user {user}, {surface}, {len(ads)} ads seen in recent examples):")
+            print(format_response(resp))
+
+
 class EventMonitor(_Thread):
     """A consumer group on opengem.events that counts what flows, per surface and kind."""
 
@@ -159,6 +258,7 @@ class EventMonitor(_Thread):
         self.clicks_by_surface: Counter[str] = Counter()
         self.conversions_by_surface: Counter[str] = Counter()
         self.dlq: Counter[str] = Counter()
+        self.recent: deque = deque(maxlen=256)  # last examples: the demo ranks for their users and ads
 
     def loop(self) -> None:
         from kafka import KafkaConsumer
@@ -218,6 +318,7 @@ class EventMonitor(_Thread):
             if ex.example_id in self.example_ids:  # re-sent after a worker restart
                 continue
             self.example_ids.add(ex.example_id)
+            self.recent.append(ex)
             self.examples += 1
             self.labels[ex.surface] += 1
             self.clicks_by_surface[ex.surface] += ex.click
@@ -243,7 +344,7 @@ def _table(title: str, counts: Counter[str], total: int) -> str:
 
 
 def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
-             click_window_s: float = 300, conversion_window_s: float = 7200) -> int:
+             click_window_s: float = 300, conversion_window_s: float = 7200, train_preset: str = "tiny") -> int:
     from opengem.stream.broker import EmbeddedBroker, ensure_topics, is_embedded, wait_for_kafka
 
     k = cfg.kafka
@@ -266,10 +367,14 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
     # A fresh embedded broker is a new incarnation of the topics: its shards start over.
     worker = WorkerProcess(cfg, bootstrap, click_window_s, conversion_window_s, rebuild=embedded and broker is not None)
     source = SimulatorSource(cfg, bootstrap, rate, fmt)
-    components: list = [worker, monitor, source]
+    trainer = TrainerProcess(cfg, bootstrap, train_preset, fresh=embedded and broker is not None)
+    server = RankingServer(cfg)
+    components: list = [worker, trainer, monitor, source, server]
     rc = 0
     try:
         worker.start()
+        trainer.start()
+        server.start()
         monitor.start()
         source.start()
         print(f"simulating {'as fast as possible' if rate == 0 else f'{rate:,.0f} events/s'} "
@@ -299,6 +404,7 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
         source.stop()
         monitor.drain(source.sent, timeout_s=5.0)
         worker.stop()
+        trainer.stop()  # trains what is left, checkpoints and publishes once more
         time.sleep(1.0)
         monitor.stop()
         if broker is not None:
@@ -322,5 +428,19 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
             print(f"  {surf:<12}{n:>10,}{c / n:>8.2%}{(v / c if c else 0):>8.2%}")
     if monitor.dlq:
         print("dead-lettered records: " + ", ".join(f"{r}={n}" for r, n in monitor.dlq.most_common()))
+    meta = trainer.published()
+    if meta is None:
+        print(f"\ntrainer ({train_preset} preset): no model version published yet; see {trainer.log_path}")
+    else:
+        prog = meta.get("progressive") or {}
+        figs = ", ".join(f"{t} NE {s_['ne']:.3f} AUC {s_['auc']:.3f} over the last {s_['n']:,}"
+                         for t, s_ in prog.items() if s_.get("ne") == s_.get("ne"))
+        print(f"\ntrainer ({train_preset} preset): published version {meta['version']} after {meta['step']:,} steps "
+              f"in {trainer.models_dir}; progressive validation (scored before training): {figs or 'n/a'}")
+    try:
+        if rc == 0 and server.svc is not None:
+            _rank_some(server, list(monitor.recent))
+    finally:
+        server.stop()
     print(f"stores: {cfg.data_dir}/shards  logs: {cfg.data_dir}/logs")
     return rc

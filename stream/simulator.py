@@ -168,6 +168,9 @@ class SimConfig:
     drift: bool = True
     # Rate per simulated day: corr(u(t), u(t + dt)) = exp(-drift_strength * dt / 1 day).
     drift_strength: float = 0.5
+    # Abrupt drift (online-learning tests): every user's interests are drawn anew once, at the
+    # first generation block starting at or after this many seconds of event time (0: never).
+    interest_shift_at_s: float = 0.0
     # The interest that drives ad response is correlated with the organic one.
     cross_domain: bool = True
     # rho in [0, 1]: u_ad = rho * u + sqrt(1 - rho^2) * v (v independent of organic behaviour).
@@ -403,6 +406,7 @@ class Simulator:
         self._surf_cum = np.cumsum(mix, axis=1)
         self._surf_cum[:, -1] = 1.0
         self.u = ru.standard_normal((n, d))  # organic interest
+        self.shifted_at_ms: int | None = None  # when interest_shift_at_s re-drew the interests
         self.v = ru.standard_normal((n, d))  # interest seen only by ads (cross_domain mixes it with u)
         self._u_ts = np.full(n, cfg.start_ts_ms, np.int64)  # time of the last drift update
         self.user_count = np.zeros(n, np.int64)  # activations so far
@@ -533,6 +537,11 @@ class Simulator:
         gstart = np.maximum.accumulate(np.where(start, pos, 0))
         uniq = us[start]
         sizes = np.diff(np.append(np.flatnonzero(start), B))
+        if cfg.interest_shift_at_s and self.shifted_at_ms is None \
+                and ts[0] >= cfg.start_ts_ms + cfg.interest_shift_at_s * 1000:
+            r = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, 0x5817])))
+            self.u, self.v = r.standard_normal(self.u.shape), r.standard_normal(self.v.shape)
+            self.shifted_at_ms = int(ts[0])
         self._drift(uniq, int(ts[0]))
         self._grow_ads(int(ts[-1]))
         uidx_sorted = self.user_count[us] + (pos - gstart)

@@ -1,0 +1,322 @@
+"""Ranking server latency and throughput: GEM vs the DLRM baseline served the same way.
+
+The server is `opengem serve` in its own process (real RocksDB shards, a
+published model version, gRPC on 127.0.0.1); this process is the load
+generator: closed-loop client threads, each sending pre-built requests back to
+back. Per (candidates, history) case and concurrency level: p50 / p99 client
+latency and throughput, for GEM (``--preset``, default base) and for the DLRM
+baseline on the same data (the ratio carries the claim on a shared machine).
+
+Then sustained load with a new model version published every ``--swap-every``
+seconds: failed requests (must be 0), swaps seen in responses, and the latency
+of requests that overlapped a swap against the rest. Last, an in-process
+profile of one 500-candidate / 1k-history GEM request: what the time goes to.
+
+    .venv/bin/python bench/serve.py [--quick] [--preset base]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, table, write  # noqa: E402
+
+P = 2  # shards (Kafka partitions)
+N_ADS = 5000
+T0 = 1_700_000_000_000
+
+
+def build_store(data: Path, users_per_len: int, lengths: tuple[int, ...]) -> dict[int, list[int]]:
+    """RocksDB shards (as the stream worker lays them out) with users of exactly these history lengths."""
+    from opengem.features.sharded import shard_dir
+    from opengem.features.store import SequenceStore, StoreConfig
+    from opengem.stream.events import AD_FORMATS, DEFAULT_SURFACES, DEVICES
+    from opengem.stream.producer import partition_of
+
+    rng = np.random.default_rng(0)
+    users: dict[int, list[int]] = {n: [] for n in lengths}
+    cols: dict[int, list[dict[str, np.ndarray]]] = {p: [] for p in range(P)}
+    uid = 1000
+    for n in lengths:
+        for _ in range(users_per_len):
+            uid += 1
+            users[n].append(uid)
+            ad = rng.random(n) < 0.3
+            item = np.where(ad, rng.integers(0, N_ADS, n), rng.integers(10**6, 10**6 + 50_000, n))
+            cols[partition_of(uid, P)].append({
+                "user_id": np.full(n, uid), "ts": T0 + np.sort(rng.integers(0, 30 * 86_400_000, n)),
+                "item_id": item, "surface": rng.choice(DEFAULT_SURFACES, n),
+                "kind": np.where(ad, "impression", rng.choice(["view", "like", "share"], n)),
+                "category": item % 97, "advertiser_id": np.where(ad, item % 331, -1),
+                "ad_format": np.where(ad, np.array(AD_FORMATS)[item % 4], None),
+                "device": np.full(n, DEVICES[uid % 4]), "country": np.full(n, "US"), "age_bucket": np.full(n, uid % 8),
+            })
+    for p, parts in cols.items():
+        path = shard_dir(data, "opengem.events", p) / "store"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = SequenceStore(str(path), StoreConfig(sync=False))
+        for i, c in enumerate(parts):
+            store.apply(c, (p, i))
+        store.flush()
+        store.close()
+    return users
+
+
+def publish(models: Path, kind: str, preset_name: str, seed: int) -> str:
+    import torch
+
+    from opengem.model import registry
+    from opengem.model.baselines import BaselineConfig, DLRMBaseline
+    from opengem.model.config import preset
+    from opengem.model.gem import GemModel
+
+    torch.manual_seed(seed)
+    cfg = preset(preset_name)
+    model = GemModel(cfg) if kind == "gem" else DLRMBaseline(BaselineConfig(features=cfg.features))
+    return registry.publish(models, model, {"bench": True}).name
+
+
+class Server:
+    """`opengem serve` as a child process on a free port."""
+
+    def __init__(self, data: Path, models: Path, workdir: Path):
+        conf = workdir / "serve.toml"
+        conf.write_text(f"[kafka]\npartitions = {P}\n[serve]\nmax_candidates = 1000\nmax_request_bytes = 4194304\n"
+                        "timeout_s = 60.0\npoll_s = 0.5\n")
+        self.log = open(workdir / f"server-{models.name}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "opengem.cli", "serve", "--config", str(conf), "--data-dir", str(data),
+             "--models-dir", str(models), "--port", "0", "--metrics-port", "-1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            self.log.seek(0)
+            m = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", self.log.read())
+            if m:
+                self.target = f"127.0.0.1:{m.group(1)}"
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.log.seek(0)
+        raise RuntimeError(f"server did not start:\n{self.log.read()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def requests_for(users: list[int], n_cands: int, n: int, seed: int) -> list[bytes]:
+    """Serialized RankRequests (built once: the client's own cost stays out of the figures)."""
+    from opengem.serving.client import build_request
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        ads = rng.choice(N_ADS + 2000, n_cands, replace=False)  # ids >= N_ADS: ads the store never saw
+        out.append(build_request(int(users[i % len(users)]), "feed", [{"ad_id": int(a), "bid": 1.0} for a in ads],
+                                 context={"ts_ms": T0 + 31 * 86_400_000, "hour": 12}).SerializeToString())
+    return out
+
+
+def load(target: str, reqs: list[bytes], concurrency: int, duration_s: float, min_requests: int,
+         on_result: Any = None) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` threads send back to back for ``duration_s`` (and ``min_requests``)."""
+    import grpc
+
+    from opengem.serving import ranking_pb2 as pb
+
+    channel = grpc.insecure_channel(target, [("grpc.max_send_message_length", 16 << 20)])
+    grpc.channel_ready_future(channel).result(timeout=30)
+    call = channel.unary_unary("/opengem.serving.v1.Ranker/Rank", response_deserializer=pb.RankResponse.FromString)
+    lat: list[float] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+    t_start = time.monotonic()
+    stop_at = t_start + duration_s
+
+    def worker(k: int) -> None:
+        i = k
+        while time.monotonic() < stop_at or len(lat) + len(failed) < min_requests:
+            t0 = time.monotonic()
+            try:
+                resp = call(reqs[i % len(reqs)], timeout=120)
+                dt = time.monotonic() - t0
+                with lock:
+                    lat.append(dt)
+                if on_result:
+                    on_result(t0, dt, resp)
+            except grpc.RpcError as e:
+                with lock:
+                    failed.append(f"{e.code().name}: {e.details()}")
+            i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t_start
+    channel.close()
+    ms = np.array(lat) * 1e3
+    return {"n": len(lat), "failed": len(failed), "errors": failed[:3],
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "qps": len(lat) / elapsed}
+
+
+def profile_one(data: Path, models: Path, users: list[int], n_cands: int) -> dict[str, Any]:
+    """In-process: where one request's time goes (store read + featurize vs model, top torch ops)."""
+    import torch
+
+    from opengem.features.sharded import ShardedReader
+    from opengem.model.registry import load as load_model
+    from opengem.serving.scoring import AdCandidate, RankQuery, Scorer, candidate_examples, featurize
+
+    scorer = Scorer(load_model(models))
+    reader = ShardedReader(data, P, secondary_root=data / "readers" / "profile")
+    rng = np.random.default_rng(1)
+    q = RankQuery(user_id=users[0], surface="feed", ts_ms=T0 + 31 * 86_400_000, hour=12,
+                  candidates=tuple(AdCandidate(ad_id=int(a)) for a in rng.choice(N_ADS, n_cands, replace=False)))
+    feat, score = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        rb = featurize(candidate_examples(q, reader), reader, scorer.cfg)
+        t1 = time.perf_counter()
+        scorer.probs(rb)
+        feat.append(t1 - t0)
+        score.append(time.perf_counter() - t1)
+    with torch.profiler.profile() as prof:
+        scorer.probs(rb)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    reader.close()
+    return {"featurize_ms": 1e3 * min(feat), "score_ms": 1e3 * min(score), "history_events": rb.history_events,
+            "shared_history_path": scorer.shared,
+            "top_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3)} for e in ops]}
+
+
+def main() -> None:
+    ap = parser("serve", __doc__)
+    ap.add_argument("--preset", default="base", help="GEM preset (default base)")
+    ap.add_argument("--swap-every", type=float, default=3.0, help="seconds between published versions")
+    args = ap.parse_args()
+    quick = args.quick
+    cands, hists = (100, 500), (1024, 4096)
+    levels = (1, 4) if quick else (1, 2, 4, 8)
+    duration, min_req = (3.0, 8) if quick else (8.0, 20)
+    work = Path(tempfile.mkdtemp(prefix="opengem-bench-serve-"))
+    data = work / "data"
+    t = time.monotonic()
+    users = build_store(data, users_per_len=8 if quick else 32, lengths=hists)
+    print(f"store: {sum(map(len, users.values()))} users with {hists} events in {time.monotonic() - t:.1f}s ({work})")
+    model_dirs = {k: data / f"models-{k}" for k in ("gem", "dlrm")}
+    for k, d in model_dirs.items():
+        publish(d, k, args.preset, seed=0)
+    reqs = {(c, h): requests_for(users[h], c, 32, seed=c + h) for c in cands for h in hists}
+
+    results: dict[str, dict[str, Any]] = {}
+    rows = []
+    for kind, mdir in model_dirs.items():
+        srv = Server(data, mdir, work)
+        try:
+            for (c, h), rq in reqs.items():
+                load(srv.target, rq[:2], 1, 0.0, 2)  # warm-up: first-call allocations
+                for conc in levels:
+                    r = load(srv.target, rq, conc, duration, min_req)
+                    key = f"{c}c_{h // 1024}k"
+                    results.setdefault(key, {}).setdefault(kind, {})[conc] = r
+                    rows.append([kind, c, h, conc, r["n"], r["p50_ms"], r["p99_ms"], r["qps"], r["failed"]])
+                    print(f"  {kind:<5} {c:>4} cands {h:>5} events  x{conc}: p50 {r['p50_ms']:.1f} ms  "
+                          f"p99 {r['p99_ms']:.1f} ms  {r['qps']:.1f} req/s  failed {r['failed']}", flush=True)
+        finally:
+            srv.stop()
+    print()
+    print(table(rows, ["model", "cands", "history", "conc", "n", "p50_ms", "p99_ms", "qps", "failed"]))
+
+    # sustained load with a model swap every few seconds (GEM, 100 candidates, 1k history)
+    swap_dir = data / "models-swap"
+    publish(swap_dir, "gem", args.preset, seed=0)
+    srv = Server(data, swap_dir, work)
+    swap_times: list[float] = []
+    versions: set[str] = set()
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def on_result(t0: float, dt: float, resp: Any) -> None:
+        with lock:
+            versions.add(resp.model_version)
+            spans.append((t0, dt))
+
+    sustain = 12.0 if quick else 30.0
+    stop = threading.Event()
+
+    def swapper() -> None:
+        seed = 1
+        while not stop.wait(args.swap_every):
+            publish(swap_dir, "gem", args.preset, seed=seed)
+            swap_times.append(time.monotonic())
+            seed += 1
+
+    sw = threading.Thread(target=swapper)
+    try:
+        sw.start()
+        swap_run = load(srv.target, reqs[(100, 1024)], 2, sustain, 1, on_result=on_result)
+    finally:
+        stop.set()
+        sw.join()
+        srv.stop()
+    near = [dt for t0, dt in spans if any(0 <= t0 + dt - s and t0 - s <= 2.0 for s in swap_times)]
+    far = [dt for t0, dt in spans if not any(0 <= t0 + dt - s and t0 - s <= 2.0 for s in swap_times)]
+    pct = lambda xs, q: float(np.percentile(np.array(xs) * 1e3, q)) if xs else None  # noqa: E731
+    swap_fig = {"requests": swap_run["n"], "failed_requests": swap_run["failed"], "errors": swap_run["errors"],
+                "published": len(swap_times), "versions_seen": len(versions),
+                "p99_ms_near_swap": pct(near, 99), "p50_ms_near_swap": pct(near, 50), "n_near_swap": len(near),
+                "p99_ms_no_swap": pct(far, 99), "p50_ms_no_swap": pct(far, 50)}
+    print(f"\nswaps: {len(swap_times)} versions published every {args.swap_every}s under load, "
+          f"{len(versions)} seen in responses; {swap_run['n']} requests, {swap_run['failed']} failed; "
+          f"p99 near a swap {swap_fig['p99_ms_near_swap']} ms vs {swap_fig['p99_ms_no_swap']} ms otherwise")
+
+    prof = profile_one(data, model_dirs["gem"], users[1024], 500)
+    print(f"\nprofile, one GEM request, 500 candidates, 1k history: featurize {prof['featurize_ms']:.1f} ms, "
+          f"model {prof['score_ms']:.1f} ms; top ops {prof['top_ops']}")
+
+    figures: dict[str, Any] = {}
+    for key, by in results.items():
+        g, d = by["gem"], by["dlrm"]
+        figures[key] = {
+            "p50_ms": g[1]["p50_ms"], "p99_ms": g[1]["p99_ms"], "qps": max(r["qps"] for r in g.values()),
+            "dlrm_p99_ms": d[1]["p99_ms"], "dlrm_qps": max(r["qps"] for r in d.values()),
+            "p99_ratio_gem_to_dlrm": g[1]["p99_ms"] / d[1]["p99_ms"],
+            "by_concurrency": {"gem": g, "dlrm": d},
+        }
+    figures["p99_ms_500c_1k"] = figures["500c_1k"]["p99_ms"]
+    figures["p99_goal_ms_500c_1k"] = 30.0
+    figures["failed_requests"] = swap_fig["failed_requests"] + sum(
+        r["failed"] for by in results.values() for k in by.values() for r in k.values())
+    figures["swaps"] = swap_fig
+    figures["profile_500c_1k"] = prof
+    print(f"\np99 500 candidates / 1k history (GEM {args.preset}, concurrency 1): {figures['p99_ms_500c_1k']:.1f} ms "
+          f"(goal 30 ms); DLRM {figures['500c_1k']['dlrm_p99_ms']:.1f} ms")
+    write(args.out, "serve", {"preset": args.preset, "quick": quick, "concurrency": levels, "duration_s": duration,
+                              "min_requests": min_req, "shards": P, "swap_every_s": args.swap_every,
+                              "note": "p50/p99/qps at the top of each case: concurrency 1 (qps: best level)"},
+          figures)
+
+
+if __name__ == "__main__":
+    main()

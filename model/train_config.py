@@ -1,0 +1,74 @@
+"""TrainConfig: the ``[train]`` table of the TOML config (no torch import, so any command can load it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Model kind (gem | dlrm | dcn) and preset (tiny | base | large; GEM only).
+    model: str = "gem"
+    preset: str = "base"
+    # Examples per step and rank. 256 keeps a base step near 0.3-0.5 s on 2 CPU cores.
+    batch_size: int = 256
+    # How long a step waits to fill its batch before training a partial one: bounds
+    # the delay a slow stream adds to freshness.
+    fill_timeout_s: float = 0.25
+    # Dense parts: Adam. Tables: fused row-wise Adagrad (one accumulator per row).
+    lr: float = 1e-3
+    emb_lr: float = 0.05
+    # Checkpoints (model + optimizer + Kafka cursors): whichever comes first; 0 = off.
+    checkpoint_every_s: float = 60.0
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 3
+    # Serving versions published to the model directory; 0 = off.
+    publish_every_s: float = 10.0
+    publish_every_steps: int = 0
+    keep_versions: int = 5
+    # Progressive-validation window per (surface, task), in examples.
+    metrics_window: int = 20_000
+    # Prometheus on 127.0.0.1:<port> (+ rank); None: off.
+    metrics_port: int | None = 9102
+    # How often the windowed metrics are recomputed and the progress line printed.
+    report_every_s: float = 5.0
+    # Kafka consumer group the trainer commits its offsets to (for lag tools); the
+    # checkpoint, not the group, decides where a restart resumes.
+    group_id: str = "opengem-train"
+    # Where a trainer without a checkpoint starts: "earliest" | "latest".
+    start: str = "earliest"
+    # Recent example ids remembered to drop the stream worker's re-sends after a crash.
+    dedup_window: int = 100_000
+    # Empty: <data_dir>/train/checkpoints and <data_dir>/models.
+    checkpoint_dir: str = ""
+    models_dir: str = ""
+    # "" = CUDA when available, else CPU.
+    device: str = ""
+    # CPU intra-op threads (0: torch's default, one per core). 1 by default: the trainer
+    # shares the machine with the broker and the stream worker, and OpenMP threads that
+    # spin on an oversubscribed CPU made a tiny-preset step ~10x slower here (measured).
+    threads: int = 1
+    # GPU only: bf16 autocast of the forward, torch.compile of the dense part
+    # (its cache under <data_dir>/train/compile-cache survives restarts).
+    bf16: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "model": self.model in ("gem", "dlrm", "dcn"),
+            "batch_size": self.batch_size >= 1,
+            "fill_timeout_s": self.fill_timeout_s >= 0,
+            "lr": self.lr > 0,
+            "emb_lr": self.emb_lr > 0,
+            "keep_checkpoints": self.keep_checkpoints >= 1,
+            "keep_versions": self.keep_versions >= 1,
+            "metrics_window": self.metrics_window >= 1,
+            "start": self.start in ("earliest", "latest"),
+            "dedup_window": self.dedup_window >= 0,
+            "device": self.device in ("", "cpu", "cuda"),
+            "report_every_s": self.report_every_s > 0,
+            "threads": self.threads >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"[train]: invalid value(s) for {bad}")

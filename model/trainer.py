@@ -1,0 +1,476 @@
+"""`opengem train`: the continuous trainer daemon.
+
+::
+
+    opengem.examples ──► ExampleSource (cursors) ──► examples_batch(examples, ShardedReader)
+        (partitions p % N == rank)                     histories as of each impression
+                                                              │
+                         progressive validation ◄── predict ──┤── train (fused row-wise Adagrad
+                         (NE/AUC/calibration per      (the same forward)   on the tables, Adam on
+                          surface × task, Prometheus)                      the dense part)
+                                                              │
+                         checkpoints (model + optimizer + cursors) ──► publish a serving version
+
+One step: every rank takes up to ``batch_size`` examples of its partitions
+(waiting at most ``fill_timeout_s``), the ranks agree on the largest count
+(one all-reduce that also carries "checkpoint due", "publish due" and "stop"),
+ranks with fewer examples pad with zero-weight rows so all shapes match, then
+each rank reads its users' histories from the feature store *as of each
+impression* (:func:`opengem.model.data.examples_batch`: nothing at or after
+the impression time can reach a batch), runs one forward -- whose outputs are
+the progressive-validation predictions, made before the model has seen these
+labels -- and trains on the same forward.
+
+Durability. A checkpoint holds each rank's model shards, optimizer state, the
+cursors of its partitions and the window of recent example ids
+(:mod:`opengem.model.checkpoint`, atomic). A restart loads the newest complete
+checkpoint and resumes every partition at its cursor: examples after the
+checkpoint are trained again (at most ``checkpoint_every_s`` of them), none is
+skipped. Serving versions are published through :func:`opengem.model.registry.publish`
+(written, fsynced, renamed), with the cursors they cover in ``meta.json``.
+
+The daemon binds its checkpoints to the examples topic's id, like the stream
+worker binds its shards: a topic created again (a restarted embedded broker)
+makes old cursors meaningless, and the trainer refuses them unless started
+with ``fresh=True`` (``opengem train --fresh``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from opengem.config import Config
+from opengem.model import checkpoint as ckpt
+from opengem.model import registry
+from opengem.model.batch import GemBatch
+from opengem.model.data import examples_batch
+from opengem.model.distributed import (
+    DistInfo, full_state_dict, load_local_state, local_state, make_optimizer, shard_model,
+)
+from opengem.model.metrics import WindowedMetrics
+from opengem.model.train_config import TrainConfig
+from opengem.stream.joiner import Example
+
+log = logging.getLogger(__name__)
+
+# Zero-weight filler for a rank that has no example in a step (its user has no history).
+_BLANK = dict(request_id="", ts=1, user_id=0, item_id=0, advertiser_id=None, ad_format=None, category=None,
+              age_bucket=None, country=None, device=None, hour=None, click=0, conversion=0, click_ts=None,
+              conversion_ts=None)
+
+
+def model_config(tcfg: TrainConfig, surfaces: tuple[str, ...]) -> Any:
+    """The config of the model ``tcfg`` names, with the deployment's surfaces."""
+    if tcfg.model == "gem":
+        from opengem.model.config import preset
+
+        cfg = preset(tcfg.preset)
+    else:
+        from opengem.model.baselines import BaselineConfig
+
+        cfg = BaselineConfig()
+    return dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, surfaces=tuple(surfaces)))
+
+
+def quiet_torchrec() -> None:
+    """TorchRec's planner logs warnings about CPU topologies and deprecated DDP flags on every start."""
+    for name in ("torchrec", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", message=r".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message=r".*Grad strides do not match bucket view strides.*")
+
+
+class OnlineLearner:
+    """A sharded model with its optimizers and the predict-then-train step; no Kafka, no store.
+
+    The daemon, the offline ceiling of ``bench/train.py`` and the drift
+    benchmark all train through :meth:`step`, so they measure the same thing.
+    """
+
+    def __init__(self, kind: str, cfg: Any, tcfg: TrainConfig, info: DistInfo, *, seed: int = 0,
+                 compile_cache: str | Path | None = None):
+        quiet_torchrec()
+        self.kind, self.cfg, self.tcfg, self.info = kind, cfg, tcfg, info
+        torch.manual_seed(seed)  # identical initial dense weights on every rank (DDP also broadcasts)
+        base = registry.build_model(kind, cfg)
+        cuda = info.device.type == "cuda"
+        if cuda and tcfg.compile:
+            if compile_cache:
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
+                os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+            for name, child in base.named_children():
+                if name != "sparse" and not any(isinstance(m, _table_types()) for m in child.modules()):
+                    child.compile()  # in place: state-dict keys unchanged
+        self.autocast = cuda and tcfg.bf16
+        self.model = shard_model(base, info, emb_lr=tcfg.emb_lr)
+        self.optimizer = make_optimizer(self.model, tcfg.lr)
+
+    def step(self, batch: GemBatch, weight: torch.Tensor) -> torch.Tensor:
+        """Predict, then train on ``batch``. weight: (B,) 0/1 (0 = padding). Returns probs (B, T), pre-update."""
+        batch = batch.to(self.info.device)
+        weight = weight.to(self.info.device)
+        self.model.train()
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(batch)
+        logits = logits.float()  # (B, T) impression-level logits
+        bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(1)
+        loss = (bce * weight).sum() / weight.sum().clamp(min=1.0)
+        loss.backward()  # the tables are updated inside the backward (fused optimizer)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.sigmoid(logits.detach())
+
+    @torch.no_grad()
+    def predict(self, batch: GemBatch) -> torch.Tensor:
+        """Probabilities (B, T) without training (a collective under torchrun, like :meth:`step`)."""
+        self.model.eval()
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return torch.sigmoid(self.model(batch.to(self.info.device)).float())
+
+    def state(self) -> dict[str, Any]:
+        return local_state(self.model, self.optimizer)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        load_local_state(self.model, self.optimizer, state)
+
+    def unsharded(self) -> nn.Module | None:
+        """The whole model as the registry publishes it, on rank 0 (None elsewhere); collective."""
+        full = full_state_dict(self.model, self.info)
+        if full is None:
+            return None
+        model = registry.build_model(self.kind, self.cfg, device=torch.device("meta"))
+        model.load_state_dict(full, strict=True, assign=True)
+        return model.eval()
+
+
+def _table_types() -> tuple[type, ...]:
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+    return (EmbeddingBagCollection, EmbeddingCollection)
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples: int = 0  # trained by this rank (after dedup)
+    duplicates: int = 0
+    published: str | None = None
+    checkpoint: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    progressive: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> summary (all surfaces)
+
+
+class Trainer:
+    """The daemon: Kafka examples -> point-in-time batches -> predict-then-train -> checkpoints, versions."""
+
+    def __init__(self, cfg: Config, tcfg: TrainConfig, bootstrap: str, info: DistInfo, *, fresh: bool = False,
+                 echo: Callable[[str], None] = print):
+        from opengem.features.sharded import ShardedReader
+        from opengem.model.source import (
+            DedupWindow, ExampleSource, assign_partitions, cursors_from_state,
+        )
+        from opengem.stream.broker import topic_id
+        from opengem.stream.worker import _partition_count
+
+        self.cfg, self.tcfg, self.info = cfg, tcfg, info
+        self.echo = echo if info.rank == 0 else (lambda s: None)
+        k = cfg.kafka
+        root = Path(cfg.data_dir)
+        self.ckpt_dir = Path(tcfg.checkpoint_dir or root / "train" / "checkpoints")
+        self.models_dir = Path(tcfg.models_dir or root / "models")
+        self.model_cfg = model_config(tcfg, cfg.surfaces)
+        self.topic_id = topic_id(bootstrap, k.examples_topic) or ""
+        self.stats = TrainStats()
+        self.learner = OnlineLearner(tcfg.model, self.model_cfg, tcfg, info,
+                                     compile_cache=root / "train" / "compile-cache")
+
+        if info.rank == 0:
+            if fresh and self.ckpt_dir.exists():
+                shutil.rmtree(self.ckpt_dir)
+            for name in ckpt.remove_partial(self.ckpt_dir):
+                self.echo(f"removed half-written checkpoint {name}")
+        self._barrier()
+        start, dedup_ids = self._restore()
+
+        n_ex = _partition_count(bootstrap, k.examples_topic)
+        self.partitions = assign_partitions(n_ex, info.rank, info.world_size)
+        self.source = ExampleSource(bootstrap, k.examples_topic, self.partitions,
+                                    start={p: c for p, c in cursors_from_state(start).items() if p in self.partitions},
+                                    reset=tcfg.start, group_id=tcfg.group_id,
+                                    dedup=DedupWindow(tcfg.dedup_window, dedup_ids),
+                                    client_id=f"opengem-train-{info.rank}")
+        readers = root / "train" / "readers" / f"rank{info.rank}"
+        shutil.rmtree(readers, ignore_errors=True)
+        self.reader = ShardedReader(cfg.data_dir, _partition_count(bootstrap, k.events_topic),
+                                    topic=k.events_topic, secondary_root=readers)
+        self.window = WindowedMetrics(tcfg.metrics_window) if info.rank == 0 else None
+        self.surfaces = tuple(self.model_cfg.features.surfaces)
+        self.tasks = tuple(self.model_cfg.features.tasks)
+        now = time.monotonic()
+        self._last_ckpt = self._last_pub = self._last_report = now
+        self._ckpt_step = self._pub_step = self.stats.steps
+        self._report_examples = self._bad_seen = 0
+        self._published_at: float | None = None
+        self._max_record_ts = 0
+        self.echo(f"training {tcfg.model} {tcfg.preset if tcfg.model == 'gem' else ''} on {k.examples_topic} "
+                  f"partitions {self.partitions} (rank {info.rank} of {info.world_size}); versions -> {self.models_dir}")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _facts(self) -> dict[str, Any]:
+        return {"topic_id": self.topic_id, "model": self.tcfg.model, "config": dataclasses.asdict(self.model_cfg)}
+
+    def _restore(self) -> tuple[dict[str, Any], list[str]]:
+        path = ckpt.latest(self.ckpt_dir)
+        if path is None:
+            self.echo(f"no checkpoint in {self.ckpt_dir}: starting a new model ({self.tcfg.model} "
+                      f"{self.tcfg.preset if self.tcfg.model == 'gem' else ''})")
+            return {}, []
+        state, m = ckpt.load(path, rank=self.info.rank, world_size=self.info.world_size)
+        want = self._facts()
+        if m.get("topic_id", "") != want["topic_id"]:
+            raise ckpt.CheckpointError(
+                f"{path} covers another incarnation of the examples topic (topic id {m.get('topic_id')!r}, now "
+                f"{want['topic_id']!r}); its offsets mean nothing here: start with --fresh")
+        if m.get("model") != want["model"] or m.get("config") != _jsonable(want["config"]):
+            raise ckpt.CheckpointError(f"{path} holds another model configuration; start with --fresh or "
+                                       "point --checkpoint-dir elsewhere")
+        self.learner.load_state(state["learner"])
+        self.stats.steps = int(state["step"])
+        self.stats.examples = int(state["examples"])
+        self.stats.checkpoint = path.name
+        self.echo(f"resumed from checkpoint {path.name}: step {self.stats.steps:,}, "
+                  f"{self.stats.examples:,} examples on rank 0")
+        return state["cursors"], list(state["dedup"])
+
+    def checkpoint(self) -> Path:
+        from opengem.model.source import cursors_to_state
+
+        state = {"learner": self.learner.state(), "cursors": cursors_to_state(self.source.cursors),
+                 "dedup": self.source.dedup.ids(), "step": self.stats.steps, "examples": self.stats.examples}
+        path = ckpt.save(self.ckpt_dir, self.stats.steps, state, rank=self.info.rank,
+                         world_size=self.info.world_size, facts=self._facts(), keep=self.tcfg.keep_checkpoints)
+        self.source.commit(self.source.cursors)
+        self.stats.checkpoint = path.name
+        self._ckpt_step, self._last_ckpt = self.stats.steps, time.monotonic()
+        from opengem.ops import metrics as m
+
+        m.TRAIN_CHECKPOINT_STEP.set(self.stats.steps)
+        return path
+
+    # -- publication -------------------------------------------------------------------------
+    def publish(self) -> str | None:
+        from opengem.model.source import cursors_to_state
+
+        cursors = self._gather_object(cursors_to_state(self.source.cursors))
+        record_ts = self._gather_object(self._max_record_ts)
+        model = self.learner.unsharded()
+        self._pub_step, self._last_pub = self.stats.steps, time.monotonic()
+        if model is None:
+            return None
+        merged: dict[str, list[int]] = {}
+        for c in cursors:
+            merged.update(c)
+        meta = {"step": self.stats.steps, "cursors": dict(sorted(merged.items(), key=lambda kv: int(kv[0]))),
+                "examples_topic": self.cfg.kafka.examples_topic, "topic_id": self.topic_id,
+                "trained_until_record_ts_ms": max(record_ts), "world_size": self.info.world_size,
+                "progressive": self.stats.progressive,
+                "preset": self.tcfg.preset if self.tcfg.model == "gem" else None}
+        path = registry.publish(self.models_dir, model, meta, keep=self.tcfg.keep_versions)
+        self.stats.published = path.name
+        self._published_at = time.time()
+        from opengem.ops import metrics as m
+
+        m.TRAIN_MODEL_VERSION.set(int(path.name) if path.name.isdigit() else 0)
+        return path.name
+
+    # -- collectives -------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.info.world_size > 1:
+            dist.barrier()
+
+    def _gather_object(self, obj: Any) -> list[Any]:
+        if self.info.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(out, obj)  # our own ranks' plain data
+        return out
+
+    def _agree(self, n: int, ckpt_due: bool, pub_due: bool, stop: bool, idle: bool) -> tuple[int, bool, bool, bool, bool]:
+        """One all-reduce: the largest batch, and whether any rank wants a checkpoint / publish / stop;
+        ``idle`` only if every rank is idle (max of -idle)."""
+        v = torch.tensor([n, ckpt_due, pub_due, stop, -int(idle)], dtype=torch.int64)
+        if self.info.world_size > 1:
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        a = v.tolist()
+        return a[0], bool(a[1]), bool(a[2]), bool(a[3]), a[4] == -1
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, stop: Callable[[], bool] = lambda: False, *, max_examples: int | None = None,
+            idle_exit_s: float | None = None) -> TrainStats:
+        """Train until ``stop()`` (any rank), ``max_examples`` (this rank's count) or, with
+        ``idle_exit_s``, until every rank has seen no example for that long. Ends with a
+        checkpoint and a publication of whatever is new."""
+        t = self.tcfg
+        last_example = time.monotonic()
+        try:
+            while True:
+                items = self.source.take(t.batch_size, t.fill_timeout_s)
+                now = time.monotonic()
+                if items:
+                    last_example = now
+                new = self.stats.steps > self._ckpt_step
+                ckpt_due = new and ((t.checkpoint_every_s > 0 and now - self._last_ckpt >= t.checkpoint_every_s)
+                                    or (t.checkpoint_every_steps > 0
+                                        and self.stats.steps - self._ckpt_step >= t.checkpoint_every_steps))
+                pub_new = self.stats.steps > self._pub_step
+                pub_due = pub_new and ((t.publish_every_s > 0 and now - self._last_pub >= t.publish_every_s)
+                                       or (t.publish_every_steps > 0
+                                           and self.stats.steps - self._pub_step >= t.publish_every_steps))
+                want_stop = stop() or (max_examples is not None and self.stats.examples >= max_examples)
+                idle = idle_exit_s is not None and now - last_example >= idle_exit_s
+                n, ckpt_due, pub_due, want_stop, all_idle = self._agree(len(items), ckpt_due, pub_due, want_stop, idle)
+                if n:
+                    self._train(items, n)
+                if ckpt_due:
+                    self.checkpoint()
+                if pub_due:
+                    self.publish()
+                if time.monotonic() - self._last_report >= t.report_every_s:
+                    self.report()
+                if want_stop or all_idle:
+                    break
+            self._finish()
+        finally:
+            self.close()
+        return self.stats
+
+    def _finish(self) -> None:
+        self.report()
+        if self.stats.steps > self._ckpt_step:
+            self.checkpoint()
+        if self.stats.steps > self._pub_step and (self.tcfg.publish_every_s > 0 or self.tcfg.publish_every_steps > 0):
+            self.publish()
+
+    def _train(self, items: list, n: int) -> None:
+        from opengem.ops import metrics as m
+
+        t0 = time.monotonic()
+        examples = [it.example for it in items]
+        filler = examples[0] if examples else Example(surface=self.surfaces[0], **_BLANK)
+        weight = torch.zeros(n)
+        weight[: len(examples)] = 1.0
+        examples += [filler] * (n - len(examples))
+        self.reader.catch_up()  # every example was produced after its events were written: see them all
+        batch = examples_batch(examples, self.reader, self.model_cfg)
+        probs = self.learner.step(batch, weight)
+        self.stats.steps += 1
+        self.stats.examples += len(items)
+        m.TRAIN_STEPS.inc()
+        wall = time.time()
+        for it in items:
+            m.TRAIN_EXAMPLES.labels(it.example.surface).inc()
+            m.TRAIN_EXAMPLE_DELAY.observe(max(0.0, wall - it.record_ts_ms / 1000.0))
+            self._max_record_ts = max(self._max_record_ts, it.record_ts_ms)
+        self._observe(probs.cpu(), batch, weight)
+        dup = self.source.duplicates - self.stats.duplicates
+        if dup:
+            m.TRAIN_DUPLICATES.inc(dup)
+            self.stats.duplicates = self.source.duplicates
+        m.TRAIN_BATCH_SECONDS.observe(time.monotonic() - t0)
+
+    def _observe(self, probs: torch.Tensor, batch: GemBatch, weight: torch.Tensor) -> None:
+        """Progressive validation: gather (prediction, label, surface, weight) rows on rank 0."""
+        rows = torch.cat([probs, batch.labels.cpu(), batch.surface_idx.cpu()[:, None].float(), weight[:, None]], 1)
+        if self.info.world_size > 1:
+            parts = [torch.empty_like(rows) for _ in range(self.info.world_size)]
+            dist.all_gather(parts, rows)
+            rows = torch.cat(parts)
+        if self.window is None:
+            return
+        rows = rows[rows[:, -1] > 0].numpy()
+        T = len(self.tasks)
+        surf = rows[:, 2 * T].astype(np.int64)
+        for ti, task in enumerate(self.tasks):
+            p, y = rows[:, ti], rows[:, T + ti]
+            self.window.add(("all", task), p, y)
+            for si in np.unique(surf).tolist():
+                sel = surf == si
+                self.window.add((self.surfaces[si], task), p[sel], y[sel])
+
+    def report(self) -> None:
+        from opengem.ops import metrics as m
+
+        now = time.monotonic()
+        dt = max(now - self._last_report, 1e-9)
+        rate = (self.stats.examples - self._report_examples) / dt
+        self._last_report, self._report_examples = now, self.stats.examples
+        m.TRAIN_EXAMPLES_PER_SECOND.set(rate)
+        lag = self.source.lag()
+        for p, v in lag.items():
+            m.TRAIN_LAG.labels(str(p)).set(v)
+        if self._published_at is not None:
+            m.TRAIN_MODEL_AGE.set(time.time() - self._published_at)
+        m.TRAIN_BAD_RECORDS.inc(self.source.bad_records - self._bad_seen)
+        self._bad_seen = self.source.bad_records
+        if self.window is None:
+            return
+        summary = self.window.summary()
+        for (surface, task), s in summary.items():
+            if surface == "all":
+                self.stats.progressive[task] = s
+                continue
+            for gauge, key in ((m.TRAIN_NE, "ne"), (m.TRAIN_AUC, "auc"), (m.TRAIN_CALIBRATION, "calibration"),
+                               (m.TRAIN_LOG_LOSS, "log_loss"), (m.TRAIN_LABEL_RATE, "rate")):
+                gauge.labels(surface, task).set(s[key])
+        prog = " ".join(f"NE[{task}]={s['ne']:.4f}" for task, s in self.stats.progressive.items()
+                        if not math.isnan(s["ne"]))
+        self.echo(f"step {self.stats.steps:,} examples {self.stats.examples:,} ({rate:,.0f}/s) {prog} "
+                  f"lag {sum(lag.values()):,} records | version {self.stats.published or '-'} "
+                  f"checkpoint {self.stats.checkpoint or '-'}")
+
+    def close(self) -> None:
+        self.source.close()
+        self.reader.close()
+
+
+def _jsonable(v: Any) -> Any:
+    """What a dataclass dict looks like after a JSON round trip (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(v))
+
+
+def run_trainer(cfg: Config, tcfg: TrainConfig, bootstrap: str, *, stop: Callable[[], bool] = lambda: False,
+                fresh: bool = False, max_examples: int | None = None, idle_exit_s: float | None = None) -> TrainStats:
+    """Set up (or join torchrun's) process group, serve metrics, run the daemon, tear down."""
+    from opengem.model.distributed import init_distributed, shutdown_distributed
+    from opengem.ops import metrics as m
+
+    info = init_distributed(tcfg.device or None)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    try:
+        if tcfg.metrics_port is not None:
+            port = m.serve(tcfg.metrics_port + info.rank if tcfg.metrics_port else 0)
+            if info.rank == 0:
+                print(f"metrics at http://127.0.0.1:{port}/metrics", flush=True)
+        trainer = Trainer(cfg, tcfg, bootstrap, info, fresh=fresh, echo=lambda s: print(s, flush=True))
+        return trainer.run(stop, max_examples=max_examples, idle_exit_s=idle_exit_s)
+    finally:
+        shutdown_distributed(info)

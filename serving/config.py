@@ -1,0 +1,59 @@
+"""ServeConfig: the ``[serve]`` table of the opengem TOML file.
+
+Kept free of grpc / torch imports so that ``opengem.config`` can compose it
+without loading the serving stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    # Loopback by default: binding anything else needs a bearer token (see `opengem serve --help`).
+    host: str = "127.0.0.1"
+    # gRPC port; 0 picks a free one (printed at start).
+    port: int = 50051
+    # Optional JSON/HTTP endpoint (POST /v1/rank) for curl users; -1: off, 0: a free port.
+    http_port: int = -1
+    # Prometheus metrics on host:metrics_port/metrics; -1: off (9101: stream worker, 9102: trainer).
+    metrics_port: int = 9103
+    # Where model versions are published; empty: <data_dir>/models (what the trainer writes).
+    models_dir: str = ""
+    # How often the model directory is checked for a new version (seconds).
+    poll_s: float = 1.0
+    # How often the store's secondary readers catch up with the stream worker (seconds).
+    catch_up_s: float = 0.5
+    # Requests with more candidates are refused (INVALID_ARGUMENT): bounds the batch and its latency.
+    max_candidates: int = 2000
+    # Larger request messages are refused by gRPC itself (RESOURCE_EXHAUSTED); 1 MiB holds ~20k candidates.
+    max_request_bytes: int = 1 << 20
+    # Server-side budget of one request when the client sets no deadline (or a longer one).
+    timeout_s: float = 2.0
+    # gRPC handler threads: featurization of one request overlaps the model run of another.
+    workers: int = 8
+    # Model forward passes at once. Each uses every core through torch's intra-op
+    # threads, so on a small machine one at a time gives the best tail latency.
+    inference_slots: int = 1
+    # The task whose probability a candidate's bid multiplies: value = bid x P(value_task).
+    value_task: str = "conversion"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port < 65536:
+            problems.append(f"port={self.port}")
+        if self.max_candidates < 1:
+            problems.append(f"max_candidates={self.max_candidates}")
+        if self.max_request_bytes < 1024:
+            problems.append(f"max_request_bytes={self.max_request_bytes} (< 1024)")
+        if self.workers < 1 or self.inference_slots < 1:
+            problems.append("workers and inference_slots must be >= 1")
+        if self.poll_s <= 0 or self.catch_up_s <= 0 or self.timeout_s <= 0:
+            problems.append("poll_s, catch_up_s and timeout_s must be > 0")
+        if problems:
+            raise ValueError("bad [serve] config: " + ", ".join(problems))
+
+    def models_path(self, data_dir: str | Path) -> Path:
+        return Path(self.models_dir) if self.models_dir else Path(data_dir) / "models"

@@ -1,0 +1,310 @@
+"""`opengem serve`: the gRPC ranking service (plus health, reflection, an optional JSON endpoint).
+
+A thin adapter over :class:`~opengem.serving.ranker.Ranker`: proto → query,
+errors → status codes, result → proto. Every failure is a status code with a
+one-line message; unexpected errors are logged here with a reference the
+caller gets instead of a stack trace.
+
+Security: binds 127.0.0.1 by default. Binding any other address requires a
+bearer token (``authorization: Bearer <token>`` metadata, compared in
+constant time; the health service stays open for load balancers) and should
+use TLS (``tls_cert`` / ``tls_key``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from opengem.ops import metrics
+from opengem.serving import ranking_pb2 as pb
+from opengem.serving import ranking_pb2_grpc as pb_grpc
+from opengem.serving.config import ServeConfig
+from opengem.serving.models import ModelManager
+from opengem.serving.ranker import DeadlineExceeded, NoModel, Ranker, RankResult
+from opengem.serving.scoring import AdCandidate, RankQuery, RequestError
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Ranker"].full_name  # "opengem.serving.v1.Ranker"
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+# --------------------------------------------------------------------------- proto <-> query
+
+
+def query_from_proto(msg: pb.RankRequest, now_ms: int | None = None) -> RankQuery:
+    """The request as a :class:`RankQuery`; proto3 ``optional`` presence decides None."""
+    ctx = msg.context
+
+    def opt(m: Any, name: str) -> Any:
+        return getattr(m, name) if m.HasField(name) else None
+
+    return RankQuery(
+        user_id=msg.user_id, surface=msg.surface,
+        candidates=tuple(AdCandidate(ad_id=c.ad_id, advertiser_id=opt(c, "advertiser_id"), category=opt(c, "category"),
+                                     ad_format=opt(c, "ad_format"), bid=c.bid if c.HasField("bid") else 1.0)
+                         for c in msg.candidates),
+        ts_ms=ctx.ts_ms if ctx.HasField("ts_ms") else (now_ms if now_ms is not None else int(time.time() * 1000)),
+        hour=opt(ctx, "hour"), device=opt(ctx, "device"), country=opt(ctx, "country"),
+        age_bucket=opt(ctx, "age_bucket"), tasks=tuple(msg.tasks), value_task=msg.value_task,
+        request_id=msg.request_id,
+    )
+
+
+def result_to_proto(r: RankResult) -> pb.RankResponse:
+    return pb.RankResponse(
+        model_version=r.model_version, model_kind=r.model_kind, tasks=r.tasks, value_task=r.value_task,
+        candidates=[pb.CandidateScore(ad_id=a, scores=s, value=v)
+                    for a, s, v in zip(r.ad_ids.tolist(), r.scores.tolist(), r.values.tolist())],
+        order=r.order.tolist(), history_events=r.history_events, request_id=r.request_id,
+    )
+
+
+def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, NoModel):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error ref=%s", ref, exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}; details in the server log)"
+
+
+def rank_proto(ranker: Ranker, msg: pb.RankRequest, deadline: float | None) -> tuple[grpc.StatusCode, str, pb.RankResponse]:
+    """One request through the ranker, counted and timed; never raises."""
+    t0 = time.perf_counter()
+    code, detail, resp = grpc.StatusCode.OK, "", pb.RankResponse()
+    try:
+        resp = result_to_proto(ranker.rank(query_from_proto(msg), deadline))
+    except Exception as e:  # noqa: BLE001 - every error becomes a status
+        code, detail = _status(e)
+    metrics.SERVE_REQUESTS.labels(code.name).inc()
+    metrics.SERVE_SECONDS.observe(time.perf_counter() - t0)
+    metrics.SERVE_CANDIDATES.observe(len(msg.candidates))
+    return code, detail, resp
+
+
+# --------------------------------------------------------------------------- gRPC
+
+
+class RankerService(pb_grpc.RankerServicer):
+    def __init__(self, ranker: Ranker):
+        self.ranker = ranker
+
+    def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:  # noqa: N802
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        code, detail, resp = rank_proto(self.ranker, request, deadline)
+        if code != grpc.StatusCode.OK:
+            context.abort(code, detail)
+        return resp
+
+
+class _BearerToken(grpc.ServerInterceptor):
+    """Every call but the health service needs ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            metrics.SERVE_REQUESTS.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return continuation(details)
+        return self._deny
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Endpoints:
+    grpc_port: int
+    http_port: int | None
+
+
+class RankServer:
+    """gRPC (+ optional HTTP/JSON) front of a :class:`Ranker`; ``start()`` → bound ports."""
+
+    def __init__(self, ranker: Ranker, cfg: ServeConfig = ServeConfig(), *, token: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None):
+        if not is_loopback(cfg.host) and not token:
+            raise ValueError(f"refusing to serve on {cfg.host} without a bearer token "
+                             "(--token-file or OPENGEM_SERVE_TOKEN); use TLS too for non-local clients")
+        self.ranker, self.cfg, self.token, self.tls = ranker, cfg, token, tls
+        self.health = health.HealthServicer()
+        self._grpc: grpc.Server | None = None
+        self._http: ThreadingHTTPServer | None = None
+
+    def set_serving(self, serving: bool) -> None:
+        st = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            self.health.set(name, st)
+
+    def start(self) -> Endpoints:
+        cfg = self.cfg
+        opts = [("grpc.max_receive_message_length", cfg.max_request_bytes),
+                ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rank"),
+                             interceptors=[_BearerToken(self.token)] if self.token else [], options=opts)
+        pb_grpc.add_RankerServicer_to_server(RankerService(self.ranker), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.set_serving(self.ranker.models.current is not None)
+        addr = f"{cfg.host}:{cfg.port}"
+        if self.tls:
+            port = server.add_secure_port(addr, grpc.ssl_server_credentials([self.tls]))
+        else:
+            port = server.add_insecure_port(addr)
+        server.start()
+        self._grpc = server
+        http_port = None
+        if cfg.http_port >= 0:
+            self._http = ThreadingHTTPServer((cfg.host, cfg.http_port), _json_handler(self.ranker, self.token))
+            self._http.daemon_threads = True
+            http_port = self._http.server_address[1]
+            threading.Thread(target=self._http.serve_forever, name="rank-http", daemon=True).start()
+        return Endpoints(port, http_port)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stop taking requests; in-flight ones get ``grace_s`` to finish."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._grpc is not None:
+            self._grpc.stop(grace_s).wait()
+
+
+# --------------------------------------------------------------------------- JSON / HTTP
+
+
+def _json_handler(ranker: Ranker, token: str | None) -> type[BaseHTTPRequestHandler]:
+    expected = f"Bearer {token}".encode() if token else None
+    limit = ranker.cfg.max_request_bytes
+
+    class Handler(BaseHTTPRequestHandler):
+        """POST /v1/rank: the RankRequest as proto3 JSON; GET /healthz."""
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: metrics count requests
+            log.debug("http: " + fmt, *args)
+
+        def _send(self, status: int, body: dict[str, Any] | str) -> None:
+            raw = (body if isinstance(body, str) else json.dumps(body)).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path != "/healthz":
+                return self._send(404, {"error": "not found; POST /v1/rank or GET /healthz"})
+            cur = ranker.models.current
+            self._send(200 if cur else 503, {"serving": cur is not None,
+                                             "model_version": cur.loaded.version if cur else None})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/v1/rank":
+                return self._send(404, {"error": "not found; POST /v1/rank"})
+            if expected and not hmac.compare_digest(self.headers.get("authorization", "").encode(), expected):
+                return self._send(401, {"error": "missing or wrong bearer token"})
+            try:
+                n = int(self.headers.get("content-length", "0"))
+            except ValueError:
+                n = -1
+            if not 0 < n <= limit:
+                return self._send(413 if n > limit else 400, {"error": f"need a JSON body of 1..{limit} bytes"})
+            try:
+                msg = json_format.Parse(self.rfile.read(n), pb.RankRequest())
+            except (json_format.ParseError, UnicodeDecodeError, ValueError) as e:
+                return self._send(400, {"error": f"bad RankRequest JSON: {str(e)[:200]}"})
+            code, detail, resp = rank_proto(ranker, msg, None)
+            if code != grpc.StatusCode.OK:
+                return self._send(_HTTP_STATUS.get(code, 500), {"error": detail, "code": code.name})
+            self._send(200, json_format.MessageToJson(resp, preserving_proto_field_name=True))
+
+    return Handler
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class Service:
+    """Everything `opengem serve` runs: the store reader, the model watcher, the ranker, the servers.
+
+    ``reader``: any store with the read API (default: a :class:`ShardedReader`
+    of ``<data_dir>/shards`` whose secondaries catch up every ``catch_up_s``).
+    """
+
+    def __init__(self, cfg: Any, *, reader: Any = None, token: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None):
+        from opengem.features.sharded import ShardedReader
+
+        sc: ServeConfig = cfg.serve
+        self._secondaries = Path(cfg.data_dir) / "readers" / f"serve-{uuid.uuid4().hex[:8]}"
+        self._own_reader = reader is None
+        self.reader = reader if reader is not None else ShardedReader(
+            cfg.data_dir, cfg.kafka.partitions, topic=cfg.kafka.events_topic, interval_s=sc.catch_up_s,
+            secondary_root=self._secondaries)
+        self.models = ModelManager(sc.models_path(cfg.data_dir), sc.poll_s, on_change=self._on_model_change)
+        self.ranker = Ranker(self.reader, self.models, sc)
+        self.server = RankServer(self.ranker, sc, token=token, tls=tls)
+        self.metrics_port: int | None = None
+
+    def _on_model_change(self, event: str, obj: Any, detail: Any) -> None:
+        metrics.SERVE_SWAPS.labels(event).inc()
+        if event == "loaded":
+            metrics.SERVE_MODEL.clear()
+            metrics.SERVE_MODEL.labels(obj.loaded.version, obj.loaded.kind).set(1)
+            metrics.SERVE_LOAD_SECONDS.set(detail)
+            self.server.set_serving(True)
+
+    def start(self, metrics_port: int | None = None) -> Endpoints:
+        """Load the latest version (if any), start watching, bind; ``metrics_port``: None = off."""
+        self.models.start()
+        if metrics_port is not None:
+            self.metrics_port = metrics.serve(metrics_port, host=self.server.cfg.host)
+        return self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.models.stop()
+        if self._own_reader:
+            self.reader.close()
+            shutil.rmtree(self._secondaries, ignore_errors=True)  # scratch space of the secondaries

@@ -1,0 +1,154 @@
+"""Featurize + score without gRPC: parity with the trainer's path, cold start, validation, canary."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from opengem.features.memory import MemorySequenceStore
+from opengem.model.baselines import BaselineConfig, DLRMBaseline
+from opengem.model.config import preset
+from opengem.model.data import examples_batch
+from opengem.model.gem import GemModel
+from opengem.model.registry import LoadedModel
+from opengem.serving.scoring import (
+    AdCandidate, RankQuery, RequestError, Scorer, canary_check, candidate_examples, featurize, validate,
+)
+from opengem.stream.events import AD_FORMATS
+from opengem.stream.simulator import SimConfig, Simulator
+
+# float32 forward passes over differently shaped batches: equal up to rounding.
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def store():
+    s = MemorySequenceStore()
+    events = [e for b in Simulator(SimConfig(seed=3, n_users=40)).batches(12_000) for e in b]
+    s.apply(events, (0, 0))
+    s.events = events  # for the tests' choice of users / ads
+    return s
+
+
+def _loaded(model: torch.nn.Module, kind: str) -> LoadedModel:
+    return LoadedModel(version="test", kind=kind, model=model.eval(), meta={}, path=None)  # type: ignore[arg-type]
+
+
+def _models():
+    torch.manual_seed(0)
+    tiny = preset("tiny")
+    yield "gem", GemModel(tiny)
+    yield "gem-no-interleave", GemModel(dataclasses.replace(tiny, interleave=False))
+    yield "dlrm", DLRMBaseline(BaselineConfig(features=tiny.features, d=8, dense_arch=(16,), over_arch=(16,)))
+
+
+def _query(store, user: int, n: int = 9, **kw) -> RankQuery:
+    ads = sorted({e.item_id for e in store.events if e.is_ad})
+    new_ad = 10**12 + 7  # never seen: cold start
+    cands = tuple(AdCandidate(ad_id=a) for a in ads[:n - 1]) + (AdCandidate(ad_id=new_ad, bid=2.0),)
+    ts = max(e.ts for e in store.events) + 1
+    return RankQuery(user_id=user, surface="feed", candidates=cands, ts_ms=ts, **kw)
+
+
+@pytest.mark.parametrize("name,model", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_served_scores_equal_the_trainers_predict(store, name, model):
+    heavy = max({e.user_id for e in store.events}, key=lambda u: sum(e.user_id == u for e in store.events))
+    kind = "dlrm" if name == "dlrm" else "gem"
+    scorer = Scorer(_loaded(model, kind))
+    for user in (heavy, 999_999_999):  # a user with a long history, one never seen
+        examples = candidate_examples(_query(store, user, hour=5), store)
+        got = scorer.probs(featurize(examples, store, model.cfg))
+        with torch.inference_mode():
+            want = model.predict(examples_batch(examples, store, model.cfg))
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert got.shape == (len(examples), 2) and (got[:, 1] <= got[:, 0]).all()
+        assert got[:, 0].std() > 0  # candidates are told apart
+
+
+def test_history_is_read_once_and_shared(store):
+    model = GemModel(preset("tiny")).eval()
+    calls = []
+
+    class Counting:
+        def __getattr__(self, k):
+            return getattr(store, k)
+
+        def read_batch(self, uids, **kw):
+            calls.append(len(uids))
+            return store.read_batch(uids, **kw)
+
+    user = store.events[-1].user_id
+    rb = featurize(candidate_examples(_query(store, user), store), Counting(), model.cfg)
+    assert calls == [1]
+    assert len(rb.user) == 1 and rb.history_events > 0 and len(rb.cands) == 9
+    assert int(rb.cands.seq_lengths.sum()) == 0
+    # the candidate-dependent dense features differ between a seen ad and a new one
+    assert Scorer(_loaded(model, "gem")).shared
+
+
+def test_attributes_come_from_the_store_when_left_out(store):
+    ad_ev = next(e for e in reversed(store.events) if e.is_ad and e.advertiser_id is not None)
+    user_ev = next(e for e in reversed(store.events) if e.country is not None and e.device is not None)
+    q = RankQuery(user_id=user_ev.user_id, surface="reels", ts_ms=user_ev.ts + 1,
+                  candidates=(AdCandidate(ad_id=ad_ev.item_id), AdCandidate(ad_id=ad_ev.item_id, category=3),
+                              AdCandidate(ad_id=10**15)))
+    ex = candidate_examples(q, store)
+    itf = store.item_features([ad_ev.item_id])
+    assert ex[0].advertiser_id == int(itf.advertiser_id[0]) and ex[0].ad_format == AD_FORMATS[itf.ad_format[0]]
+    assert ex[1].category == 3  # the request wins
+    assert ex[2].advertiser_id is None and ex[2].category is None and ex[2].ad_format is None  # new ad
+    uf = store.user_features([user_ev.user_id])
+    assert ex[0].country is not None and ex[0].device is not None and uf.n_events[0] > 0
+    assert all(e.surface == "reels" and e.ts == user_ev.ts + 1 and e.click == 0 for e in ex)
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(surface="tv"), "unknown surface"),
+    (dict(candidates=()), "no candidates"),
+    (dict(candidates=(AdCandidate(ad_id=-1),)), "ad_id=-1"),
+    (dict(candidates=(AdCandidate(ad_id=1, ad_format="gif"),)), "ad_format"),
+    (dict(candidates=(AdCandidate(ad_id=1, bid=float("nan")),)), "bid"),
+    (dict(candidates=(AdCandidate(ad_id=1),) * 11), "exceed the limit of 10"),
+    (dict(user_id=-5), "user_id"),
+    (dict(tasks=("like",)), "unknown task"),
+    (dict(value_task="install"), "unknown task"),
+    (dict(country="usa"), "country"),
+    (dict(hour=24), "hour"),
+    (dict(ts_ms=5), "ts_ms"),
+    (dict(ts_ms=4_000_000_000_000), "ts_ms"),
+])
+def test_validation_names_the_problem(change, msg):
+    q = RankQuery(user_id=1, surface="feed", candidates=(AdCandidate(ad_id=1),), ts_ms=1_700_000_000_000)
+    kw = dict(surfaces=("feed", "reels"), tasks=("click", "conversion"), max_candidates=10, now_ms=1_700_000_000_000)
+    validate(q, **kw)
+    with pytest.raises(RequestError, match=msg):
+        validate(dataclasses.replace(q, **change), **kw)
+
+
+def test_canary_rejects_a_model_with_nan_weights():
+    model = GemModel(preset("tiny")).eval()
+    canary_check(Scorer(_loaded(model, "gem")))
+    with torch.no_grad():
+        model.heads.towers[0][0].weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        canary_check(Scorer(_loaded(model, "gem")))
+
+
+def test_canary_falls_back_to_predict_when_shared_path_disagrees(monkeypatch):
+    import opengem.serving.scoring as sc
+
+    model = GemModel(preset("tiny")).eval()
+    scorer = Scorer(_loaded(model, "gem"))
+    real = sc.shared_raw_logits
+    monkeypatch.setattr(sc, "shared_raw_logits", lambda m, u, c: real(m, u, c) + 0.5)
+    canary_check(scorer)
+    assert not scorer.shared  # and it now scores through predict:
+    q = RankQuery(user_id=3, surface="feed", candidates=(AdCandidate(ad_id=1), AdCandidate(ad_id=2)), ts_ms=2**40)
+    store = MemorySequenceStore()
+    rb = featurize(candidate_examples(q, store), store, model.cfg)
+    with torch.inference_mode():
+        torch.testing.assert_close(scorer.probs(rb), model.predict(rb.replicated()))
+    assert np.isfinite(scorer.probs(rb).numpy()).all()
