@@ -279,8 +279,8 @@ class SequenceStore(SequenceStoreBase):
         cfs = {ITEMS_CF: _options(cfg, secondary=self.read_only, cache=cache)}
         if self.read_only:
             Path(secondary_dir).mkdir(parents=True, exist_ok=True)
-            self._db = Rdict(self.path, _options(cfg, secondary=True, cache=cache), column_families=cfs,
-                             access_type=AccessType.secondary(str(secondary_dir)))
+            self._db = _open_secondary(self.path, _options(cfg, secondary=True, cache=cache), cfs,
+                                       str(secondary_dir))
         else:
             Path(self.path).mkdir(parents=True, exist_ok=True)
             self._db = Rdict(self.path, _options(cfg, secondary=False, cache=cache), column_families=cfs)
@@ -662,6 +662,24 @@ class SequenceStore(SequenceStoreBase):
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+def _open_secondary(path: str, opts: Options, cfs: dict[str, Options], secondary_dir: str,
+                    wait_s: float = 10.0) -> Rdict:
+    """A secondary instance; waits while the writer is still creating the store.
+
+    Between the writer's first ``CURRENT`` file and its ``items`` column family
+    there is a moment where a follower sees a DB without the family (a reader
+    started alongside a fresh worker): that is retried, anything else raised.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return Rdict(path, opts, column_families=cfs, access_type=AccessType.secondary(secondary_dir))
+        except Exception as e:  # rocksdict raises plain Exception with RocksDB's status text
+            if "Column family not found" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _needed_chunks(d: np.ndarray, C: int, b: int | None, max_len: int | None,

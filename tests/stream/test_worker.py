@@ -305,3 +305,83 @@ def test_kill_9_twice_then_restart_equals_a_run_without_crashes(tmp_path):
         assert got.keys() == want.keys()
         assert all(got[k] == want[k] for k in want)
         print(f"records applied at the two kill -9s: {partial} of {total}; examples: {len(got)}")
+
+
+# ---------------------------------------------------------------------------------------------
+def held_shards(pid: int) -> set[str]:
+    """Shard stores whose RocksDB LOCK process ``pid`` holds open (RocksDB keeps the fd)."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.endswith("/store/LOCK"):
+            out.add(Path(target).parent.parent.name)
+    return out
+
+
+def test_a_second_worker_takes_partitions_over_and_the_first_one_dies(tmp_path):
+    """Two workers of one group on one data dir (the shared-disk way of moving shards):
+    B joins while A runs (a rebalance hands some shards from A to B), then A is killed -9
+    and more events arrive (B takes A's shards over after the session timeout). The
+    stores equal a run of one worker without any of this, and the examples are the same set."""
+    from opengem.stream.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=0, topics=TOPICS, partitions=4) as b:
+        with EventProducer(b.bootstrap, "opengem.events", fmt="json") as prod:
+            for batch in Simulator(SimConfig(seed=8)).batches(40_000):
+                prod.send(batch)
+        data, scratch = tmp_path / "d", tmp_path / "scratch"
+        total = sum(high_watermarks(b.bootstrap, "opengem.events").values())
+        a = start_worker(b.bootstrap, data, tmp_path / "a.log")
+        watch = ShardWatch(data, scratch / "w")
+        deadline = time.monotonic() + 120
+        while sum(o + 1 for o in watch.offsets().values()) < 0.1 * total and time.monotonic() < deadline:
+            assert a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.1)
+        wb = start_worker(b.bootstrap, data, tmp_path / "b.log")
+        try:
+            # The rebalance: both workers hold shards (their RocksDB LOCK files) at once.
+            deadline = time.monotonic() + 60
+            while not (held_shards(a.pid) and held_shards(wb.pid)) and time.monotonic() < deadline:
+                assert wb.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
+                time.sleep(0.1)
+            shared = (held_shards(a.pid), held_shards(wb.pid))
+            assert all(shared) and not shared[0] & shared[1], f"no rebalance seen: A, B hold {shared}"
+            a.send_signal(signal.SIGKILL)
+            a.wait()
+            # More events after A's death: B must take A's shards over to store them.
+            with EventProducer(b.bootstrap, "opengem.events", fmt="json") as prod:
+                for batch in Simulator(SimConfig(seed=8, start_ts_ms=SimConfig().start_ts_ms + 3_600_000)).batches(10_000):
+                    prod.send(batch)
+            wait_until_applied(b.bootstrap, data, scratch / "final", wb, timeout_s=240)
+            assert held_shards(wb.pid) == {f"p{p:04d}" for p in range(4)}
+            time.sleep(2.0)  # let B's outbox drain
+        finally:
+            watch.close()
+            stop(wb)
+            if a.poll() is None:
+                a.kill()
+
+        records = [Record(m.partition, m.offset, m.value, m.key) for m in consume_all(b.bootstrap, "opengem.events")]
+        records.sort(key=lambda r: (r.partition, r.offset))
+        ref = Ingestor(tmp_path / "ref", cfg=IngestConfig(joiner=JOINER))
+        ref_examples = []
+        for i in range(0, len(records), 1000):
+            ref_examples.extend(e for _, e in ref.process(records[i:i + 1000])[1])
+        users_of: dict[int, set[int]] = {}
+        for r in records:
+            users_of.setdefault(r.partition, set()).add(json.loads(r.value)["user_id"])
+        for p in range(4):
+            s = SequenceStore(str(data / "shards" / "opengem.events" / f"p{p:04d}" / "store"))
+            try:
+                assert s.applied_offsets() == ref.shard(p).store.applied_offsets()
+                for u in sorted(users_of.get(p, ())):
+                    assert s.read(u).equals(ref.shard(p).store.read(u)), f"user {u} differs in partition {p}"
+            finally:
+                s.close()
+        ref.close()
+        got = {ex.example_id: ex for m in consume_all(b.bootstrap, "opengem.examples") for ex in decode_examples(m.value)}
+        want = {ex.example_id: ex for ex in ref_examples}
+        assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
