@@ -629,10 +629,58 @@ class SequenceStore(SequenceStoreBase):
     def flush(self) -> None:
         self._db.flush(True)
 
-    def compact(self) -> None:
-        """Flush the memtables and rewrite everything into the bottom level (for size
-        measurements): without ``force``, RocksDB would just move flushed files down
-        without recompressing them at the bottom level's zstd level."""
+    def merge_tails(self, users_per_batch: int = 4096) -> int:
+        """Re-encode every user's tail into one columnar segment (writer only, between commits).
+
+        Appends leave one raw segment (30-byte records) per commit and user until
+        ``max_raw_tail`` / ``max_tail_segments`` force a merge, so a store of
+        short histories is mostly raw tails. This merges them all, as a sealed
+        chunk would be encoded; a maintenance step for idle periods (and
+        :meth:`compact`). Returns the number of users rewritten.
+        """
+        if self.read_only:
+            raise RuntimeError("merge_tails on a read-only store")
+        uids = []
+        it = self._db.iter()
+        it.seek(b"H")
+        while it.valid():
+            k = bytes(it.key())
+            if k[:1] != b"H":
+                break
+            uids.append(int.from_bytes(k[1:9], "big"))
+            it.next()
+        del it
+        done = 0
+        for a in range(0, len(uids), users_per_batch):
+            ids = np.asarray(uids[a:a + users_per_batch], np.int64)
+            hkeys = codec.head_keys(ids)
+            heads = self._user_cache.fetch(ids, hkeys, self._get)
+            sel = np.flatnonzero((heads["raw_n"] > 0) | (heads["seg_hi"] - heads["seg_lo"] > 1))
+            if not len(sel):
+                continue
+            wb = WriteBatch(raw_mode=True)
+            zero = np.zeros(len(ids), np.int64)
+            self._rebuild_tails(wb, ids, heads, sel, np.empty(0, REC), zero, zero)
+            H = HEAD.itemsize
+            hbuf = heads.tobytes()
+            for i in sel.tolist():
+                wb.put(hkeys[i], hbuf[i * H:(i + 1) * H])
+            try:
+                self._db.write(wb, self._wopts)
+            except BaseException:
+                self._user_cache.clear()
+                raise
+            self._user_cache.store(ids, heads)
+            done += len(sel)
+        return done
+
+    def compact(self, merge_tails: bool = True) -> None:
+        """Merge the users' tails (:meth:`merge_tails`, writer only), flush the memtables
+        and rewrite everything into the bottom level (for size measurements): without
+        ``force``, RocksDB would just move flushed files down without recompressing
+        them at the bottom level's zstd level."""
+        if merge_tails and not self.read_only:
+            self.merge_tails()
         opts = CompactOptions()
         opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
         for db in (self._db, self._items):

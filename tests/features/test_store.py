@@ -483,3 +483,30 @@ def test_registry_and_config() -> None:
     with pytest.raises(ValueError, match="max_events"):
         StoreConfig(max_events=32768)
     StoreConfig(max_events=16384)
+
+
+def test_merge_tails_keeps_every_read_identical_and_shrinks_the_tails(tmp_path):
+    from opengem.features.store import SequenceStore, StoreConfig
+    from opengem.stream.simulator import SimConfig, Simulator
+
+    s = SequenceStore(str(tmp_path / "s"), StoreConfig(sync=False, chunk_events=64, max_events=256))
+    users = set()
+    for i, batch in enumerate(Simulator(SimConfig(seed=3, n_users=300)).batches(30_000, batch_size=500)):
+        s.apply(batch, (0, i))
+        users.update(e.user_id for e in batch)
+    uids = np.array(sorted(users))
+    before = s.read_batch(uids, before_ts=None, max_len=None)
+    cut = s.read_batch(uids, before_ts=int(np.median(before.ts)), max_len=50)
+    raw_before = sum(1 for k in s._db.keys() if bytes(k)[:1] == b"T")
+    assert s.merge_tails() > 0
+    raw_after = sum(1 for k in s._db.keys() if bytes(k)[:1] == b"T")
+    assert raw_after <= len(uids) < raw_before  # at most one tail segment per user
+    for got, want in ((s.read_batch(uids, before_ts=None, max_len=None), before),
+                      (s.read_batch(uids, before_ts=int(np.median(before.ts)), max_len=50), cut)):
+        assert got.lengths.tolist() == want.lengths.tolist()
+        for col in ("ts", "item_id", "surface", "kind", "category", "advertiser_id"):
+            assert getattr(got, col).tolist() == getattr(want, col).tolist(), col
+    assert s.merge_tails() == 0  # nothing left to merge
+    s.apply(list(Simulator(SimConfig(seed=4, n_users=300)).events(2000)), (0, 10_000))  # appends go on
+    assert s.user_features(uids).n_stored.sum() > before.lengths.sum()
+    s.close()
