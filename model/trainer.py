@@ -283,6 +283,7 @@ class Trainer:
         self._pub_step, self._last_pub = self.stats.steps, time.monotonic()
         if model is None:
             return None
+        self._summarize()
         merged: dict[str, list[int]] = {}
         for c in cursors:
             merged.update(c)
@@ -430,10 +431,8 @@ class Trainer:
         self._bad_seen = self.source.bad_records
         if self.window is None:
             return
-        summary = self.window.summary()
-        for (surface, task), s in summary.items():
+        for (surface, task), s in self._summarize().items():
             if surface == "all":
-                self.stats.progressive[task] = s
                 continue
             for gauge, key in ((m.TRAIN_NE, "ne"), (m.TRAIN_AUC, "auc"), (m.TRAIN_CALIBRATION, "calibration"),
                                (m.TRAIN_LOG_LOSS, "log_loss"), (m.TRAIN_LABEL_RATE, "rate")):
@@ -443,6 +442,14 @@ class Trainer:
         self.echo(f"step {self.stats.steps:,} examples {self.stats.examples:,} ({rate:,.0f}/s) {prog} "
                   f"lag {sum(lag.values()):,} records | version {self.stats.published or '-'} "
                   f"checkpoint {self.stats.checkpoint or '-'}")
+
+    def _summarize(self) -> dict:
+        """Windowed progressive metrics per (surface, task); the all-surface ones go to ``stats``."""
+        summary = self.window.summary() if self.window is not None else {}
+        for (surface, task), s in summary.items():
+            if surface == "all":
+                self.stats.progressive[task] = s
+        return summary
 
     def close(self) -> None:
         self.source.close()
