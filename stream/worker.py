@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +67,9 @@ class WorkerConfig:
     metrics_port: int | None = 9101
     # How often the slow gauges (store size, joiner outcomes) are refreshed.
     gauge_interval_s: float = 5.0
+    # After SIGTERM/SIGINT, exit hard if Faust's shutdown has not finished by then
+    # (it retries forever while the broker is unreachable).
+    shutdown_timeout_s: float = 20.0
     # fsync of the shards' WALs, off the event loop (commits themselves do not fsync:
     # see IngestConfig); a power loss loses at most this much, a killed process nothing.
     wal_sync_interval_s: float = 1.0
@@ -219,6 +224,40 @@ def _partition_count(bootstrap: str, topic: str) -> int:
         c.close()
 
 
+def _exit_after(seconds: float) -> None:
+    """Hard-exit the process unless it has exited by itself within ``seconds``.
+
+    Faust's shutdown commits offsets and leaves the group; with the broker gone
+    it retries forever and the process ignores SIGTERM. Exiting without that is
+    safe: every commit is already in the shards' WAL (the same state a kill -9
+    leaves, which the tests cover) and the group's offsets are only hints.
+    """
+    def watchdog() -> None:
+        time.sleep(seconds)
+        log.error("shutdown did not finish within %.0f s (broker unreachable?): exiting now", seconds)
+        logging.shutdown()
+        os._exit(3)
+
+    threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()
+
+
+def _worker_class() -> type:
+    import faust
+
+    class Worker(faust.Worker):
+        shutdown_timeout_s = 20.0
+
+        def _on_sigterm(self) -> None:
+            _exit_after(self.shutdown_timeout_s)
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            _exit_after(self.shutdown_timeout_s)
+            super()._on_sigint()
+
+    return Worker
+
+
 def run_worker(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = WorkerConfig(),
                loglevel: str = "warning") -> None:
     """Run the worker until SIGINT/SIGTERM (Faust's own signal handling stops it cleanly)."""
@@ -228,7 +267,8 @@ def run_worker(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig =
     if wcfg.metrics_port is not None:
         port = metrics.serve(wcfg.metrics_port)
         print(f"metrics at http://127.0.0.1:{port}/metrics", flush=True)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = _worker_class()(app, loglevel=loglevel, quiet=True)
+    worker.shutdown_timeout_s = wcfg.shutdown_timeout_s
     # Faust's start-up spinner leaves the root logger at DEBUG: every debug call
     # in Faust and aiokafka then builds a record (~25% of the batched path).
     worker.spinner = None
