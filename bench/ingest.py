@@ -558,7 +558,14 @@ def main() -> None:
     ap.add_argument("--arrow-events", type=int, default=0, help="batched path (default 1M, quick 150k)")
     ap.add_argument("--repeats", type=int, default=0, help="alternating repeats (default 2, quick 1); best is kept")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory scenarios")
+    ap.add_argument("--no-metrics", action="store_true",
+                    help="the daemons with OPENGEM_METRICS=off (no Prometheus metrics recorded); compare with a "
+                         "default run to get the cost of metrics (JSON: bench/results/ingest-no-metrics.json)")
     args = ap.parse_args()
+    if args.no_metrics:
+        os.environ["OPENGEM_METRICS"] = "off"  # inherited by the child processes
+        if args.out == ap.get_default("out"):
+            args.out = "bench/results/ingest-no-metrics.json"
     q = args.quick
     n_json = args.json_events or (30_000 if q else 200_000)
     n_arrow = args.arrow_events or (150_000 if q else 1_000_000)
@@ -758,7 +765,7 @@ def main() -> None:
               "memory_scenarios": {n: {"users": u, "events_per_user": e, "store": s, "issue_events_per_user": f}
                                    for n, u, e, s, f in scenarios},
               "memory_bounded_take_max": bounded_take}
-    write(args.out, "ingest", config, figures)
+    write(args.out, "ingest", {**config, "metrics": not args.no_metrics}, figures)
 
 
 if __name__ == "__main__":

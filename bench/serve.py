@@ -214,7 +214,14 @@ def main() -> None:
     ap = parser("serve", __doc__)
     ap.add_argument("--preset", default="base", help="GEM preset (default base)")
     ap.add_argument("--swap-every", type=float, default=3.0, help="seconds between published versions")
+    ap.add_argument("--no-metrics", action="store_true",
+                    help="the daemons with OPENGEM_METRICS=off (no Prometheus metrics recorded); compare with a "
+                         "default run to get the cost of metrics (JSON: bench/results/serve-no-metrics.json)")
     args = ap.parse_args()
+    if args.no_metrics:
+        os.environ["OPENGEM_METRICS"] = "off"  # inherited by the child processes
+        if args.out == ap.get_default("out"):
+            args.out = "bench/results/serve-no-metrics.json"
     quick = args.quick
     cands, hists = (100, 500), (1024, 4096)
     levels = (1, 4) if quick else (1, 2, 4, 8)
@@ -312,7 +319,7 @@ def main() -> None:
     figures["profile_500c_1k"] = prof
     print(f"\np99 500 candidates / 1k history (GEM {args.preset}, concurrency 1): {figures['p99_ms_500c_1k']:.1f} ms "
           f"(goal 30 ms); DLRM {figures['500c_1k']['dlrm_p99_ms']:.1f} ms")
-    write(args.out, "serve", {"preset": args.preset, "quick": quick, "concurrency": levels, "duration_s": duration,
+    write(args.out, "serve", {"metrics": not args.no_metrics, "preset": args.preset, "quick": quick, "concurrency": levels, "duration_s": duration,
                               "min_requests": min_req, "shards": P, "swap_every_s": args.swap_every,
                               "note": "p50/p99/qps at the top of each case: concurrency 1 (qps: best level)"},
           figures)

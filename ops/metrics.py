@@ -11,6 +11,7 @@ Each daemon serves its registry over HTTP on 127.0.0.1 by default
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Iterable
 
@@ -82,6 +83,12 @@ TRAIN_MODEL_AGE = Gauge("opengem_train_model_age_seconds", "Seconds since the la
                         registry=REGISTRY)
 TRAIN_CHECKPOINT_STEP = Gauge("opengem_train_checkpoint_step", "Step of the last complete checkpoint",
                               registry=REGISTRY)
+TRAIN_NEGATIVE_RATE = Gauge("opengem_train_negative_rate",
+                            "Fraction of negative examples trained (kept ones weigh 1/rate); 1 = no downsampling",
+                            registry=REGISTRY)
+TRAIN_SAMPLED_OUT = Counter("opengem_train_sampled_out_examples_total",
+                            "Negative examples skipped by downsampling (never read, scored or trained)",
+                            registry=REGISTRY)
 
 # -- ranking server (serving/) ------------------------------------------------------------------
 SERVE_REQUESTS = Counter("opengem_serve_requests_total", "Rank requests answered, by gRPC status code",
@@ -100,15 +107,65 @@ SERVE_SWAPS = Counter("opengem_serve_model_loads_total",
 SERVE_LOAD_SECONDS = Gauge("opengem_serve_model_load_seconds", "Load + canary validation time of the last version",
                            registry=REGISTRY)
 
+# -- live monitor (ops/live.py, `opengem monitor`) ------------------------------------------------
+# The conversion funnel from labelled impressions (opengem.examples), each example counted once
+# (the worker's at-least-once re-sends are dropped by example id).
+ADS_IMPRESSIONS = Counter("opengem_ads_impressions_total",
+                          "Ad impressions whose attribution windows closed (labelled examples), counted once",
+                          ["surface"], registry=REGISTRY)
+ADS_CLICKS = Counter("opengem_ads_clicks_total", "Of those impressions, the ones clicked within the click window",
+                     ["surface"], registry=REGISTRY)
+ADS_CONVERSIONS = Counter("opengem_ads_conversions_total",
+                          "Of those impressions, the ones converted within the conversion window after the click",
+                          ["surface"], registry=REGISTRY)
+ADS_CTR = Gauge("opengem_ads_ctr", "Clicks / impressions over the monitor's sliding window", ["surface"],
+                registry=REGISTRY)
+ADS_CVR = Gauge("opengem_ads_cvr", "Conversions / clicks (post-click) over the monitor's sliding window",
+                ["surface"], registry=REGISTRY)
+# Quality of the *served* model version on the traffic's outcomes: every example is scored
+# with the version the server serves, as of the impression, then compared with its labels.
+LIVE_SCORED = Counter("opengem_live_scored_examples_total", "Examples scored with the served model version",
+                      ["surface"], registry=REGISTRY)
+LIVE_NE = Gauge("opengem_live_ne", "Normalized entropy of the served version over the sliding window",
+                ["surface", "task", "model_version"], registry=REGISTRY)
+LIVE_AUC = Gauge("opengem_live_auc", "AUC of the served version over the sliding window",
+                 ["surface", "task", "model_version"], registry=REGISTRY)
+LIVE_CALIBRATION = Gauge("opengem_live_calibration",
+                         "Mean predicted / observed rate of the served version over the sliding window (1: calibrated)",
+                         ["surface", "task", "model_version"], registry=REGISTRY)
+LIVE_PREDICTED_RATE = Gauge("opengem_live_predicted_rate", "Mean predicted probability over the sliding window",
+                            ["surface", "task", "model_version"], registry=REGISTRY)
+LIVE_OBSERVED_RATE = Gauge("opengem_live_observed_rate", "Observed positive rate over the sliding window",
+                           ["surface", "task", "model_version"], registry=REGISTRY)
+LIVE_WINDOW_EXAMPLES = Gauge("opengem_live_window_examples", "Examples in the sliding window of the figures",
+                             ["surface", "task", "model_version"], registry=REGISTRY)
+LIVE_MODEL_PUBLISHED = Gauge("opengem_live_model_published_timestamp_seconds",
+                             "Publication time (Unix) of the served version the monitor scores with",
+                             registry=REGISTRY)
+# Consumer lag per group and partition: high watermark (from fetch responses) - committed offset.
+KAFKA_HIGH_WATERMARK = Gauge("opengem_kafka_high_watermark", "End offset of the partition",
+                             ["topic", "partition"], registry=REGISTRY)
+KAFKA_COMMITTED = Gauge("opengem_kafka_committed_offset", "Offset the consumer group committed",
+                        ["group", "topic", "partition"], registry=REGISTRY)
+KAFKA_LAG = Gauge("opengem_kafka_consumer_lag_records", "Records between the group's committed offset and the end",
+                  ["group", "topic", "partition"], registry=REGISTRY)
+KAFKA_LAG_ERRORS = Counter("opengem_kafka_lag_collection_errors_total",
+                           "Lag collections that failed (broker unreachable, …)", registry=REGISTRY)
+
 _server_lock = threading.Lock()
 _servers: dict[tuple[str, int], object] = {}
 
 
-def serve(port: int, host: str = "127.0.0.1", fallback: bool = True) -> int:
+def serve(port: int, host: str | None = None, fallback: bool = True) -> int:
     """Serve REGISTRY at http://host:port/metrics (port 0: a free one). Returns the port.
+
+    ``host``: default ``OPENGEM_METRICS_HOST`` or 127.0.0.1 (containers set 0.0.0.0 so that
+    Prometheus in another container can scrape; the endpoint holds no secrets but should
+    still stay inside a private network).
 
     ``fallback``: if ``port`` is taken (a second daemon on one machine), take a free one.
     """
+    host = host or os.environ.get("OPENGEM_METRICS_HOST") or "127.0.0.1"
     with _server_lock:
         key = (host, port)
         if port and key in _servers:
@@ -132,3 +189,39 @@ def observe_examples(examples: Iterable) -> None:
             JOINER_LABELS.labels(ex.surface, "click").inc()
         if ex.conversion:
             JOINER_LABELS.labels(ex.surface, "conversion").inc()
+
+
+class _Off:
+    """A metric that records nothing: what :func:`disable` puts in place of every metric."""
+
+    def labels(self, *args: object, **kw: object) -> "_Off":
+        return self
+
+    def inc(self, *args: object, **kw: object) -> None:
+        pass
+
+    dec = set = observe = remove = clear = set_to_current_time = inc
+
+
+def disable() -> None:
+    """Replace every metric of this module by a no-op (``OPENGEM_METRICS=off``).
+
+    For measuring what metrics cost on the hot paths (``bench/ingest.py``,
+    ``bench/serve.py``): the call sites look metrics up as module attributes
+    (``metrics.SERVE_REQUESTS``), so they record nothing after this.
+    """
+    from prometheus_client.metrics import MetricWrapperBase
+
+    g = globals()
+    for name, v in list(g.items()):
+        if isinstance(v, MetricWrapperBase):
+            g[name] = _Off()
+
+
+def enabled() -> bool:
+    return not isinstance(globals().get("STREAM_RECORDS"), _Off)
+
+
+# Keep last: every metric above is defined by now.
+if os.environ.get("OPENGEM_METRICS", "on").strip().lower() in ("off", "0", "false", "no"):
+    disable()
