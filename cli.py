@@ -183,7 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {"preset": args.preset, "model": args.model, "batch_size": args.batch_size,
              "checkpoint_every_s": args.checkpoint_every, "checkpoint_every_steps": args.checkpoint_every_steps,
              "publish_every_s": args.publish_every, "publish_every_steps": args.publish_every_steps,
-             "metrics_port": args.metrics_port, "device": args.device}
+             "metrics_port": args.metrics_port, "device": args.device, "negative_rate": args.negative_rate,
+             "max_delay_s": args.max_delay}
     changed = {k: v for k, v in flags.items() if v is not None}
     if args.metrics_port is not None and args.metrics_port < 0:
         changed["metrics_port"] = None
@@ -192,8 +193,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = Stop()
     stats = run_trainer(cfg, tcfg, bootstrap, stop=lambda: bool(stop), fresh=args.fresh,
                         max_examples=args.max_examples, idle_exit_s=args.idle_exit)
-    print(f"trainer stopped: {stats.steps:,} steps, {stats.examples:,} examples, version {stats.published or '-'}, "
-          f"checkpoint {stats.checkpoint or '-'}", flush=True)
+    sampled = f" (+{stats.sampled_out:,} negatives sampled out)" if stats.sampled_out else ""
+    print(f"trainer stopped: {stats.steps:,} steps, {stats.examples:,} examples{sampled}, version "
+          f"{stats.published or '-'}, checkpoint {stats.checkpoint or '-'}", flush=True)
     return 0
 
 
@@ -264,6 +266,52 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from opengem.ops.live import run_monitor
+    from opengem.stream.broker import resolve_bootstrap
+
+    cfg = _load(args, **{"monitor.score_fraction": args.score_fraction})
+    bootstrap, _ = resolve_bootstrap(cfg.kafka.bootstrap, cfg.data_dir)
+    stop = Stop()
+    mon = run_monitor(cfg, bootstrap, stop=lambda: bool(stop), start=args.start, idle_exit_s=args.idle_exit,
+                      metrics_port=args.metrics_port, echo=lambda s: print(s, flush=True))
+    print(f"monitor stopped: {mon.counts['examples']:,} examples, {mon.counts['scored']:,} scored", flush=True)
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from opengem.ops import headline
+
+    if args.prometheus:
+        snap, down = headline.from_prometheus(args.prometheus), []
+        where = args.prometheus
+    else:
+        targets = args.targets.split(",") if args.targets else list(headline.DEFAULT_TARGETS)
+        snap, down = headline.scrape(targets)
+        where = ", ".join(targets)
+    print(f"opengem headline metrics from {where}:")
+    print(headline.format_headline(snap, down=down))
+    return 0 if snap else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from opengem.ops import headline, report
+
+    if bool(args.run) == bool(args.prometheus):
+        raise ValueError("give exactly one of --run FILE or --prometheus URL")
+    if args.run:
+        timeline, title = report.load_run(args.run), f"opengem run {args.run}"
+    else:
+        end = time.time()
+        timeline = headline.timeline_from_prometheus(args.prometheus, end - args.since, end, args.step)
+        title = f"opengem, last {args.since:,.0f} s from {args.prometheus}"
+    out = report.render(timeline, args.out, title)
+    print(f"wrote {out} ({len(timeline)} snapshots)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opengem.demo import run_demo
 
@@ -326,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int,
                    help="Prometheus on 127.0.0.1:PORT+rank (default 9102; a free port if taken; -1: off)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--negative-rate", type=float,
+                   help="train every positive and this fraction of the negatives, weighted 1/rate so predictions "
+                        "stay calibrated (default 1: all)")
+    p.add_argument("--max-delay", type=float,
+                   help="adaptive rate: lower it while trained examples are older than this many seconds "
+                        "(default 0: fixed rate)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the checkpoints and start a new model (needed after the examples topic was "
                         "created again, e.g. a restarted embedded broker)")
@@ -363,6 +417,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("monitor", help="conversion funnel + live quality of the served model + consumer lag "
+                       "(Prometheus on 127.0.0.1:9104)")
+    _common(p)
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9104; a free port if taken; -1: off)")
+    p.add_argument("--start", choices=("latest", "earliest"),
+                   help="where to start without committed offsets (default [monitor] start: latest)")
+    p.add_argument("--score-fraction", type=float,
+                   help="fraction of the examples scored with the served model (default 1; the funnel counts all)")
+    p.add_argument("--idle-exit", type=float, help="stop once no example came for this many seconds")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("metrics", help="print the headline metrics of the running daemons")
+    p.add_argument("--targets", help="comma-separated host:port metrics endpoints "
+                   "(default 127.0.0.1:9101,9102,9103,9104: stream, train, serve, monitor)")
+    p.add_argument("--prometheus", help="query this Prometheus server instead, e.g. http://127.0.0.1:9090")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("report", help="render a run's conversion and quality metrics as a PNG")
+    p.add_argument("--run", help="a run's metrics JSON (opengem demo writes <data-dir>/logs/demo-metrics.json)")
+    p.add_argument("--prometheus", help="or a Prometheus server's URL, e.g. http://127.0.0.1:9090")
+    p.add_argument("--since", type=float, default=3600, help="with --prometheus: seconds back from now (default 3600)")
+    p.add_argument("--step", type=float, default=15, help="with --prometheus: seconds between points (default 15)")
+    p.add_argument("-o", "--out", default="opengem-report.png", help="PNG file to write")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="start the whole system on the embedded broker and show it working")
     _common(p)

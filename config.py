@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from opengem.model.train_config import TrainConfig
+from opengem.ops.config import MonitorConfig
 from opengem.serving.config import ServeConfig
 from opengem.stream.events import DEFAULT_SURFACES
 
@@ -63,6 +64,7 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     sim: Any = None  # opengem.stream.simulator.SimConfig, filled in by load()
 
     def __post_init__(self) -> None:

@@ -138,6 +138,13 @@ class WorkerProcess:
         return "worker up" if self.proc is not None and self.proc.poll() is None else "worker down"
 
 
+# The demo's trainer settings (bench/train.py's freshness run uses the same): a version every
+# 5 s, and negative downsampling -- every click, 10 % of the other examples weighted 10 (the
+# model stays calibrated), lowered down to 1 % while the examples being trained are more than
+# 10 s old -- so the tiny preset keeps up with the ~3-4k examples/s of 20k events/s on 2 cores.
+TRAIN_FLAGS = ("--publish-every", "5", "--negative-rate", "0.1", "--max-delay", "10")
+
+
 class TrainerProcess(WorkerProcess):
     """`opengem train` as its own process: learns from opengem.examples, publishes to <data>/models."""
 
@@ -148,7 +155,7 @@ class TrainerProcess(WorkerProcess):
 
         self._subprocess = subprocess
         self.cmd = [sys.executable, "-m", "opengem.cli", "train", "--bootstrap", bootstrap, "--data-dir",
-                    cfg.data_dir, "--preset", preset] + (["--fresh"] if fresh else [])
+                    cfg.data_dir, "--preset", preset, *TRAIN_FLAGS] + (["--fresh"] if fresh else [])
         self.log_path = f"{cfg.data_dir}/logs/train.log"
         self.models_dir = cfg.serve.models_path(cfg.data_dir)
         self.proc = None
@@ -336,6 +343,81 @@ class EventMonitor(_Thread):
                 + (f" | dlq {sum(self.dlq.values()):,}" if self.dlq else ""))
 
 
+class LiveMonitorProcess(WorkerProcess):
+    """`opengem monitor` as its own process: funnel, live quality of the served version, lag."""
+
+    name = "live monitor"
+
+    def __init__(self, cfg: Config, bootstrap: str, metrics_port: int, score_fraction: float):
+        import subprocess
+
+        self._subprocess = subprocess
+        self.cmd = [sys.executable, "-m", "opengem.cli", "monitor", "--bootstrap", bootstrap, "--data-dir",
+                    cfg.data_dir, "--start", "earliest", "--metrics-port", str(metrics_port),
+                    "--score-fraction", str(score_fraction)]
+        self.log_path = f"{cfg.data_dir}/logs/monitor.log"
+        self.proc = None
+
+    def status(self) -> str:
+        return "monitor up" if self.proc is not None and self.proc.poll() is None else "monitor down"
+
+
+def _port(preferred: int) -> int:
+    """``preferred`` if it is free on 127.0.0.1, else a free one (a second demo on one machine)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MetricsRecorder(_Thread):
+    """Scrapes every daemon's /metrics every ``interval_s`` into the run's JSON timeline
+    (``opengem report --run`` plots it; :mod:`opengem.ops.headline` defines what is kept)."""
+
+    name = "metrics recorder"
+
+    def __init__(self, targets: dict[str, str], path: str, interval_s: float = 2.0):
+        super().__init__()
+        self.targets, self.path, self.interval_s = targets, path, interval_s
+        self.timeline: list = []
+
+    def snapshot(self) -> None:
+        from opengem.ops import headline
+
+        snap, _ = headline.scrape(self.targets.values(), timeout_s=2.0)
+        if snap:
+            self.timeline.append((time.time(), snap))
+
+    def loop(self) -> None:
+        from opengem.ops.report import save_run
+
+        while not self._stop.wait(self.interval_s):
+            self.snapshot()
+            save_run(self.path, self.timeline, {"targets": self.targets})
+
+    def status(self) -> str:
+        return f"{len(self.timeline)} metric snapshots"
+
+
+def _ops_summary(recorder: MetricsRecorder, data_dir: str) -> None:
+    """The headline metrics of the last snapshot, the run's JSON and its PNG report."""
+    from opengem.ops import headline, report
+
+    if not recorder.timeline:
+        return
+    report.save_run(recorder.path, recorder.timeline, {"targets": recorder.targets})
+    print("\nheadline metrics (scraped from " + ", ".join(f"{k} :{v.rsplit(':', 1)[1]}"
+                                                        for k, v in recorder.targets.items()) + "):")
+    print(headline.format_headline(recorder.timeline[-1][1], now=recorder.timeline[-1][0]))
+    if len(recorder.timeline) >= 2:
+        png = report.render(recorder.timeline, f"{data_dir}/logs/demo-report.png", "opengem demo")
+        print(f"metrics timeline: {recorder.path}; plots: {png} (opengem report --run {recorder.path})")
+
+
 def _table(title: str, counts: Counter[str], total: int) -> str:
     lines = [f"  {title:<12}{'events':>12}{'share':>9}"]
     for k, n in counts.most_common():
@@ -369,13 +451,29 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
     source = SimulatorSource(cfg, bootstrap, rate, fmt)
     trainer = TrainerProcess(cfg, bootstrap, train_preset, fresh=embedded and broker is not None)
     server = RankingServer(cfg)
-    components: list = [worker, trainer, monitor, source, server]
+    # Metrics: every daemon on its default port when free; the demo process serves the server's.
+    from opengem.ops import metrics as ops_metrics
+    from opengem.ops.promserver import prepare as prepare_prometheus
+
+    ports = {job: _port(p) for job, p in (("stream", 9101), ("train", 9102), ("monitor", 9104))}
+    worker.cmd += ["--metrics-port", str(ports["stream"])]
+    trainer.cmd += ["--metrics-port", str(ports["train"])]
+    ports["serve"] = ops_metrics.serve(cfg.serve.metrics_port)
+    live = LiveMonitorProcess(cfg, bootstrap, ports["monitor"], score_fraction=0.25)
+    targets = {job: f"127.0.0.1:{ports[job]}" for job in ("stream", "train", "serve", "monitor")}
+    recorder = MetricsRecorder(targets, f"{cfg.data_dir}/logs/demo-metrics.json")
+    prom_cfg = prepare_prometheus(f"{cfg.data_dir}/prometheus", {f"opengem-{j}": [t] for j, t in targets.items()})
+    print("metrics: " + ", ".join(f"{j} http://{t}/metrics" for j, t in targets.items())
+          + f"; Prometheus config for this run: {prom_cfg}")
+    components: list = [worker, trainer, live, monitor, source, server, recorder]
     rc = 0
     try:
         worker.start()
         trainer.start()
+        live.start()
         server.start()
         monitor.start()
+        recorder.start()
         source.start()
         print(f"simulating {'as fast as possible' if rate == 0 else f'{rate:,.0f} events/s'} "
               f"({fmt} records) — {'Ctrl-C to stop' if duration_s == 0 else f'{duration_s:.0f}s, Ctrl-C to stop early'}")
@@ -403,8 +501,11 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
         # finishes its batch and flushes its examples, the monitor sees them.
         source.stop()
         monitor.drain(source.sent, timeout_s=5.0)
+        recorder.stop()
+        recorder.snapshot()  # the last one, while every daemon still answers
         worker.stop()
         trainer.stop()  # trains what is left, checkpoints and publishes once more
+        live.stop()
         time.sleep(1.0)
         monitor.stop()
         if broker is not None:
@@ -435,8 +536,12 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
         prog = meta.get("progressive") or {}
         figs = ", ".join(f"{t} NE {s_['ne']:.3f} AUC {s_['auc']:.3f} over the last {s_['n']:,}"
                          for t, s_ in prog.items() if s_.get("ne") == s_.get("ne"))
+        newest = meta.get("trained_until_record_ts_ms") or 0
+        age = (f" (its newest example entered Kafka {meta['created_at'] - newest / 1000:.1f} s before it was written)"
+               if newest and "created_at" in meta else "")
         print(f"\ntrainer ({train_preset} preset): published version {meta['version']} after {meta['step']:,} steps "
-              f"in {trainer.models_dir}; progressive validation (scored before training): {figs or 'n/a'}")
+              f"in {trainer.models_dir}{age}; progressive validation (scored before training): {figs or 'n/a'}")
+    _ops_summary(recorder, cfg.data_dir)
     try:
         if rc == 0 and server.svc is not None:
             _rank_some(server, list(monitor.recent))

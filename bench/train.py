@@ -26,11 +26,15 @@ starts.
   counted with its tables shrunk to 4k rows (dense parts identical); its
   throughput is measured with full tables only without ``--quick``.
 * ``freshness_s``: the demo configuration live (simulator at ``--rate`` events/s,
-  worker, `opengem train` as its own process with the demo's preset and a
-  5 s publication interval): probe impressions with known ids are sent every few
+  worker, `opengem train` as its own process with the demo's preset and
+  settings, :data:`opengem.demo.TRAIN_FLAGS`: a 5 s publication interval and
+  negative downsampling): probe impressions with known ids are sent every few
   seconds; for each, the seconds from its Kafka ack to the first published
   version whose cursors cover its example (versions watched every 0.2 s).
-  Median (``freshness_s``) and max; goal < 60 s.
+  Median (``freshness_s``; null when under half the probes made it into a
+  version) and max; goal < 60 s. ``freshness_baseline``: the same run without
+  downsampling (``--negative-rate 1``), measured in the same session.
+  ``--freshness-only`` skips everything else.
 
 CPU threads: ``TrainConfig.threads`` (1, the daemon's default) everywhere.
 """
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,23 +122,24 @@ def daemon(cfg: Any, tcfg: Any, info: Any, work: Path, m: int, tag: str) -> floa
 
 
 def freshness(pipe: Pipeline, sim: Any, work: Path, *, rate: float, seconds: float, preset: str,
-              probe_every_s: float = 4.0) -> dict:
-    """Probes through the live pipeline into a trainer process; seconds to the first covering version."""
+              flags: tuple[str, ...], tag: str, probe_every_s: float = 4.0) -> dict:
+    """Probes through the live pipeline into a trainer process (``flags`` on its command line);
+    seconds to the first covering version."""
     from opengem.stream.events import Event
     from opengem.stream.producer import EventProducer
     from opengem.stream.simulator import AD_ID_BASE
 
-    models = work / "fresh-models"
-    conf = work / "fresh.toml"
+    models = work / f"fresh-models-{tag}"
+    conf = work / f"fresh-{tag}.toml"
     k = pipe.cfg.kafka
     conf.write_text("\n".join([
         f'data_dir = "{pipe.data_dir}"', "[kafka]", f"partitions = {pipe.partitions}", "[train]",
-        f'preset = "{preset}"', 'start = "latest"', "publish_every_s = 5.0", "keep_versions = 100000",
-        f'models_dir = "{models}"', f'checkpoint_dir = "{work / "fresh-ckpt"}"', "report_every_s = 5.0"]) + "\n")
-    log = work / "fresh-train.log"
+        f'preset = "{preset}"', 'start = "latest"', "keep_versions = 100000", f'models_dir = "{models}"',
+        f'checkpoint_dir = "{work / f"fresh-ckpt-{tag}"}"', "report_every_s = 5.0"]) + "\n")
+    log = work / f"fresh-train-{tag}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "opengem.cli", "train", "--config", str(conf), "--bootstrap",
-                             pipe.bootstrap, "--metrics-port", "-1", "--fresh"],
+                             pipe.bootstrap, "--metrics-port", "-1", "--fresh", *flags],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
     seen: dict[str, float] = {}  # version -> wall time first seen
     stop_watch = threading.Event()
@@ -162,7 +168,7 @@ def freshness(pipe: Pipeline, sim: Any, work: Path, *, rate: float, seconds: flo
             if now - last_probe[0] < probe_every_s:
                 return
             last_probe[0] = now
-            rid = f"probe-{len(probes)}"
+            rid = f"probe-{tag}-{len(probes)}"
             prod.send([Event(event_id=rid, user_id=len(probes) % 1000, ts=max_ts, surface="feed", kind="impression",
                              item_id=AD_ID_BASE, is_ad=True, request_id=rid, ad_format="image", advertiser_id=0,
                              category=0)])
@@ -197,10 +203,67 @@ def freshness(pipe: Pipeline, sim: Any, work: Path, *, rate: float, seconds: flo
     vals = sorted(covered.get(rid, float("inf")) for rid in where)
     med = vals[len(vals) // 2] if vals else float("inf")
     done = [v for v in vals if v != float("inf")]
+    text = log.read_text()
+    rates = re.findall(r"r=([\d.e-]+)\)", text)
+    stopped = re.findall(r"trainer stopped: [\d,]+ steps, ([\d,]+) examples(?: \(\+([\d,]+) negatives)?", text)
+    trained, sampled_out = (int(v.replace(",", "") or 0) for v in stopped[-1]) if stopped else (None, None)
     return {"freshness_s": med if med != float("inf") else None, "freshness_max_s": max(done) if done else None,
             "freshness_covered_median_s": done[len(done) // 2] if done else None,
             "probes_sent": len(probes), "probes_as_examples": len(where), "probes_in_a_version": len(covered),
-            "versions_published": len(seen), "trainer_log": str(log)}
+            "versions_published": len(seen), "trainer_flags": list(flags),
+            "negative_rate_last": float(rates[-1]) if rates else 1.0,
+            "trained_examples": trained, "sampled_out_examples": sampled_out, "trainer_log": str(log)}
+
+
+def throughput(pipe: Pipeline, sim: Any, work: Path, tcfg: Any, args: Any, n_events: int) -> dict:
+    """The daemon vs the offline ceiling vs DLRM, and FLOPs per preset, on a backlog of ``n_events``."""
+    from opengem.features.sharded import ShardedReader
+    from opengem.model.distributed import init_distributed
+    from opengem.model.trainer import model_config
+
+    n_batches = 8 if args.quick else 24
+    t0 = time.monotonic()
+    produce(pipe.bootstrap, sim, n_events)
+    records = pipe.wait_settled()
+    examples = pipe.read_examples()
+    print(f"{n_events:,} events -> {len(examples):,} examples in {records:,} records "
+          f"({time.monotonic() - t0:.0f}s, worker included)", flush=True)
+    m = min(len(examples), n_batches * tcfg.batch_size)
+    info = init_distributed("cpu")
+    surfaces = pipe.cfg.surfaces
+    reader = ShardedReader(pipe.data_dir, pipe.partitions, secondary_root=work / "bench-reader")
+    reader.catch_up()
+
+    best = {"offline": 0.0, "daemon": 0.0}
+    mcfg = model_config(tcfg, surfaces)
+    for r in range(args.repeats):
+        off = offline(examples[:m], reader, "gem", mcfg, tcfg, info, n_batches)
+        best["offline"] = max(best["offline"], off["offline_examples_per_s"])
+        d = daemon(pipe.cfg, tcfg, info, work, m, f"{r}")
+        best["daemon"] = max(best["daemon"], d)
+        print(f"repeat {r}: offline {off['offline_examples_per_s']:,.0f} ex/s, daemon {d:,.0f} ex/s", flush=True)
+
+    per_preset: dict[str, dict] = {}
+    for name in ("tiny", "base", "large"):
+        pc = dataclasses.replace(tcfg, preset=name, batch_size=32 if name == "large" else tcfg.batch_size)
+        nb = 4 if name == "large" else n_batches
+        per_preset[name] = offline(examples[: nb * pc.batch_size], reader, "gem", model_config(pc, surfaces),
+                                   pc, info, nb, speed=not (name == "large" and args.quick))
+        print(f"{name}: {per_preset[name]}", flush=True)
+    dl = offline(examples[:m], reader, "dlrm", model_config(dataclasses.replace(tcfg, model="dlrm"), surfaces),
+                 dataclasses.replace(tcfg, model="dlrm"), info, n_batches)
+    per_preset["dlrm"] = dl
+    dlrm_plain = plain_dlrm(examples[:m], reader, surfaces, tcfg.batch_size)
+    reader.close()
+    return {
+        "examples_per_s": best["daemon"],
+        "offline_examples_per_s": best["offline"],
+        "ratio_to_offline": best["daemon"] / best["offline"],
+        "dlrm_examples_per_s": dlrm_plain,
+        "flops_per_example": per_preset[args.preset]["flops_per_example"],
+        "per_preset": per_preset,
+        "examples_measured": m,
+    }
 
 
 def main() -> None:
@@ -210,18 +273,17 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=20_000, help="events/s of the live freshness run (demo default)")
     ap.add_argument("--fresh-preset", default="tiny", help="trainer preset of the live freshness run (the demo's)")
     ap.add_argument("--no-freshness", action="store_true")
+    ap.add_argument("--freshness-only", action="store_true", help="only the live freshness runs")
     args = ap.parse_args()
     import torch
 
-    from opengem.features.sharded import ShardedReader
-    from opengem.model.distributed import init_distributed
+    from opengem.demo import TRAIN_FLAGS
     from opengem.model.train_config import TrainConfig
-    from opengem.model.trainer import model_config, quiet_torchrec
+    from opengem.model.trainer import quiet_torchrec
     from opengem.stream.simulator import SimConfig, Simulator
 
     quiet_torchrec()
     n_events = 60_000 if args.quick else 200_000
-    n_batches = 8 if args.quick else 24
     tcfg = TrainConfig(preset=args.preset)
     torch.set_num_threads(tcfg.threads)
     work = Path(tempfile.mkdtemp(prefix="opengem-bench-train-"))
@@ -229,71 +291,45 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         sim = Simulator(SimConfig())
-        t0 = time.monotonic()
-        produce(pipe.bootstrap, sim, n_events)
-        records = pipe.wait_settled()
-        examples = pipe.read_examples()
-        print(f"{n_events:,} events -> {len(examples):,} examples in {records:,} records "
-              f"({time.monotonic() - t0:.0f}s, worker included)", flush=True)
-        m = min(len(examples), n_batches * tcfg.batch_size)
-        info = init_distributed("cpu")
-        surfaces = pipe.cfg.surfaces
-        reader = ShardedReader(pipe.data_dir, pipe.partitions, secondary_root=work / "bench-reader")
-        reader.catch_up()
-
-        best = {"offline": 0.0, "daemon": 0.0}
-        mcfg = model_config(tcfg, surfaces)
-        for r in range(args.repeats):
-            off = offline(examples[:m], reader, "gem", mcfg, tcfg, info, n_batches)
-            best["offline"] = max(best["offline"], off["offline_examples_per_s"])
-            d = daemon(pipe.cfg, tcfg, info, work, m, f"{r}")
-            best["daemon"] = max(best["daemon"], d)
-            print(f"repeat {r}: offline {off['offline_examples_per_s']:,.0f} ex/s, daemon {d:,.0f} ex/s", flush=True)
-
-        per_preset: dict[str, dict] = {}
-        for name in ("tiny", "base", "large"):
-            pc = dataclasses.replace(tcfg, preset=name, batch_size=32 if name == "large" else tcfg.batch_size)
-            nb = 4 if name == "large" else n_batches
-            per_preset[name] = offline(examples[: nb * pc.batch_size], reader, "gem", model_config(pc, surfaces),
-                                       pc, info, nb, speed=not (name == "large" and args.quick))
-            print(f"{name}: {per_preset[name]}", flush=True)
-        dl = offline(examples[:m], reader, "dlrm", model_config(dataclasses.replace(tcfg, model="dlrm"), surfaces),
-                     dataclasses.replace(tcfg, model="dlrm"), info, n_batches)
-        per_preset["dlrm"] = dl
-        dlrm_plain = plain_dlrm(examples[:m], reader, surfaces, tcfg.batch_size)
-        reader.close()
-
-        results = {
-            "examples_per_s": best["daemon"],
-            "offline_examples_per_s": best["offline"],
-            "ratio_to_offline": best["daemon"] / best["offline"],
-            "dlrm_examples_per_s": dlrm_plain,
-            "flops_per_example": per_preset[args.preset]["flops_per_example"],
-            "per_preset": per_preset,
-            "examples_measured": m,
-        }
+        if not args.freshness_only:
+            results.update(throughput(pipe, sim, work, tcfg, args, n_events))
         if not args.no_freshness:
-            results.update(freshness(pipe, sim, work, rate=args.rate, seconds=45 if args.quick else 90,
-                                     preset=args.fresh_preset))
+            live = dict(rate=args.rate, seconds=45 if args.quick else 90, preset=args.fresh_preset)
+            results.update(freshness(pipe, sim, work, flags=TRAIN_FLAGS, tag="demo", **live))
+            print(f"demo settings {' '.join(TRAIN_FLAGS)}: {results['probes_in_a_version']} of "
+                  f"{results['probes_as_examples']} probes in a version, median {results['freshness_s']} s", flush=True)
+            results["freshness_baseline"] = freshness(
+                pipe, sim, work, flags=(*TRAIN_FLAGS, "--negative-rate", "1", "--max-delay", "0"), tag="baseline",
+                **live)
     finally:
         pipe.stop()
-    rows = [
-        ["daemon (Kafka → store reads → batches → steps)", results["examples_per_s"], ""],
-        ["offline, batches in memory (ceiling)", results["offline_examples_per_s"], ""],
-        ["ratio daemon / offline", results["ratio_to_offline"], "goal >= 0.80"],
-        ["plain TorchRec DLRM loop", results["dlrm_examples_per_s"], "context"],
-    ]
-    for name, p in results["per_preset"].items():
-        rows.append([f"{name}: offline ex/s | GFLOP/example (fwd+bwd)",
-                     f"{p['offline_examples_per_s'] or 0:,.0f} | {p['flops_per_example'] / 1e9:.4f}", ""])
-    if "freshness_s" in results:
-        rows.append(["freshness median / max (s)", f"{results['freshness_s']} / {results['freshness_max_s']}",
-                     "goal < 60"])
+    rows = []
+    if "examples_per_s" in results:
+        rows += [
+            ["daemon (Kafka → store reads → batches → steps)", results["examples_per_s"], ""],
+            ["offline, batches in memory (ceiling)", results["offline_examples_per_s"], ""],
+            ["ratio daemon / offline", results["ratio_to_offline"], "goal >= 0.80"],
+            ["plain TorchRec DLRM loop", results["dlrm_examples_per_s"], "context"],
+        ]
+        for name, p in results["per_preset"].items():
+            rows.append([f"{name}: offline ex/s | GFLOP/example (fwd+bwd)",
+                         f"{p['offline_examples_per_s'] or 0:,.0f} | {p['flops_per_example'] / 1e9:.4f}", ""])
+    for label, f in (("demo settings", results), ("no downsampling", results.get("freshness_baseline"))):
+        if f and "freshness_s" in f:
+            rows.append([f"freshness median / max (s), {label}",
+                         f"{_fmt(f['freshness_s'])} / {_fmt(f['freshness_max_s'])} "
+                         f"({f['probes_in_a_version']} of {f['probes_as_examples']} probes; "
+                         f"r at the end {f['negative_rate_last']:g})", "goal < 60"])
     print(_common.table(rows, ["measurement", "value", "note"]))
     _common.write(args.out, "train", {"preset": args.preset, "events": n_events, "quick": args.quick,
                                       "repeats": args.repeats, "rate": args.rate, "fresh_preset": args.fresh_preset,
-                                      "threads": tcfg.threads, "batch_size": tcfg.batch_size}, results)
+                                      "freshness_only": args.freshness_only, "threads": tcfg.threads,
+                                      "batch_size": tcfg.batch_size}, results)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
 
 
 def plain_dlrm(examples: list, reader: Any, surfaces: tuple, batch_size: int) -> float:

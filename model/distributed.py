@@ -188,12 +188,20 @@ def local_state(dmp: nn.Module, optimizer: Any) -> dict[str, Any]:
 
 def load_local_state(dmp: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
     """Inverse of :func:`local_state` on a model sharded with the same plan."""
+    from torchrec.optim.keyed import CombinedOptimizer
+
     _into(dmp.state_dict(), state["model"], "model")
     # Adam's state is lazy: materialize it (a zero-gradient step leaves the weights
-    # unchanged) so the checkpoint can be copied into it.
-    for _, opt in optimizer.optimizers:
+    # unchanged) so the checkpoint can be copied into it -- except for parameters that
+    # had no gradient yet when it was written (a pyramid level only long histories
+    # reach): those stay lazy, as in the run that wrote it.
+    saved = state["optimizer"].get("state", {})
+    for name, opt in optimizer.optimizers:
         if not opt.state:
             opt.init_state()
+        for key, param in opt.params.items():
+            if CombinedOptimizer.prepend_opt_key(key, name) not in saved:
+                opt.state.pop(param, None)
     for p in dmp.parameters():
         p.grad = None
     current = optimizer.state_dict()

@@ -19,6 +19,12 @@ The worker re-sends examples it produced but never saw acknowledged before a
 crash (at-least-once, ``example_id`` = request id). A window of recent ids
 (checkpointed too) drops those duplicates; re-sends land in the same
 partition as the original (same user key), so each rank's window suffices.
+
+With negative downsampling (:mod:`opengem.model.sampling`) the source asks
+``weigh(example)`` for each example: 0 drops it (the cursor moves past it, it
+is never trained), anything else is its training weight. Sampling comes before
+the dedup window: a dropped example never enters it, and a re-send of one is
+dropped again by the same deterministic decision.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from opengem.stream.joiner import Example, decode_examples
 
@@ -43,6 +49,7 @@ class Item(NamedTuple):
     partition: int
     example: Example
     record_ts_ms: int  # Kafka timestamp of the example's record (producer CreateTime)
+    weight: float = 1.0  # training weight (1/r for a kept negative under downsampling)
 
 
 @dataclass
@@ -91,12 +98,13 @@ class ExampleSource:
     """Examples of the given partitions, in offset order per partition, with cursors.
 
     ``start``: partition -> Cursor from a checkpoint; partitions without one start
-    at ``reset`` ("earliest" | "latest").
+    at ``reset`` ("earliest" | "latest"). ``weigh``: example -> training weight,
+    0 = drop (default: every example, weight 1).
     """
 
     def __init__(self, bootstrap: str, topic: str, partitions: list[int], *, start: dict[int, Cursor] | None = None,
                  reset: str = "earliest", group_id: str | None = "opengem-train", dedup: DedupWindow | None = None,
-                 client_id: str = "opengem-train"):
+                 client_id: str = "opengem-train", weigh: Callable[[Example], float] | None = None):
         from kafka import KafkaConsumer, TopicPartition
 
         self.topic = topic
@@ -123,9 +131,11 @@ class ExampleSource:
             else:
                 self._consumer.seek_to_end(tp)
         self.dedup = dedup or DedupWindow(0)
+        self.weigh = weigh
         self._buf: deque[_Pending] = deque()
         self._buffered = 0
         self.duplicates = 0
+        self.sampled_out = 0  # negatives dropped by ``weigh``
         self.bad_records = 0
 
     # -- reading -----------------------------------------------------------------------------
@@ -153,34 +163,44 @@ class ExampleSource:
         return self._buffered
 
     def take(self, n: int, timeout_s: float = 0.0) -> list[Item]:
-        """Up to ``n`` examples, waiting at most ``timeout_s`` to fill the request.
+        """Up to ``n`` examples, waiting at most ``timeout_s`` to fill the request
+        (polling at least once when the buffer cannot fill it).
 
-        Cursors advance past everything returned (and past duplicates and empty
-        records on the way).
+        Cursors advance past everything returned (and past duplicates, sampled-out
+        examples and empty records on the way).
         """
         deadline = time.monotonic() + timeout_s
-        while self._buffered < n:
+        out: list[Item] = []
+        self._drain(out, n)
+        while len(out) < n:
             self._fetch(max(0.0, deadline - time.monotonic()))
+            self._drain(out, n)
             if time.monotonic() >= deadline:
                 break
-        out: list[Item] = []
+        return out
+
+    def _drain(self, out: list[Item], n: int) -> None:
+        """Move buffered examples into ``out`` until it holds ``n``, advancing the cursors."""
         while self._buf and len(out) < n:
             pend = self._buf[0]
             while pend.next_index < len(pend.examples) and len(out) < n:
                 ex = pend.examples[pend.next_index]
                 pend.next_index += 1
                 self._buffered -= 1
+                weight = 1.0 if self.weigh is None else self.weigh(ex)
+                if weight <= 0:
+                    self.sampled_out += 1
+                    continue
                 if ex.example_id in self.dedup:
                     self.duplicates += 1
                     continue
                 self.dedup.add(ex.example_id)
-                out.append(Item(pend.partition, ex, pend.ts_ms))
+                out.append(Item(pend.partition, ex, pend.ts_ms, weight))
             if pend.next_index >= len(pend.examples):
                 self._buf.popleft()
                 self.cursors[pend.partition] = Cursor(pend.offset + 1, 0)
             else:
                 self.cursors[pend.partition] = Cursor(pend.offset, pend.next_index)
-        return out
 
     # -- bookkeeping -------------------------------------------------------------------------
     def lag(self) -> dict[int, int]:

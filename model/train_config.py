@@ -26,7 +26,19 @@ class TrainConfig:
     publish_every_s: float = 10.0
     publish_every_steps: int = 0
     keep_versions: int = 5
-    # Progressive-validation window per (surface, task), in examples.
+    # Negative downsampling (model/sampling.py): train every example with a positive label and
+    # a fraction r of the others (chosen by a hash of the example id and ``sample_seed``, so a
+    # replay keeps the same ones), each kept negative with weight 1/r -- predictions stay
+    # calibrated, progressive metrics are weighted the same way. 1.0 = off (exact).
+    negative_rate: float = 1.0
+    # Adaptive r (0 = off): while the examples being trained are older than this (seconds from
+    # their record entering Kafka), r falls (x0.8 a second) down to ``negative_rate_min``; under
+    # half of it, r climbs back (x1.1 a second) up to ``negative_rate``. Exported as
+    # opengem_train_negative_rate. Replays after a crash may then sample differently.
+    max_delay_s: float = 0.0
+    negative_rate_min: float = 0.01
+    sample_seed: int = 0
+    # Progressive-validation window per (surface, task), in examples (trained ones).
     metrics_window: int = 20_000
     # Prometheus on 127.0.0.1:<port> (+ rank); None: off.
     metrics_port: int | None = 9102
@@ -68,7 +80,15 @@ class TrainConfig:
             "device": self.device in ("", "cpu", "cuda"),
             "report_every_s": self.report_every_s > 0,
             "threads": self.threads >= 0,
+            "negative_rate": 0 < self.negative_rate <= 1,
+            "negative_rate_min": 0 < self.negative_rate_min <= 1,
+            "max_delay_s": self.max_delay_s >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"[train]: invalid value(s) for {bad}")
+
+    @property
+    def downsampling(self) -> bool:
+        """Whether negatives may be sampled out (a rate below 1, or an adaptive one)."""
+        return self.negative_rate < 1 or self.max_delay_s > 0

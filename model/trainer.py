@@ -29,6 +29,16 @@ checkpoint are trained again (at most ``checkpoint_every_s`` of them), none is
 skipped. Serving versions are published through :func:`opengem.model.registry.publish`
 (written, fsynced, renamed), with the cursors they cover in ``meta.json``.
 
+Negative downsampling (``negative_rate`` < 1, :mod:`opengem.model.sampling`).
+The source keeps every example with a positive label and a deterministic
+fraction r of the negatives (a keyed hash of the example id), so the cursors
+move past dropped ones without store reads or a step; a kept negative trains
+with weight 1/r in the per-example BCE on the funnel's impression-level
+logits, which keeps the model calibrated. Progressive validation is computed
+on the kept examples with the same weights (an unbiased estimate of the
+full-stream figures). With ``max_delay_s`` the rate follows the trainer's
+delay; it is exported as ``opengem_train_negative_rate``.
+
 The daemon binds its checkpoints to the examples topic's id, like the stream
 worker binds its shards: a topic created again (a restarted embedded broker)
 makes old cursors meaningless, and the trainer refuses them unless started
@@ -62,7 +72,7 @@ from opengem.model.data import examples_batch
 from opengem.model.distributed import (
     DistInfo, full_state_dict, load_local_state, local_state, make_optimizer, shard_model,
 )
-from opengem.model.metrics import WindowedMetrics
+from opengem.model.sampling import NegativeSampler, WeightedWindow
 from opengem.model.train_config import TrainConfig
 from opengem.stream.joiner import Example
 
@@ -122,7 +132,12 @@ class OnlineLearner:
         self.optimizer = make_optimizer(self.model, tcfg.lr)
 
     def step(self, batch: GemBatch, weight: torch.Tensor) -> torch.Tensor:
-        """Predict, then train on ``batch``. weight: (B,) 0/1 (0 = padding). Returns probs (B, T), pre-update."""
+        """Predict, then train on ``batch``. Returns probs (B, T), pre-update.
+
+        weight: (B,) per-example loss weights: 0 = padding, 1/r = a negative kept at
+        downsampling rate r. The loss is the weighted mean BCE, so its scale (and the
+        optimizers' step sizes) matches the unsampled stream's.
+        """
         batch = batch.to(self.info.device)
         weight = weight.to(self.info.device)
         self.model.train()
@@ -170,6 +185,7 @@ class TrainStats:
     steps: int = 0
     examples: int = 0  # trained by this rank (after dedup)
     duplicates: int = 0
+    sampled_out: int = 0  # negatives dropped by downsampling (this rank)
     published: str | None = None
     checkpoint: str | None = None
     started_at: float = field(default_factory=time.monotonic)
@@ -197,6 +213,10 @@ class Trainer:
         self.model_cfg = model_config(tcfg, cfg.surfaces)
         self.topic_id = topic_id(bootstrap, k.examples_topic) or ""
         self.stats = TrainStats()
+        self.surfaces = tuple(self.model_cfg.features.surfaces)
+        self.tasks = tuple(self.model_cfg.features.tasks)
+        self.sampler = NegativeSampler(tcfg.negative_rate, seed=tcfg.sample_seed, min_rate=tcfg.negative_rate_min,
+                                       max_delay_s=tcfg.max_delay_s)
         self.learner = OnlineLearner(tcfg.model, self.model_cfg, tcfg, info,
                                      compile_cache=root / "train" / "compile-cache")
 
@@ -214,22 +234,31 @@ class Trainer:
                                     start={p: c for p, c in cursors_from_state(start).items() if p in self.partitions},
                                     reset=tcfg.start, group_id=tcfg.group_id,
                                     dedup=DedupWindow(tcfg.dedup_window, dedup_ids),
-                                    client_id=f"opengem-train-{info.rank}")
+                                    client_id=f"opengem-train-{info.rank}",
+                                    weigh=self._weigh if tcfg.downsampling else None)
         readers = root / "train" / "readers" / f"rank{info.rank}"
         shutil.rmtree(readers, ignore_errors=True)
         self.reader = ShardedReader(cfg.data_dir, _partition_count(bootstrap, k.events_topic),
                                     topic=k.events_topic, secondary_root=readers)
-        self.window = WindowedMetrics(tcfg.metrics_window) if info.rank == 0 else None
-        self.surfaces = tuple(self.model_cfg.features.surfaces)
-        self.tasks = tuple(self.model_cfg.features.tasks)
+        self.window = WeightedWindow(tcfg.metrics_window) if info.rank == 0 else None
         now = time.monotonic()
         self._last_ckpt = self._last_pub = self._last_report = now
         self._ckpt_step = self._pub_step = self.stats.steps
-        self._report_examples = self._bad_seen = 0
+        self._report_examples = self._bad_seen = self._sampled_seen = 0
         self._published_at: float | None = None
         self._max_record_ts = 0
+        sampling = ""
+        if tcfg.downsampling:
+            sampling = f"; negatives downsampled to r={self.sampler.rate:g}"
+            if tcfg.max_delay_s > 0:
+                sampling += f" (adaptive down to {self.sampler.min_rate:g} beyond {tcfg.max_delay_s:g} s of delay)"
         self.echo(f"training {tcfg.model} {tcfg.preset if tcfg.model == 'gem' else ''} on {k.examples_topic} "
-                  f"partitions {self.partitions} (rank {info.rank} of {info.world_size}); versions -> {self.models_dir}")
+                  f"partitions {self.partitions} (rank {info.rank} of {info.world_size}); versions -> "
+                  f"{self.models_dir}{sampling}")
+
+    def _weigh(self, example: Example) -> float:
+        """The example's training weight under downsampling (0: not trained)."""
+        return self.sampler.weight(example.example_id, any(getattr(example, t) for t in self.tasks))
 
     # -- checkpoints -------------------------------------------------------------------------
     def _facts(self) -> dict[str, Any]:
@@ -254,6 +283,7 @@ class Trainer:
         self.stats.steps = int(state["step"])
         self.stats.examples = int(state["examples"])
         self.stats.checkpoint = path.name
+        self.sampler.restore(state.get("negative_rate"))
         self.echo(f"resumed from checkpoint {path.name}: step {self.stats.steps:,}, "
                   f"{self.stats.examples:,} examples on rank 0")
         return state["cursors"], list(state["dedup"])
@@ -262,7 +292,8 @@ class Trainer:
         from opengem.model.source import cursors_to_state
 
         state = {"learner": self.learner.state(), "cursors": cursors_to_state(self.source.cursors),
-                 "dedup": self.source.dedup.ids(), "step": self.stats.steps, "examples": self.stats.examples}
+                 "dedup": self.source.dedup.ids(), "step": self.stats.steps, "examples": self.stats.examples,
+                 "negative_rate": self.sampler.rate}
         path = ckpt.save(self.ckpt_dir, self.stats.steps, state, rank=self.info.rank,
                          world_size=self.info.world_size, facts=self._facts(), keep=self.tcfg.keep_checkpoints)
         self.source.commit(self.source.cursors)
@@ -332,6 +363,7 @@ class Trainer:
         try:
             while True:
                 items = self.source.take(t.batch_size, t.fill_timeout_s)
+                self.stats.sampled_out = self.source.sampled_out
                 now = time.monotonic()
                 if items:
                     last_example = now
@@ -375,7 +407,7 @@ class Trainer:
         examples = [it.example for it in items]
         filler = examples[0] if examples else Example(surface=self.surfaces[0], **_BLANK)
         weight = torch.zeros(n)
-        weight[: len(examples)] = 1.0
+        weight[: len(examples)] = torch.tensor([it.weight for it in items])
         examples += [filler] * (n - len(examples))
         self.reader.catch_up()  # every example was produced after its events were written: see them all
         batch = examples_batch(examples, self.reader, self.model_cfg)
@@ -388,6 +420,8 @@ class Trainer:
             m.TRAIN_EXAMPLES.labels(it.example.surface).inc()
             m.TRAIN_EXAMPLE_DELAY.observe(max(0.0, wall - it.record_ts_ms / 1000.0))
             self._max_record_ts = max(self._max_record_ts, it.record_ts_ms)
+        if items:
+            m.TRAIN_NEGATIVE_RATE.set(self.sampler.adapt(wall - max(it.record_ts_ms for it in items) / 1000.0))
         self._observe(probs.cpu(), batch, weight)
         dup = self.source.duplicates - self.stats.duplicates
         if dup:
@@ -396,7 +430,8 @@ class Trainer:
         m.TRAIN_BATCH_SECONDS.observe(time.monotonic() - t0)
 
     def _observe(self, probs: torch.Tensor, batch: GemBatch, weight: torch.Tensor) -> None:
-        """Progressive validation: gather (prediction, label, surface, weight) rows on rank 0."""
+        """Progressive validation: gather (prediction, label, surface, weight) rows on rank 0; the
+        windowed metrics weigh each row by its training weight (unbiased under downsampling)."""
         rows = torch.cat([probs, batch.labels.cpu(), batch.surface_idx.cpu()[:, None].float(), weight[:, None]], 1)
         if self.info.world_size > 1:
             parts = [torch.empty_like(rows) for _ in range(self.info.world_size)]
@@ -407,12 +442,13 @@ class Trainer:
         rows = rows[rows[:, -1] > 0].numpy()
         T = len(self.tasks)
         surf = rows[:, 2 * T].astype(np.int64)
+        w = rows[:, -1]
         for ti, task in enumerate(self.tasks):
             p, y = rows[:, ti], rows[:, T + ti]
-            self.window.add(("all", task), p, y)
+            self.window.add(("all", task), p, y, w)
             for si in np.unique(surf).tolist():
                 sel = surf == si
-                self.window.add((self.surfaces[si], task), p[sel], y[sel])
+                self.window.add((self.surfaces[si], task), p[sel], y[sel], w[sel])
 
     def report(self) -> None:
         from opengem.ops import metrics as m
@@ -429,6 +465,9 @@ class Trainer:
             m.TRAIN_MODEL_AGE.set(time.time() - self._published_at)
         m.TRAIN_BAD_RECORDS.inc(self.source.bad_records - self._bad_seen)
         self._bad_seen = self.source.bad_records
+        m.TRAIN_SAMPLED_OUT.inc(self.source.sampled_out - self._sampled_seen)
+        self._sampled_seen = self.source.sampled_out
+        m.TRAIN_NEGATIVE_RATE.set(self.sampler.rate)
         if self.window is None:
             return
         for (surface, task), s in self._summarize().items():
@@ -439,7 +478,9 @@ class Trainer:
                 gauge.labels(surface, task).set(s[key])
         prog = " ".join(f"NE[{task}]={s['ne']:.4f}" for task, s in self.stats.progressive.items()
                         if not math.isnan(s["ne"]))
-        self.echo(f"step {self.stats.steps:,} examples {self.stats.examples:,} ({rate:,.0f}/s) {prog} "
+        sampled = (f" (+{self.source.sampled_out:,} negatives sampled out, r={self.sampler.rate:.3g})"
+                   if self.tcfg.downsampling else "")
+        self.echo(f"step {self.stats.steps:,} examples {self.stats.examples:,}{sampled} ({rate:,.0f}/s) {prog} "
                   f"lag {sum(lag.values()):,} records | version {self.stats.published or '-'} "
                   f"checkpoint {self.stats.checkpoint or '-'}")
 

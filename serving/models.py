@@ -74,7 +74,7 @@ class ModelManager:
         try:
             scorer = Scorer(load(self.models_dir, version))
             canary_check(scorer)
-        except (ModelLoadError, ValueError, RuntimeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure of a candidate version rejects it, never the server
             self.rejected[version] = str(e)
             log.error("model %s rejected, still serving %s: %s", version,
                       cur.loaded.version if cur else "nothing", e)

@@ -324,7 +324,15 @@ def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:
     for user in (1, 2):  # 2: never seen
         q = RankQuery(user_id=user, surface=surfaces[0], candidates=cands, ts_ms=t0 + 1000 * n, hour=12)
         rb = featurize(candidate_examples(q, store), store, cfg)
-        p = scorer.probs(rb)
+        try:
+            p = scorer.probs(rb)
+        except Exception as e:  # noqa: BLE001 - the shared path may not know a new model part
+            if not scorer.shared:
+                raise ValueError(f"canary request failed: {type(e).__name__}: {e}") from e
+            log.warning("model %s: shared-history scoring failed (%s: %s); serving it through predict",
+                        scorer.loaded.version, type(e).__name__, e)
+            scorer.shared = False
+            p = scorer.probs(rb)
         if p.shape != (len(cands), len(scorer.tasks)) or not torch.isfinite(p).all() \
                 or (p < 0).any() or (p > 1).any():
             raise ValueError(f"canary scores are not finite probabilities: {p[:3].tolist()}")

@@ -189,6 +189,59 @@ def test_every_example_is_trained_once_from_point_in_time_histories(make_stream,
     assert cursors_from_state(state["cursors"]) == {p: Cursor(hw[p], 0) for p in hw}
 
 
+def _record_rows(tr: Trainer) -> list[tuple[str, float]]:
+    """(example id, loss weight) of every real row the trainer's learner steps on."""
+    rows: list[tuple[str, float]] = []
+    items: list = []
+    train, step = tr._train, tr.learner.step
+
+    def _train(its, n):
+        items[:] = its
+        return train(its, n)
+
+    def _step(batch, weight):
+        assert weight[len(items):].eq(0).all()  # padding rows weigh nothing
+        rows.extend((it.example.example_id, w) for it, w in zip(items, weight.tolist()))
+        return step(batch, weight)
+
+    tr._train, tr.learner.step = _train, _step
+    return rows
+
+
+@pytest.mark.integration
+def test_downsampling_trains_every_positive_and_replays_the_same_negatives(make_stream, dist_group):
+    from opengem.model.sampling import hash_unit
+
+    s = make_stream(n_events=10_000)
+    r, seed = 0.2, 5
+    positive = {e.example_id for e in s.examples if e.click or e.conversion}
+    negative = {e.example_id for e in s.examples} - positive
+    expected = positive | {i for i in negative if hash_unit(i, seed) < r}
+    assert len(positive) > 20 and len(expected) < 0.5 * len(s.examples)
+    tcfg = dataclasses.replace(TINY, batch_size=32, negative_rate=r, sample_seed=seed, checkpoint_every_steps=3)
+
+    # A run that "crashes" (no final checkpoint) half-way, then a restart from its last checkpoint.
+    first = Trainer(s.cfg, tcfg, s.bootstrap, dist_group, echo=lambda m: None)
+    first._finish = lambda: None
+    rows1 = _record_rows(first)
+    first.run(max_examples=len(expected) // 2)
+    second = Trainer(s.cfg, tcfg, s.bootstrap, dist_group, echo=lambda m: None)
+    rows2 = _record_rows(second)
+    stats = second.run(idle_exit_s=1.5)
+
+    ids1, ids2 = [i for i, _ in rows1], [i for i, _ in rows2]
+    assert len(set(ids1)) == len(ids1) and len(set(ids2)) == len(ids2)
+    assert set(ids1) & set(ids2)  # the stretch after the checkpoint was trained again ...
+    assert set(ids1) | set(ids2) == expected  # ... with the same negatives: every positive, nothing else
+    assert stats.sampled_out > 0
+    for i, w in rows1 + rows2:
+        assert w == pytest.approx(1.0 if i in positive else 1 / r)
+    # Progressive validation weighs the rows as training does: the window stands for the full stream.
+    window = second.window.summary()[("all", "click")]
+    assert window["n"] == len(rows2)
+    assert window["weight"] == pytest.approx(sum(w for _, w in rows2), rel=1e-6)
+
+
 # --------------------------------------------------------------------------- the daemon as a process
 
 
