@@ -58,6 +58,11 @@ class GemConfig:
     n_dense_tokens: int = 2
     # Hidden width of the dense MLP.
     dense_hidden: int = 64
+    # Every table starts U(-emb_init, emb_init). TorchRec's default U(±1/sqrt(rows))
+    # starts a 65k-row item table ~100x smaller than the 5-row surface table, so in a
+    # history event (the sum of its item, advertiser, category, surface, kind and age
+    # embeddings) the item is invisible at first and slow to learn.
+    emb_init: float = 0.1
 
     def __post_init__(self) -> None:
         if self.d % self.pyramid.n_heads:
@@ -81,7 +86,8 @@ def _tiny() -> GemConfig:
         features=FeatureConfig(user_rows=512, item_rows=512, advertiser_rows=64, category_rows=32, country_rows=16),
         wukong=WukongConfig(n_layers=2, n_fm=4, n_lcb=4, rank=4),
         pyramid=PyramidConfig(
-            n_layers=2, max_len=256, recent=8, n_levels=3, level_factor=4, min_tokens=4, n_heads=2, n_pma=1, n_recent=1
+            n_layers=2, max_len=256, recent=8, n_levels=3, level_factor=4, min_tokens=4, n_heads=2, n_pma=1, n_recent=1,
+            search_len=16,
         ),
         heads=HeadConfig(trunk=(32,), tower=(16,)),
         n_ctx=1, n_dense_tokens=1, dense_hidden=16,
@@ -104,7 +110,7 @@ def _large() -> GemConfig:
         wukong=WukongConfig(n_layers=6, n_fm=24, n_lcb=24, rank=16),
         pyramid=PyramidConfig(
             n_layers=4, max_len=16384, recent=256, n_levels=4, level_factor=4, min_tokens=32, n_heads=4,
-            ffn_mult=4, n_pma=4, n_recent=4,
+            ffn_mult=4, n_pma=4, n_recent=4, search_len=256,
         ),
         heads=HeadConfig(n_experts=4, trunk=(1024, 512), tower=(256,)),
         n_ctx=4, n_dense_tokens=4, dense_hidden=512,

@@ -30,7 +30,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from opengem.model.batch import N_DENSE, NONSEQ_KEYS, SEQ_KEYS, TABLE_OF, FeatureConfig, GemBatch
 from opengem.model.config import GemConfig
 from opengem.model.heads import FunnelRanker, MultiDomainHeads, mlp
-from opengem.model.pyramid import PyramidArch
+from opengem.model.pyramid import PyramidArch, PyramidState
 from opengem.model.wukong import WukongArch
 
 # Request-only ids -> EmbeddingBagCollection; ids shared with the history -> EmbeddingCollection.
@@ -43,6 +43,46 @@ def _pool_rows(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Sum-pool jagged rows: values (N, d), lengths (B,) -> (B, d); empty rows -> 0."""
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
     return values.new_zeros(lengths.numel(), values.shape[1]).index_add_(0, rows, values)
+
+
+def first_ids(kjt: KeyedJaggedTensor, key: str) -> torch.Tensor:
+    """(B,) int64: each row's first id of ``key`` (0 = missing where the row has none)."""
+    jt = kjt[key]
+    lengths, values = jt.lengths(), jt.values()
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.where(lengths > 0, values[starts.clamp(max=max(values.numel() - 1, 0))] if values.numel()
+                       else torch.zeros_like(lengths), 0)
+
+
+# Match levels of a history event against the target ad, strongest wins: same item, same
+# advertiser, same category (shared tables: equal rows = equal ids, up to hash collisions).
+MATCH_KEYS = (("category", "category"), ("advertiser", "advertiser_id"), ("item", "item_id"))
+N_MATCH = len(MATCH_KEYS) + 1
+
+
+def target_match(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor,
+                 targets: KeyedJaggedTensor | None = None) -> torch.Tensor:
+    """How each kept history event matches its row's target ad: (B, L) int64 in [0, N_MATCH).
+
+    idx, mask: from :func:`truncate_recent` on ``batch.seq_lengths`` (the kept
+    events, right-aligned). ``targets``: the ads (B rows) when they differ from
+    ``batch.sparse`` -- a server scoring B ads against one user's history passes
+    that history as a 1-row ``batch`` and ``mask`` expanded to (B, L).
+    0 = no match (or padding); missing ids (row 0) never match.
+    """
+    B = mask.shape[0]
+    targets = batch.sparse if targets is None else targets
+    if len(batch) == 1 and B > 1:
+        idx = idx.repeat(B)
+    rows = torch.repeat_interleave(torch.arange(B, device=mask.device), mask.sum(1))  # (N',)
+    level = torch.zeros(idx.numel(), dtype=torch.int64, device=mask.device)
+    for lv, (seq_key, key) in enumerate(MATCH_KEYS, start=1):
+        target = first_ids(targets, key)  # (B,)
+        hit = (batch.seq[seq_key][idx] == target[rows]) & (target[rows] > 0)
+        level = torch.where(hit, lv, level)
+    out = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+    out[mask] = level
+    return out
 
 
 def truncate_recent(lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,20 +112,23 @@ class SparseArch(nn.Module):
     kind and time-delta embeddings, right-aligned; with ``max_len=0`` no sequence.
     """
 
-    def __init__(self, d: int, fc: FeatureConfig, use_sequence: bool, device: torch.device | None = None):
+    def __init__(self, d: int, fc: FeatureConfig, use_sequence: bool, device: torch.device | None = None,
+                 init: float | None = None):
         super().__init__()
         self.use_sequence = use_sequence
         dev = device or torch.device("cpu")  # "meta": count parameters without allocating
+        # Every table U(-init, init) (None: TorchRec's U(±1/sqrt(rows)), see GemConfig.emb_init).
+        rng = {} if init is None else {"weight_init_min": -init, "weight_init_max": init}
         self.ebc = EmbeddingBagCollection(tables=[
             EmbeddingBagConfig(name=TABLE_OF[k], embedding_dim=d, num_embeddings=fc.rows(TABLE_OF[k]),
-                               feature_names=[k], pooling=PoolingType.SUM) for k in EBC_KEYS
+                               feature_names=[k], pooling=PoolingType.SUM, **rng) for k in EBC_KEYS
         ], device=dev)
         tables: dict[str, list[str]] = {TABLE_OF[k]: [k] for k in EC_KEYS}
         if use_sequence:
             for k in SEQ_KEYS:
                 tables.setdefault(TABLE_OF[f"seq_{k}"], []).append(f"seq_{k}")
         self.ec = EmbeddingCollection(tables=[
-            EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=fc.rows(t), feature_names=names)
+            EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=fc.rows(t), feature_names=names, **rng)
             for t, names in tables.items()
         ], device=dev)
         self.ec_keys = [k for names in tables.values() for k in names]
@@ -148,7 +191,7 @@ class GemModel(FunnelRanker):
         super().__init__()
         self.cfg = cfg
         fc, d = cfg.features, cfg.d
-        self.sparse = SparseArch(d, fc, cfg.use_sequence, device)
+        self.sparse = SparseArch(d, fc, cfg.use_sequence, device, init=cfg.emb_init)
         self.dense = DenseArch(N_DENSE, cfg.dense_hidden, cfg.n_dense_tokens, d)
         n0 = len(NONSEQ_KEYS) + cfg.n_dense_tokens
         self._target = [NONSEQ_KEYS.index(k) for k in TARGET_KEYS]
@@ -163,8 +206,10 @@ class GemModel(FunnelRanker):
             self.ctx_norm = nn.LayerNorm(d)
             self.ctx_gate = nn.Parameter(torch.zeros(n_ex, cfg.n_ctx, d))  # sigmoid -> 0.5 at init
             self.seq_gate = nn.Parameter(torch.zeros(n_ex, n_s, d))
-        # Per-token LayerNorm: table rows start tiny (TorchRec's U(±1/sqrt(rows)) init)
-        # and would otherwise be drowned by the dense tokens.
+            if cfg.pyramid.search_len:
+                # What a search-branch event shares with the ad (row 0, no match, is never used there).
+                self.match_emb = nn.Parameter(torch.empty(N_MATCH, d).uniform_(-cfg.emb_init, cfg.emb_init))
+        # Per-token LayerNorm: puts table rows and dense tokens on one scale.
         self.in_norm = nn.LayerNorm(d)
         self.wukong = WukongArch(n0, d, cfg.wukong, extra)
         self.heads = MultiDomainHeads(self.wukong.n_out * d, len(fc.surfaces), len(fc.tasks), cfg.heads)
@@ -174,6 +219,22 @@ class GemModel(FunnelRanker):
         c = self.ctx_norm(torch.einsum("cn,bnd->bcd", self.ctx_w[i], x))  # (B, n_ctx, d)
         return torch.cat([target, torch.sigmoid(self.ctx_gate[i]) * c], dim=1)
 
+    def seq_state(self, batch: GemBatch, events: torch.Tensor, mask: torch.Tensor) -> PyramidState:
+        """The sequence arch's initial state: the age branches, then the search branch."""
+        return self.add_search(self.seq.init(events, mask), batch, events, mask)
+
+    def add_search(self, st: PyramidState, hist: GemBatch, events: torch.Tensor, mask: torch.Tensor,
+                   targets: KeyedJaggedTensor | None = None) -> PyramidState:
+        """Append the search branch: history events matching each row's target ad, tagged
+        with how they match. events (B, L, d), mask (B, L) from ``self.sparse(hist, max_len)``;
+        a server sharing one user's age branches across B ads passes the 1-row ``hist``,
+        events / mask expanded to B rows and the ads as ``targets``."""
+        if not self.cfg.pyramid.search_len:
+            return st
+        idx, _, _ = truncate_recent(hist.seq_lengths, self.cfg.pyramid.max_len)
+        match = target_match(hist, idx, mask, targets)  # (B, L)
+        return self.seq.add_search(st, events + self.match_emb[match], match > 0)
+
     def represent(self, batch: GemBatch) -> torch.Tensor:
         cfg = self.cfg
         max_len = cfg.pyramid.max_len if cfg.use_sequence else 0
@@ -182,15 +243,17 @@ class GemModel(FunnelRanker):
         layers = self.wukong.layers
         if cfg.use_sequence:
             target = nonseq[:, self._target].sum(1, keepdim=True)  # (B, 1, d)
+            st = self.seq_state(batch, events, mask)
             if cfg.interleave:
-                st = self.seq.init(events, mask)
                 for i, layer in enumerate(layers):
                     if i < cfg.pyramid.n_layers:
                         st, s = self.seq.layer(i, st, self._ctx(i, x, target))  # s: (B, n_s, d)
                         x = torch.cat([x, torch.sigmoid(self.seq_gate[i]) * s], dim=1)
                     x = layer(x)
             else:
-                s = self.seq(events, mask, self._ctx(0, x, target))
+                ctx = self._ctx(0, x, target)
+                for i in range(cfg.pyramid.n_layers):
+                    st, s = self.seq.layer(i, st, ctx)
                 x = torch.cat([x, torch.sigmoid(self.seq_gate[0]) * s], dim=1)
                 for layer in layers:
                     x = layer(x)

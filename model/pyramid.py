@@ -16,6 +16,15 @@ interaction arch) -- the conditioning. The branches meet in the summary of
 every layer: the branch CLS tokens ‖ PMA pooling (learned queries attending
 over all branches' tokens) ‖ the most recent tokens of level 0.
 
+A *search* branch (``search_len`` > 0) runs beside them: the most recent
+``search_len`` events that share the target ad's item, advertiser or category,
+wherever they lie inside ``max_len``, at full resolution (SIM's "hard search",
+Pi et al. 2020). Age-based branches can only see an old event through a
+chunk mean and attention over hundreds of unrelated tokens, so one key event
+far back reaches the summary with weight ~1/L -- in tests a model could not
+pick up a target-matched event 100-200 events back in a few hundred steps.
+The search branch hands it over undiluted, at O(L) cost for the selection.
+
 With ``pyramid=False`` there is one full-resolution branch over the last
 ``max_len`` events (the ablation; attention is then quadratic in max_len).
 Empty histories work: a branch with no events attends to its prefix only.
@@ -57,14 +66,20 @@ class PyramidConfig:
     n_pma: int = 2
     # Most recent level-0 tokens copied into the summary (last-N signal).
     n_recent: int = 2
+    # Target-matched events (same item / advertiser / category as the ad) in the
+    # search branch; 0: no search branch.
+    search_len: int = 32
 
     def __post_init__(self) -> None:
         if self.pyramid and self.max_len <= self.level_start(self.n_levels - 1):
             raise ValueError(f"max_len {self.max_len} does not reach the last pyramid level")
+        if self.search_len < 0:
+            raise ValueError(f"search_len must be >= 0, got {self.search_len}")
 
     @property
     def n_branches(self) -> int:
-        return self.n_levels if self.pyramid else 1
+        """Age-based branches plus the search branch."""
+        return (self.n_levels if self.pyramid else 1) + (self.search_len > 0)
 
     def level_start(self, j: int) -> int:
         """Age rank (0 = most recent) of the first event of level j."""
@@ -84,6 +99,24 @@ class PyramidConfig:
     @property
     def n_summary(self) -> int:
         return self.n_branches + self.n_pma + self.n_recent
+
+
+def select_recent(x: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most recent ``k`` tokens of each row where ``keep`` holds, right-aligned.
+
+    x: (B, L, d), keep: (B, L) bool -> (B, K, d), (B, K) bool with K = min(k, max row count);
+    the order within a row is kept (oldest first).
+    """
+    B, L, d = x.shape
+    rank = keep.flip(1).cumsum(1).flip(1)  # (B, L): 1 = the most recent kept token
+    sel = keep & (rank <= k)
+    K = int(sel.sum(1).max()) if B and L else 0
+    out, m = x.new_zeros(B, K, d), keep.new_zeros(B, K)
+    b, l = sel.nonzero(as_tuple=True)
+    pos = K - rank[b, l]
+    out[b, pos] = x[b, l]
+    m[b, pos] = True
+    return out, m
 
 
 class TokenMerge(nn.Module):
@@ -161,7 +194,8 @@ class PyramidState:
 class PyramidArch(nn.Module):
     """Pyramid-parallel encoder, run layer by layer so GEM can interleave it.
 
-    ``init(events (B, L, d), mask (B, L))`` -> state;
+    ``init(events (B, L, d), mask (B, L))`` -> state of the age-based branches;
+    ``add_search(state, events, hit (B, L))`` -> state with the search branch;
     ``layer(i, state, ctx (B, n_ctx, d))`` -> state, summary (B, n_summary, d);
     ``forward(events, mask, ctx)`` runs every layer with a fixed ctx -> summary.
     """
@@ -174,6 +208,7 @@ class PyramidArch(nn.Module):
         self.n_summary = cfg.n_summary
         self.in_norm = nn.LayerNorm(d)
         self.pool = nn.ModuleList(TokenMerge(d, f) if f > 1 else nn.Identity() for _, _, f in self.segments)
+        self.search_len = cfg.search_len
         self.level_emb = nn.Parameter(torch.randn(nb, d) * 0.02)
         self.cls0 = nn.Parameter(torch.randn(nb, d) * 0.02)
         self.blocks = nn.ModuleList(
@@ -186,7 +221,11 @@ class PyramidArch(nn.Module):
         self.out_norm = nn.LayerNorm(d)
 
     def init(self, events: torch.Tensor, mask: torch.Tensor) -> PyramidState:
-        """events: (B, L, d) right-aligned, mask: (B, L) bool; L <= max_len."""
+        """The age-based branches. events: (B, L, d) right-aligned, mask: (B, L) bool; L <= max_len.
+
+        They depend on the user only, so a server computes them once per request;
+        with a search branch, :meth:`add_search` must follow (it depends on the ad).
+        """
         B, L, d = events.shape
         x = self.in_norm(events) * mask.unsqueeze(-1)
         toks, masks = [], []
@@ -197,11 +236,31 @@ class PyramidArch(nn.Module):
                 xb, mb = self.pool[b](xb, mb)  # (B, ceil(n_b / f), d)
             toks.append((xb + self.level_emb[b]) * mb.unsqueeze(-1))
             masks.append(mb)
-        cls = [self.cls0[b].expand(B, 1, d) for b in range(len(self.segments))]
+        cls = [self.cls0[b].expand(B, 1, d) for b in range(len(toks))]
         return PyramidState(toks, masks, cls)
 
+    def add_search(self, st: PyramidState, events: torch.Tensor, hit: torch.Tensor) -> PyramidState:
+        """Append the search branch: the most recent ``search_len`` events where ``hit``.
+
+        events: (B, L, d) right-aligned (the caller adds what it knows about the
+        match), hit: (B, L) bool, False on padding. A no-op without a search branch.
+        """
+        if not self.search_len:
+            return st
+        B, _, d = events.shape
+        xs, ms = select_recent(self.in_norm(events), hit, self.search_len)  # (B, K, d), (B, K)
+        b = len(self.segments)
+        return PyramidState(st.tokens + [(xs + self.level_emb[b]) * ms.unsqueeze(-1)], st.masks + [ms],
+                            st.cls + [self.cls0[b].expand(B, 1, d)])
+
     def layer(self, i: int, st: PyramidState, ctx: torch.Tensor) -> tuple[PyramidState, torch.Tensor]:
-        """One layer of every branch; ctx: (B, n_ctx, d). Returns (state, summary (B, n_summary, d))."""
+        """One layer of every branch; ctx: (B, n_ctx, d). Returns (state, summary (B, n_summary, d)).
+
+        A state from :meth:`init` alone gets an empty search branch (no event matches).
+        """
+        if len(st.tokens) < len(self.blocks[i]):
+            B, _, d = st.tokens[0].shape
+            st = self.add_search(st, st.tokens[0].new_zeros(B, 0, d), st.masks[0].new_zeros(B, 0))
         B, P = ctx.shape[0], 1 + ctx.shape[1]
         toks, masks, cls = [], [], []
         for b, block in enumerate(self.blocks[i]):
@@ -211,7 +270,8 @@ class PyramidArch(nn.Module):
             out = block(seq, m)
             cls.append(out[:, :1])
             xb = out[:, P:] * mb.unsqueeze(-1)
-            if self.merges is not None and i < len(self.merges) and xb.shape[1] > self.cfg.min_tokens:
+            merge = b < len(self.segments) and xb.shape[1] > self.cfg.min_tokens  # search tokens stay whole
+            if self.merges is not None and i < len(self.merges) and merge:
                 xb, mb = self.merges[i][b](xb, mb)
             toks.append(xb)
             masks.append(mb)
@@ -232,8 +292,12 @@ class PyramidArch(nn.Module):
             parts.append(F.pad(x0, (0, 0, k - x0.shape[1], 0)))  # (B, k, d), zeros where absent
         return self.out_norm(torch.cat(parts, dim=1))
 
-    def forward(self, events: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        st = self.init(events, mask)
+    def forward(self, events: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor,
+                hit: torch.Tensor | None = None) -> torch.Tensor:
+        """All layers with a fixed ctx -> the last summary. hit: (B, L) bool, the search
+        branch's candidates (None: no event matches)."""
+        hit = mask & hit if hit is not None else torch.zeros_like(mask)
+        st = self.add_search(self.init(events, mask), events, hit)
         s = None
         for i in range(self.cfg.n_layers):
             st, s = self.layer(i, st, ctx)

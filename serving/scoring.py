@@ -253,6 +253,7 @@ def shared_raw_logits(m: GemModel, user: GemBatch, cands: GemBatch) -> torch.Ten
     st = m.seq.init(events, mask)  # once per request
     st = PyramidState([t.expand(B, -1, -1) for t in st.tokens], [t.expand(B, -1) for t in st.masks],
                       [t.expand(B, -1, -1) for t in st.cls])
+    st = m.add_search(st, user, events.expand(B, -1, -1), mask.expand(B, -1), targets=cands.sparse)
     target = nonseq[:, m._target].sum(1, keepdim=True)  # (B, 1, d)
     if cfg.interleave:
         for i, layer in enumerate(m.wukong.layers):

@@ -369,18 +369,25 @@ class Ingestor:
         m.JOINER_PENDING.set(pending)
 
     def ack_examples(self, examples: Sequence[tuple[int, Example]]) -> None:
-        """Kafka acknowledged these examples: drop them from the joiners' outboxes."""
+        """Kafka acknowledged these examples: drop them from the joiners' outboxes.
+
+        Only examples that leave an outbox here are counted (``counts["examples"]``,
+        ``opengem_joiner_examples_total``): a re-send -- after a restart, or when a
+        rebalance closed the shard while its examples were in flight -- is counted
+        once, when its ack finally removes it, so the count is of distinct examples."""
         by_part: dict[int, list[str]] = defaultdict(list)
         for p, ex in examples:
             by_part[p].append(ex.example_id)
+        removed: set[str] = set()
         for p, ids in by_part.items():
             s = self._shards.get(p)
             if s is not None:
-                s.joiner.ack(ids)
-        self.counts["examples"] += len(examples)
+                removed |= s.joiner.ack(ids)
+        done = [ex for _, ex in examples if ex.example_id in removed]
+        self.counts["examples"] += len(done)
         from opengem.ops import metrics as m
 
-        m.observe_examples(ex for _, ex in examples)
+        m.observe_examples(done)
 
     # -- convenience for tests and the benchmark ----------------------------------------------
     def process(self, records: Sequence[Record], now_ms: int | None = None

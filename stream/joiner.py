@@ -395,8 +395,10 @@ class LabelJoiner:
         """Closed examples not yet acknowledged as produced (close order; after a restart, request_id order)."""
         return [ex for part in self._all_parts(partition) for ex in part.outbox.values()]
 
-    def ack(self, example_ids: Sequence[str]) -> None:
-        """Remove produced examples from the outbox (one durable write). Unknown ids are ignored."""
+    def ack(self, example_ids: Sequence[str]) -> set[str]:
+        """Remove produced examples from the outbox (one durable write); returns the ids removed.
+
+        Unknown ids (already acked: a re-send) are ignored."""
         wb = WriteBatch(raw_mode=True)
         done = []
         parts = self._all_parts(None)
@@ -410,6 +412,7 @@ class LabelJoiner:
             self._db.write(wb, self._wopts)
             for part, rid in done:
                 part.outbox.pop(rid, None)
+        return {rid for _, rid in done}
 
     # ------------------------------------------------------------------ the join
 

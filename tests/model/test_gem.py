@@ -14,6 +14,7 @@ from opengem.model.batch import NONSEQ_KEYS, TABLE_OF, make_kjt, synthetic_batch
 from opengem.model.config import GemConfig, gem_last_n, load_gem_config, preset, with_pyramid
 from opengem.model.gem import GemModel, n_params
 from opengem.model.heads import funnel_logits, funnel_loss, funnel_probs
+from opengem.model.optim import SplitOptimizer
 
 TINY = preset("tiny")
 AGE = (100, 200)  # how far back the magic item sits
@@ -138,9 +139,11 @@ def test_config_presets_and_toml_table():
 # --------------------------------------------------------------------------- learning
 
 
-def _task_batch(cfg: GemConfig, n: int, rng: np.random.Generator):
-    """click = parity(user + item) (a pure id interaction); conversion | click = a magic item
-    appears in the history 100..200 events back (far beyond the recent branch)."""
+def _task_batch(cfg: GemConfig, n: int, rng: np.random.Generator, target_key: bool = True):
+    """click = parity(user + item) (a pure id interaction); conversion | click = a key item
+    sits in the history 100..200 events back (far beyond the recent branch). With
+    ``target_key`` the key item is the target ad itself (the simulator's long-range intent
+    is target-matched too), else one fixed item whatever the ad."""
     fc = cfg.features
     L = 200
     user, item = rng.integers(0, 6, n), rng.integers(0, 6, n)
@@ -151,22 +154,25 @@ def _task_batch(cfg: GemConfig, n: int, rng: np.random.Generator):
     cols["user_id"], cols["item_id"] = 10 + user, 10 + item
     seq = {k: v.clone() for k, v in b.seq.items()}
     hist = seq["item"].view(n, L)
-    hist[hist < 20] += 20  # the magic row never appears by chance
+    hist[hist < 20] += 20  # neither key row appears by chance
     age = rng.integers(*AGE, n)
     rows = np.flatnonzero(magic)
-    hist[rows, L - 1 - age[rows]] = 3
+    key = torch.from_numpy(10 + item[rows]) if target_key else 3
+    hist[rows, L - 1 - age[rows]] = key
     labels = torch.from_numpy(np.stack([click, click * magic], 1).astype(np.float32))
     return dataclasses.replace(
         b, sparse=make_kjt(cols), dense=torch.zeros_like(b.dense), seq=seq, labels=labels, surface_idx=b.surface_idx * 0
     ).validate(fc)
 
 
-def _train(cfg, steps=150, lr=3e-3, seed=0):
+def _train(cfg, steps=150, seed=0, target_key=True):
+    """Online training on fresh batches with the trainer's optimizer split (Adagrad on the
+    tables, Adam on the rest); per-task BCE on a held-out batch before and after."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    test = _task_batch(cfg, 256, rng)
+    test = _task_batch(cfg, 256, rng, target_key)
     m = GemModel(cfg)
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    opt = SplitOptimizer(m, lr=3e-3, emb_lr=0.05)
 
     def per_task():
         with torch.no_grad():
@@ -174,7 +180,7 @@ def _train(cfg, steps=150, lr=3e-3, seed=0):
 
     before = per_task()
     for _ in range(steps):  # a fresh batch every step, as in the online trainer
-        loss, _ = m.loss(_task_batch(cfg, 64, rng))
+        loss, _ = m.loss(_task_batch(cfg, 64, rng, target_key))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -187,9 +193,34 @@ def test_tiny_model_learns_id_interaction():
     assert before[0] > 0.6 and after[0] < 0.1, (before, after)
 
 
-@pytest.mark.xfail(reason="open: the sequence path does not yet pick up a single history item "
-                   "within a few hundred steps (conversion loss stays at the no-history floor ~0.35)")
 def test_tiny_model_learns_far_history_item():
-    before, after = _train(TINY, steps=200)
-    # conversion: without the far-back item the best possible is ~0.35 (half of clicks convert)
-    assert after[1] < 0.2, (before, after)
+    # conversion | click: the target ad 100..200 events back. Without it the best possible
+    # is ~0.35 (half of the clicks convert); the search branch finds it at any age.
+    before, after = _train(TINY, steps=400)
+    assert before[1] > 0.4 and after[1] < 0.15, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a key item unrelated to the ad, among 200 random ones, reaches the "
+                   "summary with weight ~1/L through chunk means and attention; 400 steps are not enough")
+def test_tiny_model_learns_far_history_item_unrelated_to_the_ad():
+    before, after = _train(TINY, steps=400, target_key=False)
+    assert after[1] < 0.15, (before, after)
+
+
+def test_target_match_levels():
+    from opengem.model.gem import target_match, truncate_recent
+
+    b = synthetic_batch(TINY, [3, 0, 2], seed=5)
+    cols = {k: np.ones(3, np.int64) for k in NONSEQ_KEYS}
+    cols["item_id"], cols["advertiser_id"], cols["category"] = [7, 7, 9], [5, 5, 0], [4, 4, 4]
+    seq = {k: torch.full_like(v, 2) for k, v in b.seq.items()}
+    seq["item"][:] = torch.tensor([7, 8, 8, 9, 8])
+    seq["advertiser"][:] = torch.tensor([5, 5, 6, 0, 0])
+    seq["category"][:] = torch.tensor([4, 3, 4, 4, 0])
+    b = dataclasses.replace(b, sparse=make_kjt(cols), seq=seq).validate(TINY.features)
+    idx, _, mask = truncate_recent(b.seq_lengths, 256)
+    m = target_match(b, idx, mask)
+    # row 0: item > advertiser > category; row 2: item match, then nothing (missing ids never match)
+    assert m.tolist() == [[3, 2, 1], [0, 0, 0], [0, 3, 0]]
+    assert m[2, 2] == 0 and m[1].sum() == 0

@@ -67,3 +67,17 @@ def test_padding_does_not_leak():
     ev1 = ev[:1, -3:]
     one = arch(ev1, mask[:1, -3:], ctx[:1])
     torch.testing.assert_close(both[:1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_select_recent_keeps_the_latest_hits_right_aligned():
+    from opengem.model.pyramid import select_recent
+
+    x = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1)
+    keep = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    out, m = select_recent(x, keep, 2)
+    assert out.shape == (2, 2, 1) and m.tolist() == [[True, True], [False, False]]
+    assert out[0, :, 0].tolist() == [3.0, 5.0] and out[1].abs().sum() == 0
+    out, m = select_recent(x, keep, 10)  # fewer hits than k: K = the most any row has
+    assert out[0, :, 0].tolist() == [0.0, 2.0, 3.0, 5.0] and m.shape == (2, 4)
+    out, m = select_recent(x[:, :0], keep[:, :0], 4)  # empty histories
+    assert out.shape == (2, 0, 1) and m.shape == (2, 0)
