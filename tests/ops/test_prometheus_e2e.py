@@ -105,6 +105,8 @@ def _read_examples(bootstrap: str) -> list:
 
 
 def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
+    # Queries name the job: the server runs in this pytest process, whose registry also
+    # holds whatever earlier in-process tests counted.
     _need_prometheus()
     import torch
 
@@ -157,7 +159,7 @@ def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
                 # The worker stored every event and produced its examples; nothing more is coming.
                 events_end = sum(high_watermarks(boot, "opengem.events").values())
                 _wait("all events ingested", lambda: (
-                    (got := sum(_by(prom.url, "sum by (job) (opengem_stream_records_total)", "job").values()))
+                    (got := sum(_by(prom.url, 'sum by (job) (opengem_stream_records_total{job="opengem-stream"})', "job").values()))
                     >= events_end, got), 120, procs)
                 ex_end = _wait("examples topic settled", _settled(boot), 60, procs)
                 examples = _read_examples(boot)
@@ -176,17 +178,17 @@ def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
                 }
                 imps = want["opengem_ads_impressions_total"]
                 _wait("monitor counted every example", lambda: (
-                    (got := _by(prom.url, "sum by (surface) (opengem_ads_impressions_total)", "surface"))
+                    (got := _by(prom.url, 'sum by (surface) (opengem_ads_impressions_total{job="opengem-monitor"})', "surface"))
                     == {s: float(n) for s, n in imps.items()}, got), 90, procs)
                 for metric, counts in want.items():
-                    got = _by(prom.url, f"sum by (surface) ({metric})", "surface")
+                    got = _by(prom.url, f'sum by (surface) ({metric}{{job="opengem-monitor"}})', "surface")
                     assert {s: v for s, v in got.items() if v} == {s: float(n) for s, n in counts.items()}, metric
                 # the worker's own (at-least-once) count agrees on a run without crashes
-                assert _by(prom.url, "sum by (surface) (opengem_joiner_examples_total)", "surface") == \
+                assert _by(prom.url, 'sum by (surface) (opengem_joiner_examples_total{job="opengem-stream"})', "surface") == \
                     {s: float(n) for s, n in imps.items()}
                 clicks = want["opengem_ads_clicks_total"]
                 _wait("CTR gauges of the whole run", lambda: (
-                    (got := _by(prom.url, "opengem_ads_ctr", "surface"))
+                    (got := _by(prom.url, 'opengem_ads_ctr{job="opengem-monitor"}', "surface"))
                     == {s: clicks[s] / n for s, n in imps.items()}, got), 30, procs)
 
                 # -- the served model's quality, recomputed here ------------------------------------
@@ -205,14 +207,14 @@ def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
                           for si in np.unique(surf).tolist() for ti, t in enumerate(tasks)}
 
                 def windows_full():
-                    got = _by(prom.url, "opengem_live_window_examples", "surface", "task", "model_version")
+                    got = _by(prom.url, 'opengem_live_window_examples{job="opengem-monitor"}', "surface", "task", "model_version")
                     return got == {(s, t, version): float(v["n"]) for (s, t), v in expect.items()}, got
 
                 _wait("monitor scored every example", windows_full, 60, procs)
                 for metric, field in (("opengem_live_ne", "ne"), ("opengem_live_calibration", "calibration"),
                                       ("opengem_live_predicted_rate", "mean_pred"), ("opengem_live_observed_rate", "rate"),
                                       ("opengem_live_auc", "auc")):
-                    got = _by(prom.url, metric, "surface", "task", "model_version")
+                    got = _by(prom.url, f'{metric}{{job="opengem-monitor"}}', "surface", "task", "model_version")
                     assert set(got) == {(s, t, version) for s, t in expect}, metric
                     for (s, t), v in expect.items():
                         if np.isnan(v[field]):
@@ -228,7 +230,7 @@ def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
                     (got := _by(prom.url, 'sum by (group, topic) (opengem_kafka_consumer_lag_records)', "group", "topic"))
                     .get(("opengem-monitor", "opengem.examples")) == 0.0, got), 30, procs)
                 assert ("opengem-stream", "opengem.events") in lag
-                assert _by(prom.url, "sum by (code) (opengem_serve_requests_total)", "code") == {"OK": 5.0}
+                assert _by(prom.url, 'sum by (code) (opengem_serve_requests_total{job="opengem-serve"})', "code") == {"OK": 5.0}
                 assert _by(prom.url, "up", "job") == {"opengem-stream": 1.0, "opengem-serve": 1.0,
                                                       "opengem-monitor": 1.0}
                 # every shipped rule evaluates without error on real series
