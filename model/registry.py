@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ def load(models_dir: str | Path, version: str | None = None, device: torch.devic
         model = build_model(meta["kind"], meta["config"], device=device)
         state = torch.load(root / version / MODEL_FILE, map_location=device or "cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{root / version}: {e}") from e
+    except (OSError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise ModelLoadError(f"{root / version}: {str(e).splitlines()[0]}") from e
     model.eval()
     return LoadedModel(version=version, kind=meta["kind"], model=model, meta=meta, path=root / version)

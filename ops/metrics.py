@@ -37,7 +37,7 @@ STORE_BYTES = Gauge("opengem_store_bytes", "Bytes on disk of the partition's sto
                     ["partition"], registry=REGISTRY)
 
 # -- label joiner -------------------------------------------------------------------------------
-JOINER_EXAMPLES = Counter("opengem_joiner_examples_total", "Labelled examples produced to opengem.examples",
+JOINER_EXAMPLES = Counter("opengem_joiner_examples_total", "Distinct labelled examples produced to opengem.examples (re-sends not counted)",
                           ["surface"], registry=REGISTRY)
 JOINER_LABELS = Counter("opengem_joiner_positive_labels_total", "Positive labels in produced examples",
                         ["surface", "task"], registry=REGISTRY)
