@@ -65,10 +65,18 @@ tenth of the stream. Each runs with the worker's defaults (``take_max`` 2000
 *records*: a batch may hold the whole backlog) and with ``take_max=8``
 (≤ ~16k events per batch: the store's, joiner's and Faust's own memory).
 
+The cost of metrics (issue 7): each repeat runs both worker paths with
+metrics on (as shipped) and with ``OPENGEM_METRICS=off`` (every metric a
+no-op), back to back, the order alternating between repeats.
+``metrics_cost`` per path: best events/s of each setting and their ratio, and
+the worker process's CPU seconds per event (all threads; steadier than wall
+time on a shared machine) with ``cpu_overhead`` = on / off − 1.
+``--no-metrics-cost`` skips the extra runs.
+
 JSON keys: events_per_s, faust_loop_events_per_s, ratio_to_faust_loop,
 batched_events_per_s, ceiling_events_per_s, batched_ratio_to_ceiling,
 bytes_per_event, read_last4096_p99_ms, batched_read_256_users_ms,
-worker_rss_mb (+ context keys).
+worker_rss_mb, metrics_cost (+ context keys).
 """
 
 from __future__ import annotations
@@ -131,6 +139,7 @@ def _hook_first_message(app: Any, clock: dict) -> None:
     def on_message_in(tp: Any, offset: int, message: Any) -> None:
         if "t0" not in clock:
             clock["t0"] = time.perf_counter()
+            clock["cpu0"] = time.process_time()
         orig(tp, offset, message)
 
     app.sensors.on_message_in = on_message_in
@@ -196,6 +205,7 @@ def child_worker(spec: dict) -> None:
     """opengem's worker (``build_app``), stopping once the shards hold all N events."""
     from opengem.config import Config, KafkaConfig
     from opengem.features.store import StoreConfig
+    from opengem.ops.metrics import enabled as metrics_enabled
     from opengem.stream.ingest import IngestConfig, Ingestor
     from opengem.stream.worker import WorkerConfig, build_app
 
@@ -267,8 +277,11 @@ def child_worker(spec: dict) -> None:
         def _done(self) -> None:
             clock["t1"] = time.perf_counter()
             dt = clock["t1"] - clock["t0"]
+            cpu = time.process_time() - clock["cpu0"]  # every thread of the process
             n = self.counts["events"]
             _finish_child(spec, {"events": n, "seconds": dt, "events_per_s": n / dt,
+                                 "cpu_s": cpu, "cpu_us_per_event": cpu / n * 1e6,
+                                 "metrics": metrics_enabled(),
                                  "counts": dict(self.counts), "batches": app.opengem_stats["batches"],
                                  "rss_progress": progress, "spent": dict(spent)})
 
@@ -329,9 +342,10 @@ CHILDREN: dict[str, Callable[[dict], None]] = {
 
 
 def run_child(role: str, spec: dict, timeout_s: float, during: Callable[[subprocess.Popen, Path], Any] | None = None,
-              ) -> tuple[dict, Any]:
+              env: dict[str, str] | None = None) -> tuple[dict, Any]:
     """Run ``role`` in a subprocess with ``spec``; ``during(proc, result_path)`` runs in this
-    process meanwhile (e.g. the read sampler). Returns (the child's result, during's)."""
+    process meanwhile (e.g. the read sampler); ``env`` is added to the child's environment.
+    Returns (the child's result, during's)."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{role}-"))
     spec = {**spec, "result": str(work / "result.json")}
     spec.setdefault("datadir", str(work / "data"))
@@ -340,7 +354,7 @@ def run_child(role: str, spec: dict, timeout_s: float, during: Callable[[subproc
     log = open(work / "child.log", "wb")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", role, str(spec_path)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=str(BENCH_DIR.parent))
+                            cwd=str(BENCH_DIR.parent), env={**os.environ, **(env or {})})
     side = None
     try:
         if during is not None:
@@ -559,8 +573,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=0, help="alternating repeats (default 2, quick 1); best is kept")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory scenarios")
     ap.add_argument("--no-metrics", action="store_true",
-                    help="the daemons with OPENGEM_METRICS=off (no Prometheus metrics recorded); compare with a "
-                         "default run to get the cost of metrics (JSON: bench/results/ingest-no-metrics.json)")
+                    help="every worker run with OPENGEM_METRICS=off (no Prometheus metrics recorded; "
+                         "JSON: bench/results/ingest-no-metrics.json)")
+    ap.add_argument("--no-metrics-cost", dest="metrics_cost", action="store_false",
+                    help="skip the worker runs with metrics off that measure the cost of metrics "
+                         "(by default each repeat runs both settings, alternating their order)")
     args = ap.parse_args()
     if args.no_metrics:
         os.environ["OPENGEM_METRICS"] = "off"  # inherited by the child processes
@@ -612,16 +629,28 @@ def main() -> None:
         spent: dict[str, dict] = {}  # the fastest run's time breakdown, per path
         t_json = max(120, sent_json / 2000)
         t_arrow = max(120, sent_arrow / 10000)
+        # The cost of metrics: every repeat also runs each worker path with OPENGEM_METRICS=off,
+        # right next to the run with metrics on, the order alternating between repeats.
+        cost: dict[str, dict[str, list[dict]]] = {p: {"on": [], "off": []} for p in ("json", "arrow")}
+        off_env = {"OPENGEM_METRICS": "off"}
         for r in range(repeats):
             res, _ = run_child("faust_loop", json_spec, t_json)
             runs["faust_loop"].append(res["events_per_s"])
             for path, spec, limit in (("json", json_spec, t_json), ("arrow", arrow_spec, t_arrow)):
-                res, _ = run_child("worker", spec, limit)
-                if res["events_per_s"] >= max(runs[f"worker_{path}"], default=0):
-                    spent[path] = {"seconds": res["seconds"], **res["spent"]}
-                runs[f"worker_{path}"].append(res["events_per_s"])
-                rss[path] = max(rss.get(path, 0.0), res["vm_hwm_mb"])
-                counts[path] = res["counts"]
+                settings = ("on", "off") if r % 2 == 0 else ("off", "on")
+                if args.no_metrics or not args.metrics_cost:
+                    settings = ("off",) if args.no_metrics else ("on",)
+                for setting in settings:
+                    res, _ = run_child("worker", spec, limit, env=off_env if setting == "off" else None)
+                    assert res["metrics"] == (setting == "on"), "the child's metrics setting"
+                    cost[path][setting].append({k: res[k] for k in ("events_per_s", "cpu_us_per_event", "seconds")})
+                    if setting == "off" and not args.no_metrics:
+                        continue  # the main figures are the daemon as it ships: metrics on
+                    if res["events_per_s"] >= max(runs[f"worker_{path}"], default=0):
+                        spent[path] = {"seconds": res["seconds"], **res["spent"]}
+                    runs[f"worker_{path}"].append(res["events_per_s"])
+                    rss[path] = max(rss.get(path, 0.0), res["vm_hwm_mb"])
+                    counts[path] = res["counts"]
             runs["aiokafka_json"].append(run_child("aiokafka", {**json_spec, "fmt": "json"}, t_json)[0]["events_per_s"])
             runs["aiokafka_arrow"].append(run_child("aiokafka", {**arrow_spec, "fmt": "arrow"}, t_arrow)[0]["events_per_s"])
             print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()),
@@ -672,6 +701,26 @@ def main() -> None:
                           f"events", flush=True)
 
     best = {k: max(v) for k, v in runs.items()}
+    metrics_cost: dict[str, dict] = {}
+    for path, by in cost.items():
+        if not (by["on"] and by["off"]):
+            continue
+        on_eps, off_eps = (max(x["events_per_s"] for x in by[s_]) for s_ in ("on", "off"))
+        on_cpu, off_cpu = (min(x["cpu_us_per_event"] for x in by[s_]) for s_ in ("on", "off"))
+        metrics_cost[path] = {
+            "events_per_s_on": on_eps, "events_per_s_off": off_eps,
+            # < 1: metrics slow the worker down (best run of each setting).
+            "throughput_ratio_on_to_off": on_eps / off_eps,
+            "cpu_us_per_event_on": on_cpu, "cpu_us_per_event_off": off_cpu,
+            # CPU seconds of the worker process (all threads) per event: less sensitive to
+            # other jobs on the machine than wall time. > 0: what metrics add.
+            "cpu_overhead": on_cpu / off_cpu - 1.0,
+            # Each repeat's on/off pair, for the spread.
+            "pair_throughput_ratios": [a["events_per_s"] / b["events_per_s"] for a, b in zip(by["on"], by["off"])],
+            "pair_cpu_overheads": [a["cpu_us_per_event"] / b["cpu_us_per_event"] - 1.0
+                                   for a, b in zip(by["on"], by["off"])],
+            "runs": by,
+        }
     ms = lambda xs, p_: float(np.percentile(np.asarray(xs) * 1e3, p_))  # noqa: E731
     figures = {
         "events_per_s": best["worker_json"],
@@ -712,6 +761,7 @@ def main() -> None:
         "worker_rss_mb": {"json_run": rss["json"], "arrow_run": rss["arrow"],
                           **{name: m["peak_rss_mb"] for name, m in mem.items()}},
         "memory_scenarios": mem,
+        "metrics_cost": metrics_cost,
         "worker_counts": counts,
         # Seconds of the fastest run of each path spent in Ingestor.prepare, Ingestor.commit
         # (of which LabelJoiner.process), and producing the examples each commit returned.
@@ -741,6 +791,11 @@ def main() -> None:
          "", ""],
         ["worker peak RSS MB, JSON run / Arrow run", f"{rss['json']:,.0f} / {rss['arrow']:,.0f}", "", ""],
     ]
+    for path, c in metrics_cost.items():
+        rows.append([f"worker {path}, metrics on / off: events/s", f"{c['events_per_s_on']:,.0f} / "
+                     f"{c['events_per_s_off']:,.0f}", c["throughput_ratio_on_to_off"], "cost of metrics"])
+        rows.append([f"worker {path}, metrics on / off: CPU µs per event", f"{c['cpu_us_per_event_on']:.2f} / "
+                     f"{c['cpu_us_per_event_off']:.2f}", 1 + c["cpu_overhead"], "cost of metrics"])
     for name, m in mem.items():
         rows.append([f"worker peak RSS MB, {m['users']:,} users × {m['events_per_user']:,}, take_max {m['take_max']}",
                      m["peak_rss_mb"], "", f"batch ≤ {m['max_batch_events']:,} ev, {m['events_per_s']:,.0f} ev/s"])
@@ -765,7 +820,8 @@ def main() -> None:
               "memory_scenarios": {n: {"users": u, "events_per_user": e, "store": s, "issue_events_per_user": f}
                                    for n, u, e, s, f in scenarios},
               "memory_bounded_take_max": bounded_take}
-    write(args.out, "ingest", {**config, "metrics": not args.no_metrics}, figures)
+    write(args.out, "ingest", {**config, "metrics": not args.no_metrics, "metrics_cost_runs": args.metrics_cost},
+          figures)
 
 
 if __name__ == "__main__":
