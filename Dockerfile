@@ -23,7 +23,8 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     OPENGEM_DATA_DIR=/data
 
-RUN useradd --create-home --uid 10001 --user-group opengem \
+RUN groupadd --gid 10001 opengem \
+    && useradd --create-home --uid 10001 --gid 10001 opengem \
     && mkdir -p /data && chown opengem:opengem /data
 
 WORKDIR /opt/opengem
@@ -34,9 +35,11 @@ RUN test "$ACCEL" = cpu -o "$ACCEL" = cuda || { echo "ACCEL must be cpu or cuda"
     && python -m venv /opt/venv \
     && /opt/venv/bin/pip install -q "uv==${UV_VERSION}" \
     && if [ "$ACCEL" = cpu ]; then \
-         SRC="--extra-index-url ${TORCH_INDEX} --index-strategy unsafe-best-match"; \
-       else SRC=""; fi \
-    && /opt/venv/bin/uv pip sync --python /opt/venv/bin/python $SRC requirements/${ACCEL}.lock
+         /opt/venv/bin/uv pip sync --python /opt/venv/bin/python \
+           --extra-index-url "${TORCH_INDEX}" --index-strategy unsafe-best-match "requirements/${ACCEL}.lock"; \
+       else \
+         /opt/venv/bin/uv pip sync --python /opt/venv/bin/python "requirements/${ACCEL}.lock"; \
+       fi
 
 COPY pyproject.toml README.md __init__.py cli.py config.py demo.py ./
 COPY stream/ stream/
@@ -49,7 +52,8 @@ RUN /opt/venv/bin/uv pip install --python /opt/venv/bin/python --no-deps . \
     && python -c "import torch, torchrec, fbgemm_gpu, triton, faust, rocksdict, pyarrow; print('opengem env ok: torch', torch.__version__, 'torchrec', torchrec.__version__)" \
     && opengem --help > /dev/null
 
-USER opengem
+# Numeric, so that a runtime that cannot resolve names (e.g. runAsNonRoot checks) sees a non-root uid.
+USER 10001:10001
 WORKDIR /home/opengem
 VOLUME /data
 # 9101-9104: metrics of stream, train, serve, monitor; 50051: gRPC ranking.
