@@ -7,6 +7,7 @@ Presets (:func:`preset`): ``tiny`` for unit tests, ``base`` for a 2-core CPU
     cfg = preset("base")
     dataclasses.replace(cfg, use_sequence=False)                    # no sequence arch
     dataclasses.replace(cfg, interleave=False)                      # sequence, then interaction
+    dataclasses.replace(cfg, seq_conditioning="target")             # pyramid conditioned on the ad
     with_pyramid(cfg, pyramid=False, max_len=256)                   # one full-resolution branch
     dataclasses.replace(cfg, heads=replace(cfg.heads, per_surface=False))  # one shared head
     dataclasses.replace(cfg, wukong=replace(cfg.wukong, n_layers=4))        # Wukong depth
@@ -52,6 +53,14 @@ class GemConfig:
     # InterFormer interleaving: sequence layer i <-> Wukong layer i exchange summaries.
     # False: the whole sequence arch first, its summary fed once into Wukong layer 0.
     interleave: bool = True
+    # What the pyramid's age branches are conditioned on (model/gem.py, "Two sequence encoders"):
+    # "user": user / request tokens only, so the sequence encoding is candidate-independent and a
+    #   server runs it once per request; the ad meets the history through target attention over
+    #   the pyramid's tokens, the search branch and the Wukong layers (the presets' choice);
+    # "target": the target ad token and the candidate's interaction summary, InterFormer-style
+    #   (the ablation; a server runs the pyramid once per candidate). The field's default is
+    #   "target" because versions published before the option existed were built that way.
+    seq_conditioning: str = "target"
     # Non-sequence summary tokens prepended to the sequence (plus the target ad token).
     n_ctx: int = 2
     # Tokens the dense features become (dense MLP output).
@@ -65,6 +74,8 @@ class GemConfig:
     emb_init: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.seq_conditioning not in ("user", "target"):
+            raise ValueError(f"seq_conditioning must be 'user' or 'target', got {self.seq_conditioning!r}")
         if self.d % self.pyramid.n_heads:
             raise ValueError(f"d={self.d} not divisible by n_heads={self.pyramid.n_heads}")
         if self.use_sequence and self.wukong.n_layers < (self.pyramid.n_layers if self.interleave else 1):
@@ -90,7 +101,7 @@ def _tiny() -> GemConfig:
             search_len=16,
         ),
         heads=HeadConfig(trunk=(32,), tower=(16,)),
-        n_ctx=1, n_dense_tokens=1, dense_hidden=16,
+        n_ctx=1, n_dense_tokens=1, dense_hidden=16, seq_conditioning="user",
     )
 
 
@@ -100,6 +111,7 @@ def _base() -> GemConfig:
         wukong=WukongConfig(n_layers=3, n_fm=8, n_lcb=8, rank=8),
         pyramid=PyramidConfig(n_layers=2, max_len=1024, recent=64, n_levels=3, level_factor=4, min_tokens=16),
         heads=HeadConfig(trunk=(128,), tower=(64,)),
+        seq_conditioning="user",
     )
 
 
@@ -113,7 +125,7 @@ def _large() -> GemConfig:
             ffn_mult=4, n_pma=4, n_recent=4, search_len=256,
         ),
         heads=HeadConfig(n_experts=4, trunk=(1024, 512), tower=(256,)),
-        n_ctx=4, n_dense_tokens=4, dense_hidden=512,
+        n_ctx=4, n_dense_tokens=4, dense_hidden=512, seq_conditioning="user",
     )
 
 

@@ -20,6 +20,8 @@ surface; plus kind and time-delta buckets), looked up in one call for both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 from torchrec import (
@@ -30,13 +32,15 @@ from torchrec.modules.embedding_configs import PoolingType
 from opengem.model.batch import N_DENSE, NONSEQ_KEYS, SEQ_KEYS, TABLE_OF, FeatureConfig, GemBatch
 from opengem.model.config import GemConfig
 from opengem.model.heads import FunnelRanker, MultiDomainHeads, mlp
-from opengem.model.pyramid import PyramidArch, PyramidState
+from opengem.model.pyramid import PyramidArch, PyramidState, TargetAttention, recent_positions
 from opengem.model.wukong import WukongArch
 
 # Request-only ids -> EmbeddingBagCollection; ids shared with the history -> EmbeddingCollection.
 EBC_KEYS = ("user_id", "ad_format", "age_bucket", "country", "device", "hour")
 EC_KEYS = ("item_id", "advertiser_id", "category", "surface")
 TARGET_KEYS = ("item_id", "advertiser_id", "category")  # summed into the target ad token
+# Ids of the user and the request (the same for every candidate of a ranking call).
+USER_KEYS = ("user_id", "age_bucket", "country", "device", "hour", "surface")
 
 
 def _pool_rows(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -67,22 +71,54 @@ def target_match(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor,
     idx, mask: from :func:`truncate_recent` on ``batch.seq_lengths`` (the kept
     events, right-aligned). ``targets``: the ads (B rows) when they differ from
     ``batch.sparse`` -- a server scoring B ads against one user's history passes
-    that history as a 1-row ``batch`` and ``mask`` expanded to (B, L).
+    that history as a 1-row ``batch`` (and ``mask`` as (1, L) or expanded to
+    (B, L)); the one history is then compared with all B ads by broadcasting.
     0 = no match (or padding); missing ids (row 0) never match.
     """
-    B = mask.shape[0]
+    ids, hm = _history_ids(batch, idx, mask)
     targets = batch.sparse if targets is None else targets
-    if len(batch) == 1 and B > 1:
-        idx = idx.repeat(B)
-    rows = torch.repeat_interleave(torch.arange(B, device=mask.device), mask.sum(1))  # (N',)
-    level = torch.zeros(idx.numel(), dtype=torch.int64, device=mask.device)
+    level = torch.zeros((targets.stride(),) + tuple(hm.shape[1:]), dtype=torch.int64, device=mask.device)
     for lv, (seq_key, key) in enumerate(MATCH_KEYS, start=1):
-        target = first_ids(targets, key)  # (B,)
-        hit = (batch.seq[seq_key][idx] == target[rows]) & (target[rows] > 0)
-        level = torch.where(hit, lv, level)
-    out = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
-    out[mask] = level
-    return out
+        target = first_ids(targets, key)[:, None]  # (B, 1)
+        level = torch.where((ids[seq_key] == target) & (target > 0), lv, level)
+    return level * hm
+
+
+def _history_ids(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The kept history events' match ids right-aligned: {seq key: (B_h, L) int64, 0 on padding}, mask (B_h, L)."""
+    hm = mask[:len(batch)]  # the histories' own mask, B_h = len(batch) (1 for a shared history)
+    out = {}
+    for seq_key, _ in MATCH_KEYS:
+        ids = torch.zeros(hm.shape, dtype=torch.int64, device=mask.device)
+        ids[hm] = batch.seq[seq_key][idx]
+        out[seq_key] = ids
+    return out, hm
+
+
+def match_positions(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor, targets: KeyedJaggedTensor,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """The search branch's selection without a (B, L) level matrix: the most recent ``k``
+    events of each target's row that match it at any level (:func:`target_match` > 0).
+
+    Arguments as for :func:`target_match` (``targets``: B rows). Returns b, l, pos, K
+    as :func:`~opengem.model.pyramid.recent_positions` and the match level (n,) of
+    each selected event -- equal to ``target_match(...)[b, l]``; only O(B L) boolean
+    compares, the rest is O(selected).
+    """
+    ids, hm = _history_ids(batch, idx, mask)
+    tg = {key: first_ids(targets, key) for _, key in MATCH_KEYS}  # (B,) each
+    hit = None
+    for seq_key, key in MATCH_KEYS:
+        t = tg[key][:, None]
+        h = (ids[seq_key] == t) & (t > 0)  # (B, L) bool (broadcast when B_h = 1)
+        hit = h if hit is None else hit | h
+    b, l, pos, K = recent_positions(hit & hm, k)
+    hb = b if hm.shape[0] > 1 else torch.zeros_like(b)
+    level = torch.zeros_like(b)
+    for lv, (seq_key, key) in enumerate(MATCH_KEYS, start=1):
+        t = tg[key][b]
+        level = torch.where((ids[seq_key][hb, l] == t) & (t > 0), lv, level)
+    return b, l, pos, K, level
 
 
 def truncate_recent(lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,17 +232,41 @@ class GemModel(FunnelRanker):
         n0 = len(NONSEQ_KEYS) + cfg.n_dense_tokens
         self._target = [NONSEQ_KEYS.index(k) for k in TARGET_KEYS]
         extra: tuple[int, ...] = ()
+        self._user = [NONSEQ_KEYS.index(k) for k in USER_KEYS]
+        self.user_first = cfg.use_sequence and cfg.seq_conditioning == "user"
         if cfg.use_sequence:
-            self.seq = PyramidArch(d, cfg.pyramid)
-            n_s, n_seq = self.seq.n_summary, cfg.pyramid.n_layers
+            search = cfg.pyramid.search_len > 0
+            self.seq = PyramidArch(d, cfg.pyramid, search_apart=self.user_first)
+            n_seq = cfg.pyramid.n_layers
             n_ex = n_seq if cfg.interleave else 1  # how many exchanges
+            # Tokens into Wukong per exchange: the pyramid's summary, plus ("user") the target
+            # attention over it and over the search tokens, both per candidate.
+            n_s = self.seq.n_summary + (search + 1 if self.user_first else 0)
             extra = (n_s,) * n_ex
             x_counts = [n0] + [cfg.wukong.n_out] * (n_ex - 1)  # X's token count before exchange i
-            self.ctx_w = nn.ParameterList(nn.Parameter(torch.randn(cfg.n_ctx, n) / n**0.5) for n in x_counts)
-            self.ctx_norm = nn.LayerNorm(d)
-            self.ctx_gate = nn.Parameter(torch.zeros(n_ex, cfg.n_ctx, d))  # sigmoid -> 0.5 at init
+            if not self.user_first:
+                # Candidate-side context [target ad ‖ compress_i(X)], every branch's prefix.
+                self.ctx_w = nn.ParameterList(nn.Parameter(torch.randn(cfg.n_ctx, n) / n**0.5) for n in x_counts)
+                self.ctx_norm = nn.LayerNorm(d)
+                self.ctx_gate = nn.Parameter(torch.zeros(n_ex, cfg.n_ctx, d))  # sigmoid -> 0.5 at init
+            else:
+                # User-side context of the age branches: a per-exchange mix of the user / request tokens.
+                n_u = len(USER_KEYS)
+                self.user_ctx_w = nn.ParameterList(nn.Parameter(torch.randn(cfg.n_ctx, n_u) / n_u**0.5)
+                                                   for _ in range(n_ex))
+                self.user_ctx_norm = nn.LayerNorm(d)
+                self.user_ctx_gate = nn.Parameter(torch.zeros(n_ex, cfg.n_ctx, d))
+                # The ad reads the user's pyramid tokens (DIN) ...
+                self.target_attn = nn.ModuleList(TargetAttention(d, cfg.pyramid.n_heads) for _ in range(n_ex))
+                if search:
+                    # ... and its matched events (SIM's second stage), with a query that carries the
+                    # candidate's interaction state: target + gate ⊙ LN(w_i · X_i).
+                    self.search_q_w = nn.ParameterList(nn.Parameter(torch.randn(1, n) / n**0.5) for n in x_counts)
+                    self.search_q_norm = nn.LayerNorm(d)
+                    self.search_q_gate = nn.Parameter(torch.zeros(n_ex, 1, d))
+                    self.search_attn = nn.ModuleList(TargetAttention(d, cfg.pyramid.n_heads) for _ in range(n_ex))
             self.seq_gate = nn.Parameter(torch.zeros(n_ex, n_s, d))
-            if cfg.pyramid.search_len:
+            if search:
                 # What a search-branch event shares with the ad (row 0, no match, is never used there).
                 self.match_emb = nn.Parameter(torch.empty(N_MATCH, d).uniform_(-cfg.emb_init, cfg.emb_init))
         # Per-token LayerNorm: puts table rows and dense tokens on one scale.
@@ -215,57 +275,168 @@ class GemModel(FunnelRanker):
         self.heads = MultiDomainHeads(self.wukong.n_out * d, len(fc.surfaces), len(fc.tasks), cfg.heads)
 
     def _ctx(self, i: int, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Non-seq summary for the sequence: (B, 1 + n_ctx, d)."""
+        """Candidate-side summary for the sequence: [target ad ‖ gate ⊙ compress_i(X)] (B, 1 + n_ctx, d)."""
         c = self.ctx_norm(torch.einsum("cn,bnd->bcd", self.ctx_w[i], x))  # (B, n_ctx, d)
         return torch.cat([target, torch.sigmoid(self.ctx_gate[i]) * c], dim=1)
 
-    def seq_state(self, batch: GemBatch, events: torch.Tensor, mask: torch.Tensor) -> PyramidState:
-        """The sequence arch's initial state: the age branches, then the search branch."""
-        return self.add_search(self.seq.init(events, mask), batch, events, mask)
+    def _user_ctx(self, i: int, u: torch.Tensor) -> torch.Tensor:
+        """User-side summary for the age branches: u (B_u, n_u, d) user / request tokens -> (B_u, n_ctx, d)."""
+        c = self.user_ctx_norm(torch.einsum("cn,bnd->bcd", self.user_ctx_w[i], u))
+        return torch.sigmoid(self.user_ctx_gate[i]) * c
 
-    def add_search(self, st: PyramidState, hist: GemBatch, events: torch.Tensor, mask: torch.Tensor,
-                   targets: KeyedJaggedTensor | None = None) -> PyramidState:
-        """Append the search branch: history events matching each row's target ad, tagged
-        with how they match. events (B, L, d), mask (B, L) from ``self.sparse(hist, max_len)``;
-        a server sharing one user's age branches across B ads passes the 1-row ``hist``,
-        events / mask expanded to B rows and the ads as ``targets``."""
-        if not self.cfg.pyramid.search_len:
-            return st
-        idx, _, _ = truncate_recent(hist.seq_lengths, self.cfg.pyramid.max_len)
-        match = target_match(hist, idx, mask, targets)  # (B, L)
-        return self.seq.add_search(st, events + self.match_emb[match], match > 0)
+    # ------------------------------------------------------------------ the two halves of represent()
+
+    def encode_user(self, hist: GemBatch) -> "UserEncoding":
+        """Everything that depends on the user rows of ``hist`` only (a server: one row per request).
+
+        ``hist``: its histories and its user / request ids (user, age, country,
+        device, hour, surface) are read; its ad ids are not. See :class:`UserEncoding`.
+        """
+        max_len = self.cfg.pyramid.max_len if self.cfg.use_sequence else 0
+        nonseq, events, mask = self.sparse(hist, max_len)
+        return self._encode(hist, nonseq, events, mask)
+
+    def score_candidates(self, u: "UserEncoding", cands: GemBatch) -> torch.Tensor:
+        """The trunk input (B, n_out * d) of B candidates against ``u`` (1 row, or B rows).
+
+        ``cands``: the candidates' ids, dense features and surfaces; its histories are not read.
+        """
+        nonseq, _, _ = self.sparse(cands, 0)  # (B, F, d): no history lookup
+        return self._score(u, cands, nonseq)
+
+    def candidate_logits(self, u: "UserEncoding", cands: GemBatch) -> torch.Tensor:
+        """Funnel stage logits (B, n_tasks) of ``score_candidates`` through the surface heads."""
+        return self.heads(self.score_candidates(u, cands), cands.surface_idx)
 
     def represent(self, batch: GemBatch) -> torch.Tensor:
-        cfg = self.cfg
-        max_len = cfg.pyramid.max_len if cfg.use_sequence else 0
+        """``score_candidates(encode_user(batch), batch)`` with one embedding lookup for both:
+        (B, n_out * d), GEM's representation for students."""
+        max_len = self.cfg.pyramid.max_len if self.cfg.use_sequence else 0
         nonseq, events, mask = self.sparse(batch, max_len)
-        x = self.in_norm(torch.cat([nonseq, self.dense(batch.dense)], dim=1))  # (B, n0, d)
-        layers = self.wukong.layers
-        if cfg.use_sequence:
-            target = nonseq[:, self._target].sum(1, keepdim=True)  # (B, 1, d)
-            st = self.seq_state(batch, events, mask)
-            if cfg.interleave:
-                for i, layer in enumerate(layers):
-                    if i < cfg.pyramid.n_layers:
-                        st, s = self.seq.layer(i, st, self._ctx(i, x, target))  # s: (B, n_s, d)
-                        x = torch.cat([x, torch.sigmoid(self.seq_gate[i]) * s], dim=1)
-                    x = layer(x)
-            else:
-                ctx = self._ctx(0, x, target)
-                for i in range(cfg.pyramid.n_layers):
-                    st, s = self.seq.layer(i, st, ctx)
-                x = torch.cat([x, torch.sigmoid(self.seq_gate[0]) * s], dim=1)
-                for layer in layers:
-                    x = layer(x)
-        else:
-            x = self.wukong(x)  # (B, n_out, d)
-        return x.flatten(1)
+        return self._score(self._encode(batch, nonseq, events, mask), batch, nonseq)
 
     def raw_logits(self, batch: GemBatch) -> torch.Tensor:
         """Funnel stage logits (B, n_tasks): click | impression, conversion | click."""
         return self.heads(self.represent(batch), batch.surface_idx)
 
+    def _encode(self, hist: GemBatch, nonseq: torch.Tensor, events: torch.Tensor | None,
+                mask: torch.Tensor | None) -> "UserEncoding":
+        cfg = self.cfg
+        if not cfg.use_sequence:
+            return UserEncoding(hist, None, None, None)
+        st = self.seq.init(events, mask)  # the age branches' input stage
+        if not self.user_first:
+            return UserEncoding(hist, events, mask, st)  # the layers need the candidate
+        u = self.in_norm(nonseq[:, self._user])  # (B_u, n_u, d), as these tokens are in X
+        enc = UserEncoding(hist, events, mask, None)
+        for i in range(cfg.pyramid.n_layers):
+            st, s = self.seq.layer(i, st, self._user_ctx(i if cfg.interleave else 0, u))
+            enc.summaries.append(s)  # (B_u, n_summary, d)
+            keys = torch.cat(st.cls + st.tokens, dim=1)  # (B_u, T_i, d)
+            km = torch.cat([mask.new_ones(keys.shape[0], len(st.cls))] + st.masks, dim=1)
+            enc.keys.append((keys, km))
+        return enc
 
+    def _search(self, u: "UserEncoding", cands: GemBatch, B: int) -> PyramidState | None:
+        """The search branch's tokens for B candidates (None without one): their most recent
+        matching events, each plus the embedding of how it matches."""
+        if not self.cfg.pyramid.search_len:
+            return None
+        idx, _, _ = truncate_recent(u.hist.seq_lengths, self.cfg.pyramid.max_len)
+        sel = match_positions(u.hist, idx, u.mask, cands.sparse, self.cfg.pyramid.search_len)
+        return self.seq.search_tokens(u.events, B, sel[:4], self.match_emb[sel[4]])
+
+    def _score(self, u: "UserEncoding", cands: GemBatch, nonseq: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x = self.in_norm(torch.cat([nonseq, self.dense(cands.dense)], dim=1))  # (B, n0, d)
+        if not cfg.use_sequence:
+            return self.wukong(x).flatten(1)  # (B, n_out * d)
+        B, layers, n_seq = x.shape[0], self.wukong.layers, cfg.pyramid.n_layers
+        target = nonseq[:, self._target].sum(1, keepdim=True)  # (B, 1, d): the ad token
+        if self.user_first:
+            sst = self._search(u, cands, B)
+
+            if sst is not None:  # keys: the branch's CLS (always there: rows without a match) + its tokens
+                s_keys = torch.cat(sst.cls + sst.tokens, dim=1)  # (B, 1 + K, d)
+                s_mask = torch.cat([sst.masks[0].new_ones(B, 1), sst.masks[0]], dim=1)
+
+            def exchange(i: int, x: torch.Tensor, j: int) -> torch.Tensor:
+                """Layer i's tokens for Wukong (exchange j): the user's summary ‖ the ad's target
+                attention over the user's layer-i tokens ‖ over its matched events."""
+                parts = [_rows(u.summaries[i], B)]
+                keys, km = u.keys[i]
+                parts.append(self.seq.out_norm(self.target_attn[j](target, keys, km)))
+                if sst is not None:
+                    q = self.search_q_norm(torch.einsum("cn,bnd->bcd", self.search_q_w[j], x))  # (B, 1, d)
+                    q = target + torch.sigmoid(self.search_q_gate[j]) * q
+                    parts.append(self.seq.out_norm(self.search_attn[j](q, s_keys, s_mask)))
+                return torch.cat(parts, dim=1)  # (B, n_s, d)
+
+            if cfg.interleave:
+                for i, layer in enumerate(layers):
+                    if i < n_seq:
+                        s = exchange(i, x, i)
+                        x = torch.cat([x, torch.sigmoid(self.seq_gate[i]) * s], dim=1)
+                    x = layer(x)
+            else:
+                s = exchange(n_seq - 1, x, 0)  # the pyramid's last layer, once
+                x = torch.cat([x, torch.sigmoid(self.seq_gate[0]) * s], dim=1)
+                for layer in layers:
+                    x = layer(x)
+            return x.flatten(1)
+        # "target": the pyramid is conditioned on each candidate, so its layers run per candidate
+        # on the user's input stage broadcast to B rows.
+        st = PyramidState([_rows(t, B) for t in u.state.tokens], [_rows(t, B) for t in u.state.masks],
+                          [_rows(t, B) for t in u.state.cls])
+        st = self._add_search_target(st, u, cands)
+        if cfg.interleave:
+            for i, layer in enumerate(layers):
+                if i < n_seq:
+                    st, s = self.seq.layer(i, st, self._ctx(i, x, target))  # s: (B, n_s, d)
+                    x = torch.cat([x, torch.sigmoid(self.seq_gate[i]) * s], dim=1)
+                x = layer(x)
+        else:
+            ctx = self._ctx(0, x, target)
+            for i in range(n_seq):
+                st, s = self.seq.layer(i, st, ctx)
+            x = torch.cat([x, torch.sigmoid(self.seq_gate[0]) * s], dim=1)
+            for layer in layers:
+                x = layer(x)
+        return x.flatten(1)
+
+    def _add_search_target(self, st: PyramidState, u: "UserEncoding", cands: GemBatch) -> PyramidState:
+        """``st`` with the search branch appended ("target" mode: it runs with the age branches)."""
+        sst = self._search(u, cands, st.tokens[0].shape[0])
+        if sst is None:
+            return st
+        return PyramidState(st.tokens + sst.tokens, st.masks + sst.masks, st.cls + sst.cls)
+
+
+def _rows(t: torch.Tensor, B: int) -> torch.Tensor:
+    """A user-side tensor (1 or B rows) as B rows; a view, no copy."""
+    return t if t.shape[0] == B else t.expand(B, *t.shape[1:])
+
+
+@dataclass(eq=False)
+class UserEncoding:
+    """What :meth:`GemModel.encode_user` computes from the user rows alone (B_u = 1 per request
+    at serving, B_u = B in training, where every row is its own user).
+
+    hist: the rows' batch (histories: ids for the search branch's matching);
+    events (B_u, L, d) / mask (B_u, L): the embedded, right-aligned histories;
+    state: ``seq_conditioning="target"`` only -- the pyramid's input stage
+      (its layers need the candidate);
+    summaries[i] (B_u, n_summary, d), keys[i] ((B_u, T_i, d), (B_u, T_i)):
+      ``"user"`` only -- layer i's summary of the age branches and their CLS +
+      tokens, which candidates read through target attention.
+    """
+
+    hist: GemBatch
+    events: torch.Tensor | None
+    mask: torch.Tensor | None
+    state: PyramidState | None
+    summaries: list[torch.Tensor] = field(default_factory=list)
+    keys: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 def n_params(model: nn.Module) -> dict[str, int]:
     """Parameter counts: embeddings (TorchRec tables) vs dense, and the total."""

@@ -25,6 +25,16 @@ far back reaches the summary with weight ~1/L -- in tests a model could not
 pick up a target-matched event 100-200 events back in a few hundred steps.
 The search branch hands it over undiluted, at O(L) cost for the selection.
 
+*Candidate-independent mode* (``search_apart=True``, GEM's
+``seq_conditioning="user"``): the context tokens carry user / request
+features only, so the age branches, their summary and their tokens depend on
+the user alone and a server computes them once per request. The search branch
+is the one part that must see the ad (its events are chosen by the ad): here
+it only prepares its tokens (:meth:`PyramidArch.search_tokens`) and has no
+transformer layers; GEM reads them per candidate with target attention
+(SIM's second stage, :class:`TargetAttention`). The PMA and the summary cover
+the age branches only.
+
 With ``pyramid=False`` there is one full-resolution branch over the last
 ``max_len`` events (the ablation; attention is then quadratic in max_len).
 Empty histories work: a branch with no events attends to its prefix only.
@@ -101,6 +111,24 @@ class PyramidConfig:
         return self.n_branches + self.n_pma + self.n_recent
 
 
+def recent_positions(keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Where the most recent ``k`` kept tokens of each row go, right-aligned.
+
+    keep: (B, L) bool -> (b (n,), l (n,), pos (n,), K): token (b, l) goes to slot
+    pos of row b in a (B, K) output, K = min(k, max row count), oldest first.
+    """
+    B = keep.shape[0]
+    b, l = keep.nonzero(as_tuple=True)  # row-major: oldest first within a row
+    if not b.numel():
+        return b, l, b, 0
+    counts = torch.bincount(b, minlength=B)  # (B,)
+    start = torch.cumsum(counts, 0) - counts
+    rank = counts[b] - (torch.arange(b.numel(), device=b.device) - start[b])  # 1 = the most recent
+    sel = rank <= k
+    K = min(k, int(counts.max()))
+    return b[sel], l[sel], K - rank[sel], K
+
+
 def select_recent(x: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The most recent ``k`` tokens of each row where ``keep`` holds, right-aligned.
 
@@ -108,12 +136,8 @@ def select_recent(x: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Te
     the order within a row is kept (oldest first).
     """
     B, L, d = x.shape
-    rank = keep.flip(1).cumsum(1).flip(1)  # (B, L): 1 = the most recent kept token
-    sel = keep & (rank <= k)
-    K = int(sel.sum(1).max()) if B and L else 0
+    b, l, pos, K = recent_positions(keep, k)
     out, m = x.new_zeros(B, K, d), keep.new_zeros(B, K)
-    b, l = sel.nonzero(as_tuple=True)
-    pos = K - rank[b, l]
     out[b, pos] = x[b, l]
     m[b, pos] = True
     return out, m
@@ -182,6 +206,36 @@ class PMA(nn.Module):
         return self.out(a.transpose(1, 2).reshape(B, n, d))
 
 
+class TargetAttention(nn.Module):
+    """DIN-style target attention (Zhou et al. 2018): each candidate's ad token queries a user's tokens.
+
+    q: (B, 1, d); keys: (B_k, T, d), mask: (B_k, T) bool with B_k = B (training: a
+    history per row) or 1 (serving: one user's tokens shared by B candidates, which
+    then run as B queries of a single attention, so the keys are projected once)
+    -> (B, 1, d). The cheap, per-candidate way for the ad to read a
+    candidate-independent encoding: O(B T d) instead of a transformer per candidate.
+    """
+
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.h = n_heads
+        self.ln_q, self.ln_k = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, d, h = q.shape[0], q.shape[-1], self.h
+        Bk, T = keys.shape[:2]
+        if Bk != B:
+            if Bk != 1:
+                raise ValueError(f"keys for {Bk} rows, queries for {B}")
+            q = q.transpose(0, 1)  # (1, B, d): the candidates as queries of one row
+        nq = q.shape[1]
+        qh = self.q(self.ln_q(q)).view(Bk, nq, h, d // h).transpose(1, 2)  # (B_k, H, nq, Dh)
+        k, v = self.kv(self.ln_k(keys)).view(Bk, T, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B_k, H, T, Dh)
+        a = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask[:, None, None, :])  # (B_k, H, nq, Dh)
+        return self.out(a.transpose(1, 2).reshape(Bk, nq, d)).reshape(B, 1, d)
+
+
 @dataclass
 class PyramidState:
     """Per branch b: tokens[b] (B, T_b, d), masks[b] (B, T_b) bool, cls[b] (B, 1, d)."""
@@ -197,25 +251,31 @@ class PyramidArch(nn.Module):
     ``init(events (B, L, d), mask (B, L))`` -> state of the age-based branches;
     ``add_search(state, events, hit (B, L))`` -> state with the search branch;
     ``layer(i, state, ctx (B, n_ctx, d))`` -> state, summary (B, n_summary, d);
+    with ``search_apart``: ``layer`` runs the age branches only and ``search_tokens(events, B, sel)``
+    prepares the search tokens on their own (per candidate);
     ``forward(events, mask, ctx)`` runs every layer with a fixed ctx -> summary.
     """
 
-    def __init__(self, d: int, cfg: PyramidConfig):
+    def __init__(self, d: int, cfg: PyramidConfig, search_apart: bool = False):
         super().__init__()
         self.cfg = cfg
+        # True: layer() runs the age branches only; search_tokens() prepares the search tokens apart.
+        self.search_apart = search_apart and cfg.search_len > 0
         nb = cfg.n_branches
         self.segments = cfg.segments()
-        self.n_summary = cfg.n_summary
+        # Summary tokens of layer(): without the search branch's CLS when it runs apart.
+        self.n_summary = cfg.n_summary - self.search_apart
         self.in_norm = nn.LayerNorm(d)
         self.pool = nn.ModuleList(TokenMerge(d, f) if f > 1 else nn.Identity() for _, _, f in self.segments)
         self.search_len = cfg.search_len
         self.level_emb = nn.Parameter(torch.randn(nb, d) * 0.02)
         self.cls0 = nn.Parameter(torch.randn(nb, d) * 0.02)
+        nt = nb - self.search_apart  # branches with transformer layers here
         self.blocks = nn.ModuleList(
-            nn.ModuleList(Block(d, cfg.n_heads, cfg.ffn_mult) for _ in range(nb)) for _ in range(cfg.n_layers)
+            nn.ModuleList(Block(d, cfg.n_heads, cfg.ffn_mult) for _ in range(nt)) for _ in range(cfg.n_layers)
         )
         self.merges = nn.ModuleList(
-            nn.ModuleList(TokenMerge(d, cfg.shrink) for _ in range(nb)) for _ in range(max(cfg.n_layers - 1, 0))
+            nn.ModuleList(TokenMerge(d, cfg.shrink) for _ in range(nt)) for _ in range(max(cfg.n_layers - 1, 0))
         ) if cfg.shrink > 1 else None
         self.pma = nn.ModuleList(PMA(d, cfg.n_pma, cfg.n_heads) for _ in range(cfg.n_layers)) if cfg.n_pma else None
         self.out_norm = nn.LayerNorm(d)
@@ -242,41 +302,72 @@ class PyramidArch(nn.Module):
     def add_search(self, st: PyramidState, events: torch.Tensor, hit: torch.Tensor) -> PyramidState:
         """Append the search branch: the most recent ``search_len`` events where ``hit``.
 
-        events: (B, L, d) right-aligned (the caller adds what it knows about the
-        match), hit: (B, L) bool, False on padding. A no-op without a search branch.
+        events: (B_u, L, d) right-aligned, B_u = B or 1; hit: (B, L) bool, False on
+        padding. A no-op without a search branch.
         """
         if not self.search_len:
             return st
-        B, _, d = events.shape
-        xs, ms = select_recent(self.in_norm(events), hit, self.search_len)  # (B, K, d), (B, K)
-        b = len(self.segments)
-        return PyramidState(st.tokens + [(xs + self.level_emb[b]) * ms.unsqueeze(-1)], st.masks + [ms],
-                            st.cls + [self.cls0[b].expand(B, 1, d)])
+        sb = self.search_tokens(events, hit.shape[0], recent_positions(hit, self.search_len))
+        return PyramidState(st.tokens + sb.tokens, st.masks + sb.masks, st.cls + sb.cls)
+
+    def search_tokens(self, events: torch.Tensor, B: int, sel: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+                      tag: torch.Tensor | None = None) -> PyramidState:
+        """The search branch alone, one branch of B rows, from a selection of events.
+
+        events: (B_u, L, d) right-aligned, B_u = B or 1 (one user's history shared by
+        B candidates, as a server has it); sel = (b, l, pos, K) from
+        :func:`recent_positions`: event (b or 0, l) goes to slot pos of row b;
+        tag: (n, d) added to the selected events (what the caller knows about each
+        match). Only the selected events are gathered, normed and tagged (all of it
+        per token), so a shared history is never copied B times.
+        """
+        b, l, pos, K = sel
+        d = events.shape[-1]
+        x = events[b if events.shape[0] > 1 else torch.zeros_like(b), l]  # (n, d)
+        if tag is not None:
+            x = x + tag
+        xs = x.new_zeros(B, K, d)
+        ms = torch.zeros(B, K, dtype=torch.bool, device=x.device)
+        xs[b, pos] = self.in_norm(x)
+        ms[b, pos] = True
+        j = len(self.segments)
+        return PyramidState([(xs + self.level_emb[j]) * ms.unsqueeze(-1)], [ms], [self.cls0[j].expand(B, 1, d)])
 
     def layer(self, i: int, st: PyramidState, ctx: torch.Tensor) -> tuple[PyramidState, torch.Tensor]:
         """One layer of every branch; ctx: (B, n_ctx, d). Returns (state, summary (B, n_summary, d)).
 
         A state from :meth:`init` alone gets an empty search branch (no event matches).
         """
-        if len(st.tokens) < len(self.blocks[i]):
+        n_age = len(self.segments)
+        if not self.search_apart and len(st.tokens) < len(self.blocks[i]):
             B, _, d = st.tokens[0].shape
             st = self.add_search(st, st.tokens[0].new_zeros(B, 0, d), st.masks[0].new_zeros(B, 0))
-        B, P = ctx.shape[0], 1 + ctx.shape[1]
+        if self.search_apart and len(st.tokens) != n_age:
+            raise ValueError("with the search branch apart, layer() takes the age branches only")
         toks, masks, cls = [], [], []
-        for b, block in enumerate(self.blocks[i]):
-            xb, mb = st.tokens[b], st.masks[b]
-            seq = torch.cat([st.cls[b], ctx, xb], dim=1)  # (B, P + T_b, d)
-            m = torch.cat([mb.new_ones(B, P), mb], dim=1)
-            out = block(seq, m)
-            cls.append(out[:, :1])
-            xb = out[:, P:] * mb.unsqueeze(-1)
-            merge = b < len(self.segments) and xb.shape[1] > self.cfg.min_tokens  # search tokens stay whole
-            if self.merges is not None and i < len(self.merges) and merge:
-                xb, mb = self.merges[i][b](xb, mb)
+        for b in range(len(st.tokens)):
+            c, xb, mb = self._branch(i, b, st.cls[b], st.tokens[b], st.masks[b], ctx)
+            cls.append(c)
             toks.append(xb)
             masks.append(mb)
         st = PyramidState(toks, masks, cls)
         return st, self.summary(i, st)
+
+    def _branch(self, i: int, b: int, cls: torch.Tensor, xb: torch.Tensor, mb: torch.Tensor,
+                ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Branch b's layer i: [cls ‖ ctx ‖ tokens] through its block, then the token merge.
+
+        cls (B, 1, d), xb (B, T, d), mb (B, T), ctx (B, n_ctx, d) -> cls, tokens, mask.
+        """
+        B, P = ctx.shape[0], 1 + ctx.shape[1]
+        seq = torch.cat([cls, ctx, xb], dim=1)  # (B, P + T_b, d)
+        m = torch.cat([mb.new_ones(B, P), mb], dim=1)
+        out = self.blocks[i][b](seq, m)
+        xb = out[:, P:] * mb.unsqueeze(-1)
+        merge = b < len(self.segments) and xb.shape[1] > self.cfg.min_tokens  # search tokens stay whole
+        if self.merges is not None and i < len(self.merges) and merge:
+            xb, mb = self.merges[i][b](xb, mb)
+        return out[:, :1], xb, mb
 
     def summary(self, i: int, st: PyramidState) -> torch.Tensor:
         """CLS of every branch ‖ PMA over all tokens ‖ the n_recent latest level-0 tokens."""
@@ -296,6 +387,9 @@ class PyramidArch(nn.Module):
                 hit: torch.Tensor | None = None) -> torch.Tensor:
         """All layers with a fixed ctx -> the last summary. hit: (B, L) bool, the search
         branch's candidates (None: no event matches)."""
+        if self.search_apart:
+            raise ValueError("forward() runs the whole arch; with the search branch apart, call init / layer / "
+                             "search_tokens")
         hit = mask & hit if hit is not None else torch.zeros_like(mask)
         st = self.add_search(self.init(events, mask), events, hit)
         s = None

@@ -16,7 +16,7 @@ import numpy as np
 
 from opengem.serving.config import ServeConfig
 from opengem.serving.models import ModelManager
-from opengem.serving.scoring import RankQuery, candidate_examples, featurize, validate
+from opengem.serving.scoring import RankQuery, featurize, validate
 
 
 class NoModel(RuntimeError):
@@ -58,7 +58,7 @@ class Ranker:
         tasks = scorer.tasks
         validate(q, surfaces=scorer.surfaces, tasks=tasks, max_candidates=self.cfg.max_candidates)
         value_task = q.value_task or (self.cfg.value_task if self.cfg.value_task in tasks else tasks[-1])
-        rb = featurize(candidate_examples(q, self.reader), self.reader, scorer.cfg)
+        rb = featurize(q, self.reader, scorer.cfg)
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not self._slots.acquire(timeout=remaining):
             raise DeadlineExceeded("deadline exceeded waiting for the model")

@@ -1,32 +1,32 @@
 """The serving lifecycle without gRPC: validate → featurize → score → rank.
 
-Featurization goes through the trainer's own functions, so served and trained
-scores agree (CONVENTIONS.md, "Stores and stream"; the parity test in
-``tests/serving`` holds them to it):
+Featurization goes through the trainer's own functions where it reads the
+store, and is held to the trainer's batch by the parity tests in
+``tests/serving`` (CONVENTIONS.md, "Stores and stream"):
 
 * the user's history is read once per request by
   :func:`opengem.model.data.examples_batch` -- the trainer's read
   (``read_batch(user, before_ts=request ts, max_len)``) and batch builder --
-  for a one-row *user batch*;
-* the candidates' ids, the request context and the dense features come from
-  :func:`opengem.model.batch.make_batch` over the candidates. The only dense
-  features that depend on the candidate are the ``hist_log_same_*`` counters
-  (how often the user met this ad / advertiser / category); ``make_batch``
-  computes them from, per candidate, just the history events that match it
-  (equal counts, a fraction of the work). The other dense features are the
-  user batch's row.
+  for a one-row *user batch* (history columns, the dense counters);
+* the B candidate rows are built as columns (:func:`featurize`): they differ
+  from the user row only in the ad's ids (hashed by the same ``ids_to_rows``)
+  and the ``hist_log_same_*`` counters (how often the user met this ad /
+  advertiser / category), counted over the same history by sorting instead of
+  a (B, L) comparison. No per-candidate Python objects: at 500 candidates the
+  per-candidate ``Example`` + ``make_batch`` path cost more than the model
+  of a DLRM. :func:`candidate_examples` still builds those Examples -- the
+  trainer's input for the same request, which the parity tests score.
 
-What is shared across candidates. :class:`Scorer` runs GEM's sequence
-*embedding lookup* and the pyramid's *input stage* (LayerNorm, level cut,
-chunk pooling: ``PyramidArch.init``) once per request and broadcasts the
-result. The pyramid *layers* cannot be shared without changing the model: each
-branch prepends the target ad token and a summary of the candidate's
-non-sequence features to the history tokens, and attention mixes them into
-every token, so from layer 1 on every history token is candidate-specific.
-:func:`shared_raw_logits` mirrors ``GemModel.represent`` with that one
-difference; each loaded version is checked against the model's own
-``predict`` on a canary request (:func:`canary_check`), and a version where
-they disagree is served through ``predict`` on a replicated batch instead.
+Scoring (:class:`Scorer`) goes through the model's own split,
+``GemModel.encode_user`` once per request and ``GemModel.candidate_logits``
+over all candidates in one batch; ``GemModel.represent`` is defined through
+the same two halves, so there is no serving mirror of the model. With the
+presets' ``seq_conditioning="user"`` the whole sequence arch runs once per
+request and per candidate only target attention, the search branch's
+selection and Wukong + heads; with ``"target"`` (the ablation) the pyramid's
+layers run per candidate. Each loaded version is still checked against the
+model's own ``predict`` on a replicated canary request (:func:`canary_check`);
+a version where they disagree is served through ``predict`` instead.
 """
 
 from __future__ import annotations
@@ -41,20 +41,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from opengem.features.types import JaggedSeq, SeqArrays, country_name
-from opengem.model.batch import DENSE_FEATURES, GemBatch, make_batch
+from opengem.features.types import JaggedSeq, country_name
+from opengem.model.batch import DENSE_FEATURES, NONSEQ_KEYS, GemBatch, ids_to_rows, make_kjt
 from opengem.model.data import examples_batch
 from opengem.model.gem import GemModel
 from opengem.model.heads import funnel_probs
-from opengem.model.pyramid import PyramidState
 from opengem.model.registry import LoadedModel
 from opengem.stream.events import AD_FORMATS, DEVICES, MAX_ID, MIN_TS_MS
 from opengem.stream.joiner import Example
 
 log = logging.getLogger(__name__)
-
-# Dense features that depend on the candidate (everything else is the user's).
-TARGET_DENSE = tuple(i for i, name in enumerate(DENSE_FEATURES) if name.startswith("hist_log_same_"))
 
 
 class RequestError(ValueError):
@@ -136,44 +132,76 @@ def validate(q: RankQuery, *, surfaces: Sequence[str], tasks: Sequence[str], max
 # --------------------------------------------------------------------------- featurize
 
 
-def candidate_examples(q: RankQuery, reader: Any) -> list[Example]:
-    """One unlabelled :class:`Example` per candidate, as the joiner would have written it.
+@dataclass(frozen=True, eq=False)
+class Attributes:
+    """The request's attributes with the store's filled in: user-side scalars, per-candidate columns.
 
-    Attributes the request leaves out come from the store: the user's latest
-    age / country / device, each ad's latest advertiser / category / format.
-    Users and ads the store never saw keep them unknown (cold start).
+    age / country / device: the user's (None: unknown); ad_id, advertiser_id,
+    category, ad_format: (B,) int64 columns, -1 where unknown (ad_format as an
+    index into AD_FORMATS).
     """
-    need_user = q.age_bucket is None or q.country is None or q.device is None
+
+    age: int | None
+    country: str | None
+    device: str | None
+    ad_id: np.ndarray
+    advertiser_id: np.ndarray
+    category: np.ndarray
+    ad_format: np.ndarray
+
+
+_FMT_CODE = {f: i for i, f in enumerate(AD_FORMATS)}
+
+
+def attributes(q: RankQuery, reader: Any) -> Attributes:
+    """Attributes the request leaves out come from the store: the user's latest age /
+    country / device, each ad's latest advertiser / category / format. Users and ads the
+    store never saw keep them unknown (cold start). One store call per kind, no per-ad Python
+    beyond reading the request."""
     age, country, device = q.age_bucket, q.country, q.device
-    if need_user:
+    if age is None or country is None or device is None:
         uf = reader.user_features([q.user_id])
         age = age if age is not None else (int(uf.age_bucket[0]) if uf.age_bucket[0] >= 0 else None)
         country = country if country is not None else country_name(int(uf.country[0]))
         device = device if device is not None else (DEVICES[uf.device[0]] if uf.device[0] >= 0 else None)
     cands = q.candidates
-    missing = [i for i, c in enumerate(cands) if c.advertiser_id is None or c.category is None or c.ad_format is None]
-    adv = [c.advertiser_id for c in cands]
-    cat = [c.category for c in cands]
-    fmt = [c.ad_format for c in cands]
-    if missing:
+    B = len(cands)
+    ad = np.fromiter((c.ad_id for c in cands), np.int64, B)
+    opt = lambda v: -1 if v is None else v  # noqa: E731
+    adv = np.fromiter((opt(c.advertiser_id) for c in cands), np.int64, B)
+    cat = np.fromiter((opt(c.category) for c in cands), np.int64, B)
+    fmt = np.fromiter((-1 if c.ad_format is None else _FMT_CODE[c.ad_format] for c in cands), np.int64, B)
+    given = np.fromiter(((c.advertiser_id is not None) + 2 * (c.category is not None) + 4 * (c.ad_format is not None)
+                         for c in cands), np.int64, B)
+    missing = np.flatnonzero(given != 7)
+    if missing.size:
         try:
-            itf = reader.item_features([cands[i].ad_id for i in missing])
+            itf = reader.item_features(ad[missing])
         except LookupError:  # no shard open yet: every ad is new
             itf = None
         if itf is not None:
-            for j, i in enumerate(missing):
-                if adv[i] is None and itf.advertiser_id[j] >= 0:
-                    adv[i] = int(itf.advertiser_id[j])
-                if cat[i] is None and itf.category[j] >= 0:
-                    cat[i] = int(itf.category[j])
-                if fmt[i] is None and itf.ad_format[j] >= 0:
-                    fmt[i] = AD_FORMATS[itf.ad_format[j]]
-    return [
-        Example(request_id=q.request_id, ts=q.ts_ms, surface=q.surface, user_id=q.user_id, item_id=c.ad_id,
-                advertiser_id=adv[i], ad_format=fmt[i], category=cat[i], age_bucket=age, country=country,
-                device=device, hour=q.hour, click=0, conversion=0, click_ts=None, conversion_ts=None)
-        for i, c in enumerate(cands)
-    ]
+            for col, got, bit in ((adv, itf.advertiser_id, 1), (cat, itf.category, 2), (fmt, itf.ad_format, 4)):
+                fill = (given[missing] & bit) == 0
+                col[missing[fill]] = np.where(np.asarray(got)[fill] >= 0, np.asarray(got, np.int64)[fill], -1)
+    return Attributes(age, country, device, ad, adv, cat, fmt)
+
+
+def candidate_examples(q: RankQuery, reader: Any) -> list[Example]:
+    """One unlabelled :class:`Example` per candidate, as the joiner would have written it
+    (:func:`attributes` filled in): the trainer's input for the same request, which the parity
+    tests feed to ``examples_batch``; :func:`featurize` builds the same batch without them."""
+    a = attributes(q, reader)
+    return [_example(q, a, i) for i in range(len(q.candidates))]
+
+
+def _example(q: RankQuery, a: Attributes, i: int) -> Example:
+    opt = lambda v: None if v < 0 else int(v)  # noqa: E731
+    fmt = int(a.ad_format[i])
+    return Example(request_id=q.request_id, ts=q.ts_ms, surface=q.surface, user_id=q.user_id,
+                   item_id=int(a.ad_id[i]), advertiser_id=opt(a.advertiser_id[i]),
+                   ad_format=AD_FORMATS[fmt] if fmt >= 0 else None, category=opt(a.category[i]),
+                   age_bucket=a.age, country=a.country, device=a.device, hour=q.hour, click=0, conversion=0,
+                   click_ts=None, conversion_ts=None)
 
 
 class _Recording:
@@ -208,33 +236,45 @@ class RequestBatch:
         )
 
 
-def _matching(hist: SeqArrays, examples: Sequence[Example]) -> JaggedSeq:
-    """Per example, the history events with its item, advertiser or category (oldest first)."""
-    def col(name: str) -> np.ndarray:
-        return np.array([-1 if (v := getattr(e, name)) is None else v for e in examples], np.int64)[:, None]
-
-    item, adv, cat = col("item_id"), col("advertiser_id"), col("category")
-    hit = ((hist.item_id[None, :] == item)
-           | ((hist.advertiser_id[None, :] == adv) & (adv >= 0))
-           | ((hist.category[None, :].astype(np.int64) == cat) & (cat >= 0)))  # (B, L)
-    rows, ev = np.nonzero(hit)  # row-major: per row in history order
-    lengths = np.bincount(rows, minlength=len(examples)).astype(np.int64)
-    return JaggedSeq(lengths=lengths, **{k: v[ev] for k, v in hist.columns().items()})
+def _count_equal(hist: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(B,) how many of ``hist`` (L,) equal each target; 0 for targets < 0 (unknown). O((L + B) log L)."""
+    s = np.sort(hist.astype(np.int64))
+    n = np.searchsorted(s, targets, "right") - np.searchsorted(s, targets, "left")
+    return np.where(targets >= 0, n, 0)
 
 
-def featurize(examples: Sequence[Example], reader: Any, cfg: Any) -> RequestBatch:
-    """Examples of one request (one user, one ts) -> :class:`RequestBatch`."""
+def featurize(q: RankQuery, reader: Any, cfg: Any, attrs: Attributes | None = None) -> RequestBatch:
+    """A request -> :class:`RequestBatch`, column-wise.
+
+    The user row goes through the trainer's own path (``examples_batch`` on the
+    first candidate's example: the store read, the history columns, the dense
+    counters). The B candidate rows differ from it only in the ad's ids and the
+    ``hist_log_same_*`` counters, so they are built as columns: the user-side
+    sparse rows of the user batch repeated, the ad's ids hashed by the same
+    ``ids_to_rows``, the counters by sorted counting over the same history
+    (``make_batch``'s ``(history == target) & (target >= 0)``). The parity tests
+    hold the result to ``examples_batch`` over :func:`candidate_examples`.
+    """
+    fc = getattr(cfg, "features", cfg)
+    a = attributes(q, reader) if attrs is None else attrs
+    B = len(a.ad_id)
     rec = _Recording(reader)
-    user = examples_batch(examples[:1], rec, cfg)
+    user = examples_batch([_example(q, a, 0)], rec, cfg)
     assert rec.last is not None
     hist = rec.last.row(0)
-    cands = make_batch(examples, _matching(hist, examples), cfg)
-    dense = user.dense.expand(len(examples), -1).clone()
-    dense[:, TARGET_DENSE] = cands.dense[:, TARGET_DENSE]
-    B = len(examples)
-    cands = dataclasses.replace(
-        cands, dense=dense, seq_lengths=torch.zeros(B, dtype=torch.int64),
-        seq={k: v[:0] for k, v in cands.seq.items()},
+    before = hist.ts < q.ts_ms  # make_batch's leakage guard, applied the same way
+    cols = {k: np.full(B, int(user.sparse[k].values()[0])) for k in NONSEQ_KEYS}  # the user-side rows
+    for k, v in (("item_id", a.ad_id), ("advertiser_id", a.advertiser_id), ("category", a.category),
+                 ("ad_format", a.ad_format)):
+        cols[k] = ids_to_rows(k, v, fc)
+    dense = user.dense.expand(B, -1).clone()
+    for col, target in (("item_id", a.ad_id), ("advertiser_id", a.advertiser_id), ("category", a.category)):
+        j = DENSE_FEATURES.index(f"hist_log_same_{col.removesuffix('_id')}")
+        dense[:, j] = torch.from_numpy(np.log1p(_count_equal(getattr(hist, col)[before], target)).astype(np.float32))
+    cands = GemBatch(
+        sparse=make_kjt(cols), dense=dense, seq_lengths=torch.zeros(B, dtype=torch.int64),
+        seq={k: v[:0] for k, v in user.seq.items()}, surface_idx=user.surface_idx.repeat(B),
+        labels=torch.zeros(B, user.labels.shape[1]),
     )
     return RequestBatch(user=user, cands=cands)
 
@@ -242,38 +282,23 @@ def featurize(examples: Sequence[Example], reader: Any, cfg: Any) -> RequestBatc
 # --------------------------------------------------------------------------- score
 
 
-def shared_raw_logits(m: GemModel, user: GemBatch, cands: GemBatch) -> torch.Tensor:
-    """``GemModel.raw_logits`` of the replicated batch, with the history embedded and
-    pooled once: (B, n_tasks). Mirrors ``GemModel.represent`` line for line."""
-    cfg = m.cfg
-    nonseq, _, _ = m.sparse(cands, 0)  # (B, F, d): no history lookup
-    _, events, mask = m.sparse(user, cfg.pyramid.max_len)  # (1, L, d), (1, L)
-    x = m.in_norm(torch.cat([nonseq, m.dense(cands.dense)], dim=1))  # (B, n0, d)
-    B = x.shape[0]
-    st = m.seq.init(events, mask)  # once per request
-    st = PyramidState([t.expand(B, -1, -1) for t in st.tokens], [t.expand(B, -1) for t in st.masks],
-                      [t.expand(B, -1, -1) for t in st.cls])
-    st = m.add_search(st, user, events.expand(B, -1, -1), mask.expand(B, -1), targets=cands.sparse)
-    target = nonseq[:, m._target].sum(1, keepdim=True)  # (B, 1, d)
-    if cfg.interleave:
-        for i, layer in enumerate(m.wukong.layers):
-            if i < cfg.pyramid.n_layers:
-                st, s = m.seq.layer(i, st, m._ctx(i, x, target))  # s: (B, n_s, d)
-                x = torch.cat([x, torch.sigmoid(m.seq_gate[i]) * s], dim=1)
-            x = layer(x)
-    else:
-        ctx = m._ctx(0, x, target)
-        s = None
-        for i in range(cfg.pyramid.n_layers):
-            st, s = m.seq.layer(i, st, ctx)
-        x = torch.cat([x, torch.sigmoid(m.seq_gate[0]) * s], dim=1)
-        for layer in m.wukong.layers:
-            x = layer(x)
-    return m.heads(x.flatten(1), cands.surface_idx)
+def shared_logits(m: GemModel, user: GemBatch, cands: GemBatch) -> torch.Tensor:
+    """Stage logits (B, n_tasks) of B candidates against one user's history: the model's own
+    split, ``encode_user`` once, then ``candidate_logits`` over the candidates in one batch."""
+    return m.candidate_logits(m.encode_user(user), cands)
 
 
 class Scorer:
-    """A loaded model version and how to score a :class:`RequestBatch` with it."""
+    """A loaded model version and how to score a :class:`RequestBatch` with it.
+
+    GEM with a sequence arch is scored through the model's own split
+    (:func:`shared_logits`): ``encode_user`` on the 1-row user batch, then
+    ``candidate_logits`` over all candidates in one batch. ``represent`` is defined
+    through the same two halves, so there is no serving copy of the model to drift.
+    What the split saves depends on ``seq_conditioning``: with ``"user"`` the whole
+    pyramid runs once per request; with ``"target"`` only the history lookup and
+    the pyramid's input stage do, and its layers run per candidate.
+    """
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -298,7 +323,7 @@ class Scorer:
         m = self.loaded.model
         with torch.inference_mode():
             if self.shared:
-                return funnel_probs(shared_raw_logits(m, rb.user, rb.cands))
+                return funnel_probs(shared_logits(m, rb.user, rb.cands))
             return m.predict(rb.replicated() if self.uses_history else rb.cands)
 
 
@@ -324,7 +349,7 @@ def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:
                   for a in range(12))
     for user in (1, 2):  # 2: never seen
         q = RankQuery(user_id=user, surface=surfaces[0], candidates=cands, ts_ms=t0 + 1000 * n, hour=12)
-        rb = featurize(candidate_examples(q, store), store, cfg)
+        rb = featurize(q, store, cfg)
         try:
             p = scorer.probs(rb)
         except Exception as e:  # noqa: BLE001 - the shared path may not know a new model part

@@ -25,6 +25,9 @@ def _ablations():
     c = TINY
     return {
         "full": c,
+        "target_conditioned": replace(c, seq_conditioning="target"),
+        "target_no_interleave": replace(c, seq_conditioning="target", interleave=False),
+        "no_search": with_pyramid(c, search_len=0),
         "no_seq": replace(c, use_sequence=False),
         "no_interleave": replace(c, interleave=False),
         "no_pyramid": with_pyramid(c, pyramid=False, max_len=64),
@@ -206,6 +209,55 @@ def test_tiny_model_learns_far_history_item():
 def test_tiny_model_learns_far_history_item_unrelated_to_the_ad():
     before, after = _train(TINY, steps=400, target_key=False)
     assert after[1] < 0.15, (before, after)
+
+
+@pytest.mark.parametrize("mode", ["user", "target"])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_encode_user_once_equals_represent_per_row(mode, interleave):
+    """One user's encoding shared by B candidates == represent() of B rows that each carry the
+    history (the trainer's batch): the split is the model's own, not a serving copy."""
+    cfg = replace(TINY, seq_conditioning=mode, interleave=interleave)
+    torch.manual_seed(0)
+    m = GemModel(cfg).eval()
+    B, L = 7, 300
+    hist = synthetic_batch(cfg, [L], seed=1)
+    cands = synthetic_batch(cfg, [0] * B, seed=2)
+    cols = {k: cands.sparse[k].values().clone() for k in NONSEQ_KEYS}
+    for k in ("user_id", "age_bucket", "country", "device", "hour", "surface"):
+        cols[k][:] = hist.sparse[k].values()[0]
+    cols["item_id"][:3] = hist.seq["item"][[-1, -50, -299]]  # matched in the history: the search branch works
+    cols["category"][3] = hist.seq["category"][-2]
+    cands = dataclasses.replace(cands, sparse=make_kjt(cols), surface_idx=hist.surface_idx.repeat(B))
+    rep = dataclasses.replace(cands, seq_lengths=torch.full((B,), L), seq={k: v.repeat(B) for k, v in hist.seq.items()})
+    with torch.no_grad():
+        shared = m.candidate_logits(m.encode_user(hist), cands)
+        torch.testing.assert_close(shared, m.raw_logits(rep), atol=1e-6, rtol=0)
+        assert shared[:, 0].std() > 0
+
+
+def test_user_mode_encoding_never_sees_the_candidate():
+    """seq_conditioning="user": the pyramid's summaries and tokens are the same whatever the ad
+    (so a server computes them once); "target": they are not."""
+    b = synthetic_batch(TINY, [200, 200], seed=4)
+    seq = {k: v[:200].repeat(2) for k, v in b.seq.items()}  # the same history in both rows
+    cols = {k: b.sparse[k].values().clone() for k in NONSEQ_KEYS}
+    for k in ("user_id", "age_bucket", "country", "device", "hour", "surface"):
+        cols[k][1] = cols[k][0]  # the same user and request; item / advertiser / category differ
+    b = dataclasses.replace(b, seq=seq, sparse=make_kjt(cols), dense=b.dense[:1].repeat(2, 1))
+    for mode in ("user", "target"):
+        torch.manual_seed(0)
+        m = GemModel(replace(TINY, seq_conditioning=mode)).eval()
+        with torch.no_grad():
+            u = m.encode_user(b)
+            if mode == "user":
+                for s, (k, _) in zip(u.summaries, u.keys):
+                    torch.testing.assert_close(s[0], s[1])
+                    torch.testing.assert_close(k[0], k[1])
+                assert len(u.summaries) == TINY.pyramid.n_layers
+            else:
+                assert u.summaries == [] and u.state is not None
+            out = m.raw_logits(b)
+            assert not torch.allclose(out[0], out[1])  # the ads still get different scores
 
 
 def test_target_match_levels():

@@ -81,3 +81,40 @@ def test_select_recent_keeps_the_latest_hits_right_aligned():
     assert out[0, :, 0].tolist() == [0.0, 2.0, 3.0, 5.0] and m.shape == (2, 4)
     out, m = select_recent(x[:, :0], keep[:, :0], 4)  # empty histories
     assert out.shape == (2, 0, 1) and m.shape == (2, 0)
+
+
+def test_recent_positions_matches_the_dense_rank():
+    """The O(hits) selection == ranking every (row, position) from the right."""
+    from opengem.model.pyramid import recent_positions
+
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(9, 40, generator=g) < 0.3
+    keep[2] = False
+    keep[5] = True
+    for k in (1, 3, 8, 100):
+        b, l, pos, K = recent_positions(keep, k)
+        rank = keep.flip(1).cumsum(1).flip(1)
+        sel = keep & (rank <= k)
+        assert K == int(sel.sum(1).max())
+        want_b, want_l = sel.nonzero(as_tuple=True)
+        assert torch.equal(b, want_b) and torch.equal(l, want_l) and torch.equal(pos, K - rank[want_b, want_l])
+    b, l, pos, K = recent_positions(torch.zeros(3, 0, dtype=torch.bool), 4)
+    assert K == 0 and b.numel() == 0
+
+
+def test_target_attention_over_shared_keys_equals_per_row_keys():
+    """B candidates querying one user's tokens as one attention == B rows that each carry them."""
+    from opengem.model.pyramid import TargetAttention
+
+    torch.manual_seed(0)
+    ta = TargetAttention(8, 2).eval()
+    q = torch.randn(5, 1, 8)
+    keys, mask = torch.randn(1, 11, 8), torch.rand(1, 11) < 0.7
+    mask[0, 0] = True
+    shared = ta(q, keys, mask)
+    per_row = ta(q, keys.expand(5, -1, -1), mask.expand(5, -1))
+    assert shared.shape == (5, 1, 8)
+    torch.testing.assert_close(shared, per_row, atol=1e-6, rtol=0)
+    keys2 = keys.clone()
+    keys2[0, ~mask[0]] = 100.0  # masked keys do not matter
+    torch.testing.assert_close(ta(q, keys2, mask), shared, atol=1e-6, rtol=0)

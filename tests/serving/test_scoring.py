@@ -40,8 +40,11 @@ def _loaded(model: torch.nn.Module, kind: str) -> LoadedModel:
 def _models():
     torch.manual_seed(0)
     tiny = preset("tiny")
+    assert tiny.seq_conditioning == "user"
     yield "gem", GemModel(tiny)
     yield "gem-no-interleave", GemModel(dataclasses.replace(tiny, interleave=False))
+    yield "gem-target", GemModel(dataclasses.replace(tiny, seq_conditioning="target"))
+    yield "gem-target-no-interleave", GemModel(dataclasses.replace(tiny, seq_conditioning="target", interleave=False))
     yield "dlrm", DLRMBaseline(BaselineConfig(features=tiny.features, d=8, dense_arch=(16,), over_arch=(16,)))
 
 
@@ -58,14 +61,44 @@ def test_served_scores_equal_the_trainers_predict(store, name, model):
     heavy = max({e.user_id for e in store.events}, key=lambda u: sum(e.user_id == u for e in store.events))
     kind = "dlrm" if name == "dlrm" else "gem"
     scorer = Scorer(_loaded(model, kind))
+    assert scorer.shared == (kind == "gem")  # GEM goes through encode_user + candidate_logits
     for user in (heavy, 999_999_999):  # a user with a long history, one never seen
-        examples = candidate_examples(_query(store, user, hour=5), store)
-        got = scorer.probs(featurize(examples, store, model.cfg))
+        q = _query(store, user, hour=5)
+        examples = candidate_examples(q, store)
+        got = scorer.probs(featurize(q, store, model.cfg))
         with torch.inference_mode():
             want = model.predict(examples_batch(examples, store, model.cfg))
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
         assert got.shape == (len(examples), 2) and (got[:, 1] <= got[:, 0]).all()
         assert got[:, 0].std() > 0  # candidates are told apart
+
+
+def test_columnar_featurization_equals_the_trainers_batch(store):
+    """featurize's candidate rows == examples_batch's rows, id for id and counter for counter
+    (bit-exact: no tolerance), with attributes from the request, from the store and unknown."""
+    cfg = preset("tiny")
+    heavy = max({e.user_id for e in store.events}, key=lambda u: sum(e.user_id == u for e in store.events))
+    ads = [e for e in store.events if e.is_ad]
+    seen = list(dict.fromkeys(e.item_id for e in reversed(ads) if e.user_id == heavy))[:6]  # recent in its history
+    cands = tuple(AdCandidate(ad_id=a) for a in seen) + (
+        AdCandidate(ad_id=seen[0], category=3), AdCandidate(ad_id=seen[1], advertiser_id=10**9, ad_format="video"),
+        AdCandidate(ad_id=10**13), AdCandidate(ad_id=ads[0].item_id, advertiser_id=ads[0].advertiser_id,
+                                               category=ads[0].category, ad_format=AD_FORMATS[1]))
+    for user, kw in ((heavy, dict(hour=5)), (heavy, dict(country="DE", device=None, age_bucket=2)),
+                     (999_999_999, {})):
+        q = RankQuery(user_id=user, surface="stories", candidates=cands, ts_ms=max(e.ts for e in store.events) + 1,
+                      **kw)
+        rb = featurize(q, store, cfg)
+        want = examples_batch(candidate_examples(q, store), store, cfg)
+        assert torch.equal(rb.cands.sparse.values(), want.sparse.values())
+        assert torch.equal(rb.cands.sparse.lengths(), want.sparse.lengths())
+        assert torch.equal(rb.cands.dense, want.dense)
+        assert torch.equal(rb.cands.surface_idx, want.surface_idx)
+        rep = rb.replicated()
+        assert torch.equal(rep.seq_lengths, want.seq_lengths)
+        assert all(torch.equal(rep.seq[k], want.seq[k]) for k in want.seq)
+        if user == heavy:
+            assert (rb.cands.dense[:len(seen), -3] > 0).all()  # they met these ads before
 
 
 def test_history_is_read_once_and_shared(store):
@@ -81,7 +114,7 @@ def test_history_is_read_once_and_shared(store):
             return store.read_batch(uids, **kw)
 
     user = store.events[-1].user_id
-    rb = featurize(candidate_examples(_query(store, user), store), Counting(), model.cfg)
+    rb = featurize(_query(store, user), Counting(), model.cfg)
     assert calls == [1]
     assert len(rb.user) == 1 and rb.history_events > 0 and len(rb.cands) == 9
     assert int(rb.cands.seq_lengths.sum()) == 0
@@ -142,13 +175,13 @@ def test_canary_falls_back_to_predict_when_shared_path_disagrees(monkeypatch):
 
     model = GemModel(preset("tiny")).eval()
     scorer = Scorer(_loaded(model, "gem"))
-    real = sc.shared_raw_logits
-    monkeypatch.setattr(sc, "shared_raw_logits", lambda m, u, c: real(m, u, c) + 0.5)
+    real = sc.shared_logits
+    monkeypatch.setattr(sc, "shared_logits", lambda m, u, c: real(m, u, c) + 0.5)
     canary_check(scorer)
     assert not scorer.shared  # and it now scores through predict:
     q = RankQuery(user_id=3, surface="feed", candidates=(AdCandidate(ad_id=1), AdCandidate(ad_id=2)), ts_ms=2**40)
     store = MemorySequenceStore()
-    rb = featurize(candidate_examples(q, store), store, model.cfg)
+    rb = featurize(q, store, model.cfg)
     with torch.inference_mode():
         torch.testing.assert_close(scorer.probs(rb), model.predict(rb.replicated()))
     assert np.isfinite(scorer.probs(rb).numpy()).all()
