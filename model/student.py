@@ -39,8 +39,9 @@ teacher probabilities).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -400,3 +401,35 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
     for p in t.parameters():
         p.requires_grad_(False)
     return t
+
+
+# --------------------------------------------------------------------------- representation transfer
+
+
+def refresh_representations(teacher: nn.Module, examples: Sequence[Any], reader: Any, store: Any, now_ms: int,
+                            version: int, batch_size: int = 512) -> int:
+    """One refresh: GEM's user-side representation of every user of ``examples`` (their
+    latest example gives the request context), as of ``now_ms``, into ``store``
+    (a :class:`~opengem.features.representations.RepresentationStore`). The history is
+    read through the trainer's and the server's own read (:func:`~opengem.model.data.examples_batch`)
+    strictly before ``now_ms``. Returns the number of users written."""
+    from opengem.model.data import examples_batch
+
+    latest: dict[int, Any] = {}
+    for e in examples:
+        if e.ts < now_ms and (e.user_id not in latest or e.ts >= latest[e.user_id].ts):
+            latest[e.user_id] = e
+    users = sorted(latest)
+    for i in range(0, len(users), batch_size):
+        chunk = [dataclasses.replace(latest[u], ts=now_ms) for u in users[i:i + batch_size]]
+        b = examples_batch(chunk, reader, teacher.cfg)
+        reps = teacher_user_representation(teacher, b).numpy()
+        store.put([e.user_id for e in chunk], reps, now_ms, version)
+    return len(users)
+
+
+def student_inputs(batch: GemBatch, user_ids: Sequence[int] | np.ndarray, ts: Sequence[int] | np.ndarray,
+                   store: Any) -> StudentInputs:
+    """The batch plus each row's user representation as of its impression (point in time)."""
+    reps, present = store.get(user_ids, ts)
+    return StudentInputs(batch, torch.from_numpy(reps), torch.from_numpy(present))
