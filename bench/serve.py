@@ -7,6 +7,13 @@ back. Per (candidates, history) case and concurrency level: p50 / p99 client
 latency and throughput, for GEM (``--preset``, default base) and for the DLRM
 baseline on the same data (the ratio carries the claim on a shared machine).
 
+The same run also serves the design before issue 6 (GEM with
+``seq_conditioning="target"``: the pyramid conditioned on the ad, its layers
+run per candidate) at 500 candidates x 1k (``ablation_target_conditioned_500c_1k``),
+and the cost of metrics on the hot path (``metrics_cost``: the same version
+served by two servers at once, one with ``OPENGEM_METRICS=off``, load rounds
+alternating between them; ``ratio`` = p99 on / p99 off).
+
 Then sustained load with a new model version published every ``--swap-every``
 seconds: failed requests (must be 0), swaps seen in responses, and the latency
 of requests that overlapped a swap against the rest. Last, an in-process
@@ -17,6 +24,7 @@ profile of one 500-candidate / 1k-history GEM request: what the time goes to.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -73,7 +81,7 @@ def build_store(data: Path, users_per_len: int, lengths: tuple[int, ...]) -> dic
     return users
 
 
-def publish(models: Path, kind: str, preset_name: str, seed: int) -> str:
+def publish(models: Path, kind: str, preset_name: str, seed: int, **gem: Any) -> str:
     import torch
 
     from opengem.model import registry
@@ -82,23 +90,23 @@ def publish(models: Path, kind: str, preset_name: str, seed: int) -> str:
     from opengem.model.gem import GemModel
 
     torch.manual_seed(seed)
-    cfg = preset(preset_name)
+    cfg = dataclasses.replace(preset(preset_name), **gem)
     model = GemModel(cfg) if kind == "gem" else DLRMBaseline(BaselineConfig(features=cfg.features))
     return registry.publish(models, model, {"bench": True}).name
 
 
 class Server:
-    """`opengem serve` as a child process on a free port."""
+    """`opengem serve` as a child process on a free port; ``env``: extra environment (e.g. metrics off)."""
 
-    def __init__(self, data: Path, models: Path, workdir: Path):
+    def __init__(self, data: Path, models: Path, workdir: Path, env: dict[str, str] | None = None, tag: str = ""):
         conf = workdir / "serve.toml"
         conf.write_text(f"[kafka]\npartitions = {P}\n[serve]\nmax_candidates = 1000\nmax_request_bytes = 4194304\n"
                         "timeout_s = 60.0\npoll_s = 0.5\n")
-        self.log = open(workdir / f"server-{models.name}.log", "w+")
+        self.log = open(workdir / f"server-{models.name}{tag}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opengem.cli", "serve", "--config", str(conf), "--data-dir", str(data),
              "--models-dir", str(models), "--port", "0", "--metrics-port", "-1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             self.log.seek(0)
@@ -176,38 +184,87 @@ def load(target: str, reqs: list[bytes], concurrency: int, duration_s: float, mi
     ms = np.array(lat) * 1e3
     return {"n": len(lat), "failed": len(failed), "errors": failed[:3],
             "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "qps": len(lat) / elapsed}
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "qps": len(lat) / elapsed,
+            "ms": ms, "elapsed_s": elapsed}
 
 
 def profile_one(data: Path, models: Path, users: list[int], n_cands: int) -> dict[str, Any]:
-    """In-process: where one request's time goes (store read + featurize vs model, top torch ops)."""
+    """In-process: where one request's time goes (store read + featurize, the user encoding,
+    the candidates, top torch ops). Best of 5, wall clock."""
     import torch
 
     from opengem.features.sharded import ShardedReader
+    from opengem.model.gem import GemModel
+    from opengem.model.heads import funnel_probs
     from opengem.model.registry import load as load_model
-    from opengem.serving.scoring import AdCandidate, RankQuery, Scorer, candidate_examples, featurize
+    from opengem.serving.scoring import AdCandidate, RankQuery, Scorer, featurize
 
     scorer = Scorer(load_model(models))
+    m = scorer.loaded.model
     reader = ShardedReader(data, P, secondary_root=data / "readers" / "profile")
     rng = np.random.default_rng(1)
     q = RankQuery(user_id=users[0], surface="feed", ts_ms=T0 + 31 * 86_400_000, hour=12,
                   candidates=tuple(AdCandidate(ad_id=int(a)) for a in rng.choice(N_ADS, n_cands, replace=False)))
-    feat, score = [], []
-    for _ in range(3):
+    feat, score, enc, cand = [], [], [], []
+    for _ in range(5):
         t0 = time.perf_counter()
-        rb = featurize(candidate_examples(q, reader), reader, scorer.cfg)
+        rb = featurize(q, reader, scorer.cfg)
         t1 = time.perf_counter()
         scorer.probs(rb)
         feat.append(t1 - t0)
         score.append(time.perf_counter() - t1)
+        if isinstance(m, GemModel) and scorer.shared:
+            with torch.inference_mode():
+                t2 = time.perf_counter()
+                u = m.encode_user(rb.user)
+                t3 = time.perf_counter()
+                funnel_probs(m.candidate_logits(u, rb.cands))
+                enc.append(t3 - t2)
+                cand.append(time.perf_counter() - t3)
     with torch.profiler.profile() as prof:
         scorer.probs(rb)
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     reader.close()
-    return {"featurize_ms": 1e3 * min(feat), "score_ms": 1e3 * min(score), "history_events": rb.history_events,
-            "shared_history_path": scorer.shared,
+    best = lambda xs: 1e3 * min(xs) if xs else None  # noqa: E731
+    return {"featurize_ms": best(feat), "score_ms": best(score), "encode_user_ms": best(enc),
+            "candidates_ms": best(cand), "history_events": rb.history_events,
+            "shared_history_path": scorer.shared, "seq_conditioning": getattr(scorer.cfg, "seq_conditioning", None),
             "top_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3)} for e in ops]}
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latencies of several load rounds pooled: p50 / p99 over all, qps = requests / time."""
+    ms = np.concatenate([r["ms"] for r in runs]) if runs else np.zeros(0)
+    secs = sum(r["elapsed_s"] for r in runs)
+    return {"n": int(ms.size), "failed": sum(r["failed"] for r in runs),
+            "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
+            "p99_ms": float(np.percentile(ms, 99)) if ms.size else None, "qps": ms.size / secs if secs else None}
+
+
+def metrics_cost(data: Path, models: Path, work: Path, reqs: list[bytes], rounds: int, duration: float,
+                 min_req: int) -> dict[str, Any]:
+    """The same GEM version served twice, metrics on and ``OPENGEM_METRICS=off``, both up at
+    once; load rounds alternate between them (on, off, on, off, ...) so that drift in the
+    shared machine's load falls on both. ``ratio``: p99 on / p99 off."""
+    srv = {"on": Server(data, models, work, tag="-metrics-on"),
+           "off": Server(data, models, work, env={"OPENGEM_METRICS": "off"}, tag="-metrics-off")}
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    try:
+        for k, sv in srv.items():
+            load(sv.target, reqs[:2], 1, 0.0, 2)  # warm-up
+        for r in range(rounds):
+            for k in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                runs[k].append(load(srv[k].target, reqs, 1, duration, min_req))
+    finally:
+        for sv in srv.values():
+            sv.stop()
+    on, off = pooled(runs["on"]), pooled(runs["off"])
+    return {"p99_ms_on": on["p99_ms"], "p99_ms_off": off["p99_ms"], "p50_ms_on": on["p50_ms"],
+            "p50_ms_off": off["p50_ms"], "qps_on": on["qps"], "qps_off": off["qps"],
+            "ratio": on["p99_ms"] / off["p99_ms"], "p50_ratio": on["p50_ms"] / off["p50_ms"],
+            "qps_ratio": on["qps"] / off["qps"], "rounds": rounds, "round_s": duration,
+            "requests": on["n"] + off["n"], "failed": on["failed"] + off["failed"]}
 
 
 def main() -> None:
@@ -245,6 +302,7 @@ def main() -> None:
                 load(srv.target, rq[:2], 1, 0.0, 2)  # warm-up: first-call allocations
                 for conc in levels:
                     r = load(srv.target, rq, conc, duration, min_req)
+                    r.pop("ms"), r.pop("elapsed_s")
                     key = f"{c}c_{h // 1024}k"
                     results.setdefault(key, {}).setdefault(kind, {})[conc] = r
                     rows.append([kind, c, h, conc, r["n"], r["p50_ms"], r["p99_ms"], r["qps"], r["failed"]])
@@ -254,6 +312,27 @@ def main() -> None:
             srv.stop()
     print()
     print(table(rows, ["model", "cands", "history", "conc", "n", "p50_ms", "p99_ms", "qps", "failed"]))
+
+    # the design before issue 6, in the same run: GEM with the pyramid conditioned on the target ad
+    # (seq_conditioning="target", its layers run per candidate), 500 candidates x 1k, concurrency 1
+    abl_dir = data / "models-gem-target"
+    publish(abl_dir, "gem", args.preset, seed=0, seq_conditioning="target")
+    srv = Server(data, abl_dir, work)
+    try:
+        load(srv.target, reqs[(500, 1024)][:2], 1, 0.0, 2)
+        ablation = load(srv.target, reqs[(500, 1024)], 1, duration, min_req)
+        ablation.pop("ms"), ablation.pop("elapsed_s")
+    finally:
+        srv.stop()
+    print(f"  gem, seq_conditioning=target (ablation): 500 cands 1024 events x1: p50 {ablation['p50_ms']:.1f} ms  "
+          f"p99 {ablation['p99_ms']:.1f} ms", flush=True)
+
+    # metrics on vs off (issue 7), alternating, GEM 500 candidates x 1k
+    mc = metrics_cost(data, model_dirs["gem"], work, reqs[(500, 1024)], 4 if quick else 8,
+                      3.0 if quick else 5.0, min_req)
+    print(f"  metrics on vs off (GEM 500 cands 1k, {mc['rounds']} alternating rounds each): p99 "
+          f"{mc['p99_ms_on']:.1f} vs {mc['p99_ms_off']:.1f} ms (ratio {mc['ratio']:.3f}), qps {mc['qps_on']:.1f} vs "
+          f"{mc['qps_off']:.1f}", flush=True)
 
     # sustained load with a model swap every few seconds (GEM, 100 candidates, 1k history)
     swap_dir = data / "models-swap"
@@ -283,6 +362,7 @@ def main() -> None:
     try:
         sw.start()
         swap_run = load(srv.target, reqs[(100, 1024)], 2, sustain, 1, on_result=on_result)
+        swap_run.pop("ms"), swap_run.pop("elapsed_s")
     finally:
         stop.set()
         sw.join()
@@ -300,7 +380,8 @@ def main() -> None:
 
     prof = profile_one(data, model_dirs["gem"], users[1024], 500)
     print(f"\nprofile, one GEM request, 500 candidates, 1k history: featurize {prof['featurize_ms']:.1f} ms, "
-          f"model {prof['score_ms']:.1f} ms; top ops {prof['top_ops']}")
+          f"model {prof['score_ms']:.1f} ms (user encoding {prof['encode_user_ms']:.1f} ms, candidates "
+          f"{prof['candidates_ms']:.1f} ms); top ops {prof['top_ops']}")
 
     figures: dict[str, Any] = {}
     for key, by in results.items():
@@ -313,13 +394,22 @@ def main() -> None:
         }
     figures["p99_ms_500c_1k"] = figures["500c_1k"]["p99_ms"]
     figures["p99_goal_ms_500c_1k"] = 30.0
+    figures["p99_goal_met_500c_1k"] = figures["p99_ms_500c_1k"] <= 30.0
+    figures["ablation_target_conditioned_500c_1k"] = {
+        **ablation, "p99_ratio_user_to_target": figures["p99_ms_500c_1k"] / ablation["p99_ms"],
+        "p50_ratio_user_to_target": figures["500c_1k"]["p50_ms"] / ablation["p50_ms"]}
+    figures["metrics_cost"] = mc
     figures["failed_requests"] = swap_fig["failed_requests"] + sum(
-        r["failed"] for by in results.values() for k in by.values() for r in k.values())
+        r["failed"] for by in results.values() for k in by.values() for r in k.values()) + ablation["failed"] + mc["failed"]
     figures["swaps"] = swap_fig
     figures["profile_500c_1k"] = prof
     print(f"\np99 500 candidates / 1k history (GEM {args.preset}, concurrency 1): {figures['p99_ms_500c_1k']:.1f} ms "
           f"(goal 30 ms); DLRM {figures['500c_1k']['dlrm_p99_ms']:.1f} ms")
-    write(args.out, "serve", {"metrics": not args.no_metrics, "preset": args.preset, "quick": quick, "concurrency": levels, "duration_s": duration,
+    from opengem.model.config import preset
+
+    write(args.out, "serve", {"metrics": not args.no_metrics, "preset": args.preset,
+                              "seq_conditioning": preset(args.preset).seq_conditioning, "quick": quick,
+                              "concurrency": levels, "duration_s": duration,
                               "min_requests": min_req, "shards": P, "swap_every_s": args.swap_every,
                               "note": "p50/p99/qps at the top of each case: concurrency 1 (qps: best level)"},
           figures)
