@@ -29,7 +29,7 @@ each is kept (the machine is shared).
   JSON topic and on the Arrow topic; ends when the shards have durably stored
   all N events and the examples of that last batch are acknowledged.
   ``worker_time_breakdown_s``: the fastest run's seconds in ``Ingestor.prepare``,
-  ``Ingestor.commit`` (of which ``LabelJoiner.process``) and producing the
+  ``Ingestor.commit`` (of which ``LabelJoiner.process_parts``) and producing the
   examples each commit returned (sends + acks); the rest is Faust. Also the
   largest batch (events) and its prepare + commit time (the event loop is
   blocked meanwhile).
@@ -225,7 +225,7 @@ def child_worker(spec: dict) -> None:
     # the take buffer, record building and the DLQ / example sends).
     spent = {"prepare_s": 0.0, "commit_s": 0.0, "joiner_s": 0.0, "examples_s": 0.0,
              "batches": 0, "max_batch_events": 0, "max_batch_s": 0.0}
-    process = LabelJoiner.process
+    process = LabelJoiner.process_parts  # what Ingestor.commit calls (process() calls it too)
 
     def timed_process(self: Any, *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
@@ -234,7 +234,7 @@ def child_worker(spec: dict) -> None:
         finally:
             spent["joiner_s"] += time.perf_counter() - t
 
-    LabelJoiner.process = timed_process
+    LabelJoiner.process_parts = timed_process
 
     class TimedIngestor(Ingestor):
         done_pending = False
@@ -764,7 +764,7 @@ def main() -> None:
         "metrics_cost": metrics_cost,
         "worker_counts": counts,
         # Seconds of the fastest run of each path spent in Ingestor.prepare, Ingestor.commit
-        # (of which LabelJoiner.process), and producing the examples each commit returned.
+        # (of which LabelJoiner.process_parts), and producing the examples each commit returned.
         "worker_time_breakdown_s": spent,
         "runs": runs,
         "wall_s": time.monotonic() - t_start,

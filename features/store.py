@@ -24,10 +24,13 @@ Writes (the stream worker of the shard, the only writer)::
 history: a commit adds one small raw *tail segment* per user and rewrites
 the user's fixed-size *head*. When the tail reaches ``chunk_events`` events
 they are sealed into an immutable columnar *chunk*; before that, more than
-``max_tail_segments`` segments or ``max_raw_tail`` raw events are merged into
-one encoded segment. Sealing drops the oldest chunks beyond ``max_events``.
-The writer keeps the heads it wrote in memory (``writer_cache_*``), so a
-commit reads RocksDB only for heads it has not seen.
+``max_raw_tail`` raw events are merged into one encoded segment, and at
+``max_tail_segments`` segments the raw ones are concatenated into one raw
+segment (bytes only: nothing decoded or encoded; an encoded segment is moved
+along as it is). Sealing drops the oldest chunks beyond ``max_events``.
+The writer keeps the heads it wrote in memory (``writer_cache_*``, an id ->
+row map searched with NumPy), so a commit reads RocksDB only for heads it
+has not seen.
 
 Durability: every commit is one ``WriteBatch`` holding the events *and* the
 partitions' offsets, written with ``WriteOptions.sync = True`` by default:
@@ -118,7 +121,7 @@ class StoreConfig:
     # Events per sealed chunk: small enough that a seal (and retention) moves little data,
     # large enough that the columnar encoding and zstd see enough values; a multiple of it is max_events.
     chunk_events: int = 256
-    # Tail segments per user before they are merged into one: bounds the keys a read fetches.
+    # Tail segments per user before the raw ones are merged into one: bounds the keys a read fetches.
     max_tail_segments: int = 16
     # Events in raw (uncompressed-record) tail segments before they are merged into an
     # encoded one: bounds the share of a history stored at ~9 instead of ~6 bytes per event.
@@ -194,7 +197,10 @@ class _HeadCache:
     """The writer's copy of fixed-size heads: id -> row of a growable structured array.
 
     Only the single writer of a store uses it, and it is updated only after the
-    commit that wrote those heads is durable, so it always equals the DB.
+    commit that wrote those heads is durable, so it always equals the DB. The
+    id -> row map is two sorted arrays searched with NumPy (a large one and a
+    small one of recent ids, merged into the large one when it grows past a
+    quarter of it): no Python per id.
     """
 
     def __init__(self, dtype: np.dtype, empty: bytes, capacity: int):
@@ -202,13 +208,26 @@ class _HeadCache:
         self.clear()
 
     def clear(self) -> None:
-        self.rows: dict[int, int] = {}
+        self.n = 0
+        self._maps = [(np.empty(0, np.int64), np.empty(0, np.int64))] * 2  # (sorted ids, rows): main, recent
         self.table = np.zeros(1024, self.dtype)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where not cached."""
+        out = np.full(len(ids), -1, np.int64)
+        for keys, rows in self._maps:
+            if len(keys):
+                pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+                hit = keys[pos] == ids
+                out[hit] = rows[pos[hit]]
+        return out
 
     def fetch(self, ids: np.ndarray, keys: list[bytes], get: Any) -> np.ndarray:
         """Heads of ``ids`` (a writable copy): cached rows, else from the DB."""
-        rows_get = self.rows.get
-        rows = np.fromiter((rows_get(i, -1) for i in ids.tolist()), np.int64, len(ids))
+        rows = self.rows(ids)
         miss = np.flatnonzero(rows < 0)
         if len(miss) == len(ids):
             return parse_fixed(get(keys), self.dtype, self.empty)
@@ -218,20 +237,31 @@ class _HeadCache:
         return heads
 
     def store(self, ids: np.ndarray, heads: np.ndarray) -> None:
+        """Cache ``heads`` of ``ids`` (distinct)."""
         if self.capacity <= 0:
             return
-        if len(self.rows) + len(ids) > self.capacity:
+        rows = self.rows(ids)
+        new = np.flatnonzero(rows < 0)
+        if self.n + len(new) > self.capacity:
             self.clear()
-        rows_get, n = self.rows.get, len(self.rows)
-        rows = np.empty(len(ids), np.int64)
-        for j, i in enumerate(ids.tolist()):
-            r = rows_get(i)
-            if r is None:
-                r = self.rows[i] = n
-                n += 1
-            rows[j] = r
-        if n > len(self.table):
-            grown = np.zeros(max(n, 2 * len(self.table)), self.dtype)
+            rows = np.full(len(ids), -1, np.int64)
+            new = np.arange(len(ids))
+        if len(new):
+            rows[new] = np.arange(self.n, self.n + len(new))
+            self.n += len(new)
+            (mk, mr), (rk, rr) = self._maps
+            k = np.concatenate([rk, ids[new].astype(np.int64)])
+            r = np.concatenate([rr, rows[new]])
+            o = np.argsort(k, kind="stable")
+            k, r = k[o], r[o]
+            if len(k) > max(4096, len(mk) // 4):
+                k, r = np.concatenate([mk, k]), np.concatenate([mr, r])
+                o = np.argsort(k, kind="stable")
+                self._maps = [(k[o], r[o]), (np.empty(0, np.int64), np.empty(0, np.int64))]
+            else:
+                self._maps = [(mk, mr), (k, r)]
+        if self.n > len(self.table):
+            grown = np.zeros(max(self.n, 2 * len(self.table)), self.dtype)
             grown[: len(self.table)] = self.table
             self.table = grown
         self.table[rows] = heads
@@ -396,26 +426,37 @@ class SequenceStore(SequenceStoreBase):
             v = getattr(cols, name)[order]
             _latest(heads[name], v, v != none, g)
 
+        # Users whose tail fills a chunk or holds too many raw events are rebuilt (sealed /
+        # encoded); the others get their events as raw records: one new segment each, or,
+        # with max_tail_segments segments already, one raw segment merged from the old raw
+        # ones by concatenating bytes (nothing decoded or encoded).
         nseg = heads["seg_hi"] - heads["seg_lo"]
-        rare = ((heads["tail_n"] + cnt >= C) | (nseg >= cfg.max_tail_segments)
-                | (heads["raw_n"] + cnt > cfg.max_raw_tail))
-        ci = np.flatnonzero(~rare)
-        if len(ci):  # the common path: one new tail segment per user
-            tmin = np.minimum.reduceat(ts, starts)[ci]
-            tmax = np.maximum.reduceat(ts, starts)[ci]
-            heads["tail_min"][ci] = np.minimum(heads["tail_min"][ci], tmin)
-            heads["tail_max"][ci] = np.maximum(heads["tail_max"][ci], tmax)
-            heads["tail_n"][ci] += cnt[ci].astype(np.uint32)
-            heads["raw_n"][ci] += cnt[ci].astype(np.uint32)
-            heads["kept"][ci] += cnt[ci].astype(np.uint32)
-            skeys = codec.seg_keys(uids[ci], heads["seg_hi"][ci])
-            heads["seg_hi"][ci] += 1
+        rare = (heads["tail_n"] + cnt >= C) | (heads["raw_n"] + cnt > cfg.max_raw_tail)
+        if cfg.max_tail_segments < 2:  # no room for an encoded segment + a merged raw one
+            rare |= (nseg >= cfg.max_tail_segments) & (heads["tail_n"] > heads["raw_n"])
+        ai = np.flatnonzero(~rare)
+        if len(ai):
+            tmin = np.minimum.reduceat(ts, starts)[ai]
+            tmax = np.maximum.reduceat(ts, starts)[ai]
+            heads["tail_min"][ai] = np.minimum(heads["tail_min"][ai], tmin)
+            heads["tail_max"][ai] = np.maximum(heads["tail_max"][ai], tmax)
+            full = nseg[ai] >= cfg.max_tail_segments
+            mi, ci = ai[full], ai[~full]
             buf = rec.tobytes()
-            R = REC.itemsize
-            put = wb.put
-            raw = codec.SEG_RAW
-            for k, a, b in zip(skeys, (starts[ci] * R).tolist(), (ends[ci] * R).tolist()):
-                put(k, raw + buf[a:b])
+            if len(mi):
+                self._merge_raw(wb, uids, heads, mi, buf, starts, ends)
+            if len(ci):  # the common path: one new tail segment per user
+                skeys = codec.seg_keys(uids[ci], heads["seg_hi"][ci])
+                heads["seg_hi"][ci] += 1
+                R = REC.itemsize
+                put = wb.put
+                raw = codec.SEG_RAW
+                for k, a, b in zip(skeys, (starts[ci] * R).tolist(), (ends[ci] * R).tolist()):
+                    put(k, raw + buf[a:b])
+            c32 = cnt[ai].astype(np.uint32)
+            heads["tail_n"][ai] += c32
+            heads["raw_n"][ai] += c32
+            heads["kept"][ai] += c32
         ri = np.flatnonzero(rare)
         if len(ri):
             self._rebuild_tails(wb, uids, heads, ri, rec, starts, ends)
@@ -429,6 +470,39 @@ class SequenceStore(SequenceStoreBase):
         if cfg.item_features:
             out.append(self._write_items(wb, cols))
         return out
+
+    def _merge_raw(self, wb: WriteBatch, uids: np.ndarray, heads: np.ndarray, mi: np.ndarray, buf: bytes,
+                   starts: np.ndarray, ends: np.ndarray) -> None:
+        """Users ``mi``: their raw tail segments + this commit's events (``buf``: REC bytes,
+        rows grouped by user) -> one raw segment. An encoded first segment (the tail has
+        one when ``tail_n > raw_n``) moves to a new key as it is, so that the tail's keys
+        stay a contiguous range and every key stays immutable. Updates seg_lo / seg_hi."""
+        lo = heads["seg_lo"][mi].astype(np.int64)
+        hi = heads["seg_hi"][mi].astype(np.int64)
+        has_z = heads["tail_n"][mi] > heads["raw_n"][mi]
+        n = (hi - lo).tolist()
+        rep = np.repeat(np.arange(len(mi)), n)
+        seqs = np.arange(int(rep.size)) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+        keys = codec.seg_keys(uids[mi][rep], seqs)
+        vals = self._get(keys)
+        R = REC.itemsize
+        put, delete = wb.put, wb.delete
+        raw, z = codec.SEG_RAW, codec.SEG_CHUNK
+        pos = 0
+        for j, (u, k, a, b, hz, h) in enumerate(zip(uids[mi].tolist(), n, (starts[mi] * R).tolist(),
+                                                     (ends[mi] * R).tolist(), has_z.tolist(), hi.tolist())):
+            vs = vals[pos : pos + k]
+            for key in keys[pos : pos + k]:
+                delete(key)
+            pos += k
+            if any(v is None for v in vs) or (hz and vs[0][:1] != z):
+                raise RuntimeError(f"store corrupt: user {u} is missing tail segments")
+            if hz:
+                put(codec.user_key(b"T", u, h), vs[0])
+                vs = vs[1:]
+            put(codec.user_key(b"T", u, h + hz), b"".join([raw] + [v[1:] for v in vs] + [buf[a:b]]))
+        heads["seg_lo"][mi] = hi
+        heads["seg_hi"][mi] = hi + 1 + has_z
 
     def _rebuild_tails(self, wb: WriteBatch, uids: np.ndarray, heads: np.ndarray, ri: np.ndarray,
                        rec: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:

@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from opengem.features.store import SequenceStore, StoreConfig
 from opengem.stream.codec import (
-    batch_to_events, bulkable_json, check_columns, decode_arrow_columns, read_arrow, read_json_objects, sniff,
+    bulkable_json, check_columns, decode_arrow_columns, read_arrow, read_json_objects, sniff,
 )
 from opengem.stream.events import AD_KINDS, DEFAULT_SURFACES, Event, EventError, parse_json
 from opengem.stream.joiner import Example, JoinerConfig, LabelJoiner
@@ -330,15 +330,17 @@ class Ingestor:
             m.STREAM_EVENTS.labels(label).inc(n_events)
             m.STORE_OFFSET.labels(label).set(items[-1][0])
             j_off = shard.joiner.applied_offset(p)
-            ad_events: list[Event] = []
+            ad_parts: list[Any] = []  # Event lists and RecordBatches of the ad events, in order
             last = None
             for offset, payload in items:
                 if j_off is not None and offset <= j_off:
                     continue
                 last = offset
-                ad_events.extend(_ad_events(payload.after(j_off).batch if isinstance(payload, Rows) else payload))
+                ad = _ad_events(payload.after(j_off).batch if isinstance(payload, Rows) else payload)
+                if len(ad):
+                    ad_parts.append(ad)
             if last is not None:
-                shard.joiner.process(p, last, ad_events)
+                shard.joiner.process_parts(p, last, ad_parts)
             examples.extend((p, ex) for ex in shard.joiner.outbox(p))
         return examples
 
@@ -402,7 +404,9 @@ class Ingestor:
 
 
 
-def _ad_events(payload: Any) -> list[Event]:
+def _ad_events(payload: Any) -> Any:
+    """The ad events of a payload: a list of Events, or the ad rows of a batch (the joiner
+    reads those column-wise, without an Event per row)."""
     if isinstance(payload, list):
         return [e for e in payload if e.is_ad]
     if payload.num_rows == 0:
@@ -415,7 +419,7 @@ def _ad_events(payload: Any) -> list[Event]:
         mask = np.isin(np.asarray(kind.to_pylist(), dtype=object), AD_KINDS)
     if not mask.any():
         return []
-    return batch_to_events(payload.filter(pa.array(mask)))
+    return payload if mask.all() else payload.filter(pa.array(mask))
 
 
 class ShardMismatch(RuntimeError):

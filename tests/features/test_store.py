@@ -510,3 +510,49 @@ def test_merge_tails_keeps_every_read_identical_and_shrinks_the_tails(tmp_path):
     s.apply(list(Simulator(SimConfig(seed=4, n_users=300)).events(2000)), (0, 10_000))  # appends go on
     assert s.user_features(uids).n_stored.sum() > before.lengths.sum()
     s.close()
+
+
+@pytest.mark.parametrize("max_tail_segments", [1, 2, 3])
+def test_full_tails_merge_raw_segments_by_concatenation(tmp_path: Path, max_tail_segments: int) -> None:
+    """A user at max_tail_segments segments with room for more raw events gets one raw segment
+    (bytes concatenated, an encoded first segment carried along): reads stay exact, the tail
+    keys stay a contiguous range of at most max_tail_segments, and raw events are not encoded
+    before max_raw_tail."""
+    cfg = StoreConfig(max_events=32, chunk_events=16, max_tail_segments=max_tail_segments, max_raw_tail=6,
+                      sync=False)
+    ref = Reference(cfg)
+    rng = np.random.default_rng(7)
+    kinds_seen = set()
+    merged_raw = 0
+    with SequenceStore(tmp_path / "db", cfg) as s:
+        for off in range(60):
+            users = [0] + [1] * int(rng.integers(0, 4))  # user 0: one event per commit; user 1: 0..3
+            n = len(users)
+            cols = cols_of(users, [T0 + 1000 * off + i for i in range(n)], rng.integers(0, 30, n).tolist(),
+                           rng.integers(0, len(KINDS), n).tolist())
+            assert s.apply(cols, (0, off)) == n
+            ref.append(cols)
+            h = codec.parse_fixed(s._get(codec.head_keys(np.array([0, 1]))), codec.HEAD, codec.EMPTY_HEAD)
+            for u in (0, 1):
+                assert rows(s.read(u)) == ref.read(u, None, None)
+                lo, hi = int(h["seg_lo"][u]), int(h["seg_hi"][u])
+                assert hi - lo <= max_tail_segments
+                segs = s._get([codec.user_key(b"T", u, q) for q in range(lo, hi)])
+                assert all(v is not None for v in segs)
+                kinds = [v[:1] for v in segs]
+                assert kinds.count(codec.SEG_CHUNK) <= 1 and kinds[1:].count(codec.SEG_CHUNK) == 0
+                raw = sum((len(v) - 1) // codec.REC.itemsize for v in segs if v[:1] == codec.SEG_RAW)
+                assert raw == int(h["raw_n"][u]) <= cfg.max_raw_tail
+                assert int(h["tail_n"][u]) == raw + sum(len(codec.decode_segment(v)) for v in segs
+                                                        if v[:1] == codec.SEG_CHUNK)
+                kinds_seen.add((hi - lo, tuple(kinds)))
+                if u == 0:  # one event per commit: a raw segment of several is a merge by concatenation
+                    merged_raw = max([merged_raw] + [(len(v) - 1) // codec.REC.itemsize for v in segs
+                                                     if v[:1] == codec.SEG_RAW])
+            # no tail key outside [seg_lo, seg_hi): merges delete what they replace
+            keys = [k for k in s._db.keys(from_key=b"T") if k[:1] == b"T"]
+            assert len(keys) == sum(int(h["seg_hi"][u] - h["seg_lo"][u]) for u in (0, 1))
+        assert rows(s.read(0)) == ref.read(0, None, None) and s.user_features([0]).n_stored[0] == len(ref.events[0])
+    assert merged_raw > max_tail_segments
+    if max_tail_segments >= 2:  # the merge with an encoded first segment happened
+        assert any(k[:1] == (codec.SEG_CHUNK,) and k.count(codec.SEG_RAW) == 1 for _, k in kinds_seen)

@@ -413,3 +413,81 @@ def test_simulator_labels_match_ground_truth(sim_events, sim_reference):
             + counters["orphan_conversion"] + buffered["conversion"]) == len(convs)
     assert counters["orphan_conversion"] > 0 and counters["conversion_outside_window"] > 0
     assert set(counters) == set(COUNTERS)
+
+
+# ---------------------------------------------------------------- formats and inputs
+
+
+def test_example_to_json_is_exactly_json_dumps():
+    import json
+
+    cases = [
+        dict(request_id="r", ts=T0, surface="feed", user_id=1, item_id=2, advertiser_id=None, ad_format="image",
+             category=None, age_bucket=0, country="US", device=None, hour=3, click=1, conversion=0,
+             click_ts=T0 + 5, conversion_ts=None, p_click=0.25),
+        # non-ASCII and quotes are escaped as json does; tiny / huge floats keep json's repr
+        dict(request_id='é"\\\n☃' * 3, ts=0, surface="stories", user_id=2**63 - 1, item_id=0, advertiser_id=7,
+             ad_format=None, category=2**31 - 1, age_bucket=None, country=None, device="web", hour=None,
+             click=0, conversion=1, click_ts=None, conversion_ts=-5, p_click=1e-300, p_conversion=0.1 + 0.2),
+        # values json writes differently from str(): a bool, a numpy-free int subclass (slow path)
+        dict(request_id="b", ts=T0, surface="feed", user_id=1, item_id=2, advertiser_id=None, ad_format=None,
+             category=None, age_bucket=None, country=None, device=None, hour=None, click=True, conversion=False,
+             click_ts=None, conversion_ts=None),
+    ]
+    for d in cases:
+        ex = Example(**d)
+        assert ex.to_json() == json.dumps(ex.to_dict(), separators=(",", ":")).encode()
+        assert Example.from_json(ex.to_json()).to_dict() == json.loads(json.dumps(ex.to_dict()))
+    with pytest.raises(ValueError):  # NaN is not JSON, as before
+        Example(**{**cases[0], "p_click": float("nan")}).to_json()
+
+
+def test_record_batch_input_equals_event_input(tmp_path):
+    """process() reads a validated RecordBatch column-wise; the result is the Events' result."""
+    from opengem.stream.codec import events_to_batch
+
+    evs = [e for e in _sim_events(30_000) if e.is_ad]
+    assert any(e.kind == "click" for e in evs) and any(e.kind == "conversion" for e in evs)
+    out = []
+    for k, as_batch in enumerate((False, True)):
+        with LabelJoiner(tmp_path / str(k), SIM_CFG) as j:
+            for i in range(0, len(evs), 700):
+                part = evs[i:i + 700]
+                j.process(0, i, events_to_batch(part) if as_batch else part)
+            j.flush_all()
+            out.append((by_id(j.outbox()), j.counters(), j.pending()))
+    assert out[0] == out[1] and len(out[0][0]) > 1000
+
+
+def test_state_of_format_1_is_still_read(tmp_path):
+    """Open impressions and outbox entries written as JSON (format 1) load, close and ack as before."""
+    import json
+
+    from rocksdict import Options, Rdict
+
+    from opengem.stream.events import FIELDS
+
+    a, b = imp("a", 0), imp("b", 10)
+    closed = Example(request_id="z", ts=T0, surface="feed", user_id=1, item_id=2, advertiser_id=None,
+                     ad_format=None, category=None, age_bucket=None, country=None, device=None, hour=None,
+                     click=0, conversion=0, click_ts=None, conversion_ts=None)
+    path = tmp_path / "j"
+    o = Options(raw_mode=True)
+    o.create_if_missing(True)
+    db = Rdict(str(path), o)
+    db.put(b"M", b'{"format":1}')
+    db.put(b"S/0", json.dumps({"offset": 4, "max_ts": T0 + 10, "counters": {"impressions": 3, "examples": 1}}).encode())
+    db.put(b"P/0/a", json.dumps([[getattr(a, f) for f in FIELDS], T0 + 20, None]).encode())  # clicked
+    db.put(b"P/0/b", json.dumps([[getattr(b, f) for f in FIELDS], None, None]).encode())
+    db.put(b"O/0/z", closed.to_json())
+    db.close()
+    with LabelJoiner(path, CFG) as j:
+        assert j.pending() == 2 and j.outbox() == [closed]
+        j.ack(["z"])
+        j.process(0, 5, [conv("a", 30), org(2000)])
+        got = by_id(j.outbox())
+    assert set(got) == {"a", "b"}
+    assert (got["a"].click, got["a"].conversion, got["a"].click_ts, got["a"].conversion_ts) == (1, 1, T0 + 20, T0 + 30)
+    assert (got["b"].click, got["b"].item_id, got["b"].device, got["b"].p_click) == (0, b.item_id, "ios", 0.1)
+    with LabelJoiner(path, CFG) as j:  # now format 2, packed values: the same again after a reopen
+        assert by_id(j.outbox()) == got
