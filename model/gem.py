@@ -337,14 +337,44 @@ class GemModel(FunnelRanker):
             enc.keys.append((keys, km))
         return enc
 
-    def _search(self, u: "UserEncoding", cands: GemBatch, B: int) -> PyramidState | None:
-        """The search branch's tokens for B candidates (None without one): their most recent
-        matching events, each plus the embedding of how it matches."""
+    def _search(self, u: "UserEncoding", cands: GemBatch, B: int) -> "SearchSelection | None":
+        """Each candidate's most recent matching events (None without a search branch)."""
         if not self.cfg.pyramid.search_len:
             return None
         idx, _, _ = truncate_recent(u.hist.seq_lengths, self.cfg.pyramid.max_len)
-        sel = match_positions(u.hist, idx, u.mask, cands.sparse, self.cfg.pyramid.search_len)
-        return self.seq.search_tokens(u.events, B, sel[:4], self.match_emb[sel[4]])
+        b, l, pos, K, level = match_positions(u.hist, idx, u.mask, cands.sparse, self.cfg.pyramid.search_len)
+        return SearchSelection(B, K, b, l, pos, level)
+
+    def _search_state(self, u: "UserEncoding", sel: "SearchSelection") -> PyramidState:
+        """"target" mode: the selection as the pyramid's search branch (B rows)."""
+        return self.seq.search_tokens(u.events, sel.B, (sel.b, sel.l, sel.pos, sel.K), self.match_emb[sel.level])
+
+    def _search_kv(self, u: "UserEncoding", sel: "SearchSelection") -> tuple[list[torch.Tensor], torch.Tensor]:
+        """"user" mode: per exchange, the search attention's keys ‖ values (B, 1 + K, 2d) -- its
+        CLS, then each candidate's matched events -- and their mask (B, 1 + K).
+
+        A matched event's token depends on (history row, position, match level) only, and
+        the B candidates of a request share one history, so each distinct token is
+        normed and projected once and gathered into the candidates' rows.
+        """
+        L = u.events.shape[1]
+        hb = sel.b if u.events.shape[0] > 1 else torch.zeros_like(sel.b)
+        code = (hb * L + sel.l) * N_MATCH + sel.level
+        uniq, inv = torch.unique(code, return_inverse=True)
+        lv, pl, row = uniq % N_MATCH, (uniq // N_MATCH) % L, uniq // (N_MATCH * L)
+        toks = self.seq.search_values(u.events[row, pl] + self.match_emb[lv])  # (U, d)
+        B, K = sel.B, sel.K
+        mask = torch.zeros(B, 1 + K, dtype=torch.bool, device=toks.device)
+        mask[:, 0] = True
+        mask[sel.b, 1 + sel.pos] = True
+        out = []
+        for att in self.search_attn:
+            kv_u = att.project(toks)  # (U, 2d)
+            kv = kv_u.new_zeros(B, 1 + K, kv_u.shape[-1])
+            kv[:, 0] = att.project(self.seq.search_cls[0])  # (1, 2d)
+            kv[sel.b, 1 + sel.pos] = kv_u[inv]
+            out.append(kv)
+        return out, mask
 
     def _score(self, u: "UserEncoding", cands: GemBatch, nonseq: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -354,11 +384,9 @@ class GemModel(FunnelRanker):
         B, layers, n_seq = x.shape[0], self.wukong.layers, cfg.pyramid.n_layers
         target = nonseq[:, self._target].sum(1, keepdim=True)  # (B, 1, d): the ad token
         if self.user_first:
-            sst = self._search(u, cands, B)
-
-            if sst is not None:  # keys: the branch's CLS (always there: rows without a match) + its tokens
-                s_keys = torch.cat(sst.cls + sst.tokens, dim=1)  # (B, 1 + K, d)
-                s_mask = torch.cat([sst.masks[0].new_ones(B, 1), sst.masks[0]], dim=1)
+            sel = self._search(u, cands, B)
+            if sel is not None:  # keys: the branch's CLS (always there: rows without a match) + its events
+                s_kv, s_mask = self._search_kv(u, sel)
 
             def exchange(i: int, x: torch.Tensor, j: int) -> torch.Tensor:
                 """Layer i's tokens for Wukong (exchange j): the user's summary ‖ the ad's target
@@ -366,10 +394,10 @@ class GemModel(FunnelRanker):
                 parts = [_rows(u.summaries[i], B)]
                 keys, km = u.keys[i]
                 parts.append(self.seq.out_norm(self.target_attn[j](target, keys, km)))
-                if sst is not None:
+                if sel is not None:
                     q = self.search_q_norm(torch.einsum("cn,bnd->bcd", self.search_q_w[j], x))  # (B, 1, d)
                     q = target + torch.sigmoid(self.search_q_gate[j]) * q
-                    parts.append(self.seq.out_norm(self.search_attn[j](q, s_keys, s_mask)))
+                    parts.append(self.seq.out_norm(self.search_attn[j].attend(q, s_kv[j], s_mask)))
                 return torch.cat(parts, dim=1)  # (B, n_s, d)
 
             if cfg.interleave:
@@ -406,10 +434,24 @@ class GemModel(FunnelRanker):
 
     def _add_search_target(self, st: PyramidState, u: "UserEncoding", cands: GemBatch) -> PyramidState:
         """``st`` with the search branch appended ("target" mode: it runs with the age branches)."""
-        sst = self._search(u, cands, st.tokens[0].shape[0])
-        if sst is None:
+        sel = self._search(u, cands, st.tokens[0].shape[0])
+        if sel is None:
             return st
+        sst = self._search_state(u, sel)
         return PyramidState(st.tokens + sst.tokens, st.masks + sst.masks, st.cls + sst.cls)
+
+
+@dataclass(frozen=True, eq=False)
+class SearchSelection:
+    """The search branch's events for B candidates: event (b or 0, l) of the user rows goes to
+    slot pos of candidate b's K slots, matching it at ``level`` (all (n,) int64)."""
+
+    B: int
+    K: int
+    b: torch.Tensor
+    l: torch.Tensor  # noqa: E741
+    pos: torch.Tensor
+    level: torch.Tensor
 
 
 def _rows(t: torch.Tensor, B: int) -> torch.Tensor:

@@ -223,15 +223,24 @@ class TargetAttention(nn.Module):
         self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(q, self.project(keys), mask)
+
+    def project(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys (..., d) -> their keys ‖ values (..., 2d); per token, so a caller may project
+        distinct tokens once and gather (the search branch's events repeat across candidates)."""
+        return self.kv(self.ln_k(keys))
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, 1, d), kv (B_k, T, 2d) from :meth:`project`, mask (B_k, T) -> (B, 1, d)."""
         B, d, h = q.shape[0], q.shape[-1], self.h
-        Bk, T = keys.shape[:2]
+        Bk, T = kv.shape[:2]
         if Bk != B:
             if Bk != 1:
                 raise ValueError(f"keys for {Bk} rows, queries for {B}")
             q = q.transpose(0, 1)  # (1, B, d): the candidates as queries of one row
         nq = q.shape[1]
         qh = self.q(self.ln_q(q)).view(Bk, nq, h, d // h).transpose(1, 2)  # (B_k, H, nq, Dh)
-        k, v = self.kv(self.ln_k(keys)).view(Bk, T, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B_k, H, T, Dh)
+        k, v = kv.view(Bk, T, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B_k, H, T, Dh)
         a = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask[:, None, None, :])  # (B_k, H, nq, Dh)
         return self.out(a.transpose(1, 2).reshape(Bk, nq, d)).reshape(B, 1, d)
 
@@ -328,10 +337,18 @@ class PyramidArch(nn.Module):
             x = x + tag
         xs = x.new_zeros(B, K, d)
         ms = torch.zeros(B, K, dtype=torch.bool, device=x.device)
-        xs[b, pos] = self.in_norm(x)
+        xs[b, pos] = self.search_values(x)
         ms[b, pos] = True
-        j = len(self.segments)
-        return PyramidState([(xs + self.level_emb[j]) * ms.unsqueeze(-1)], [ms], [self.cls0[j].expand(B, 1, d)])
+        return PyramidState([xs], [ms], [self.search_cls.expand(B, 1, d)])
+
+    def search_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Selected (tagged) events (n, d) -> the search branch's tokens (n, d): LayerNorm + its level embedding."""
+        return self.in_norm(x) + self.level_emb[len(self.segments)]
+
+    @property
+    def search_cls(self) -> torch.Tensor:
+        """(1, 1, d): the search branch's CLS token before any layer."""
+        return self.cls0[len(self.segments)].view(1, 1, -1)
 
     def layer(self, i: int, st: PyramidState, ctx: torch.Tensor) -> tuple[PyramidState, torch.Tensor]:
         """One layer of every branch; ctx: (B, n_ctx, d). Returns (state, summary (B, n_summary, d)).
