@@ -90,9 +90,10 @@ class NegativeSampler:
 
     def weight(self, example_id: str, positive: bool) -> float:
         """Training weight: 1 for a positive, 1/rate for a kept negative, 0 for a dropped one."""
-        if positive or self.rate >= 1.0:
+        r = self.rate  # read once: the trainer's read thread calls this while adapt() may move it
+        if positive or r >= 1.0:
             return 1.0
-        return 1.0 / self.rate if hash_unit(example_id, self.seed) < self.rate else 0.0
+        return 1.0 / r if hash_unit(example_id, self.seed) < r else 0.0
 
     def adapt(self, delay_s: float, now: float | None = None) -> float:
         """One control step from the age (seconds) of the newest example just trained; returns the rate."""

@@ -56,7 +56,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -174,6 +175,14 @@ class OnlineLearner:
         return model.eval()
 
 
+class _Unit(NamedTuple):
+    """One step's input: the taken items and, once read, their batch and loss weights."""
+
+    items: list
+    batch: GemBatch | None
+    weight: torch.Tensor | None
+
+
 def _table_types() -> tuple[type, ...]:
     from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
@@ -196,7 +205,7 @@ class Trainer:
     """The daemon: Kafka examples -> point-in-time batches -> predict-then-train -> checkpoints, versions."""
 
     def __init__(self, cfg: Config, tcfg: TrainConfig, bootstrap: str, info: DistInfo, *, fresh: bool = False,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, prefetch: bool = True):
         from opengem.features.sharded import ShardedReader
         from opengem.model.source import (
             DedupWindow, ExampleSource, assign_partitions, cursors_from_state,
@@ -205,6 +214,7 @@ class Trainer:
         from opengem.stream.worker import _partition_count
 
         self.cfg, self.tcfg, self.info = cfg, tcfg, info
+        self.prefetch = prefetch
         self.echo = echo if info.rank == 0 else (lambda s: None)
         k = cfg.kafka
         root = Path(cfg.data_dir)
@@ -360,9 +370,14 @@ class Trainer:
         checkpoint and a publication of whatever is new."""
         t = self.tcfg
         last_example = time.monotonic()
+        pending: Future | None = None  # the next batch, read while this one trains
+        pool = ThreadPoolExecutor(1, thread_name_prefix="opengem-train-read") if self.prefetch else None
         try:
             while True:
-                items = self.source.take(t.batch_size, t.fill_timeout_s)
+                t_in = time.monotonic()
+                unit = pending.result() if pending is not None else self._read()
+                pending = None
+                items = unit.items
                 self.stats.sampled_out = self.source.sampled_out
                 now = time.monotonic()
                 if items:
@@ -378,18 +393,31 @@ class Trainer:
                 want_stop = stop() or (max_examples is not None and self.stats.examples >= max_examples)
                 idle = idle_exit_s is not None and now - last_example >= idle_exit_s
                 n, ckpt_due, pub_due, want_stop, all_idle = self._agree(len(items), ckpt_due, pub_due, want_stop, idle)
+                report_due = now - self._last_report >= t.report_every_s
+                if n and (unit.batch is None or n > len(items)):
+                    unit = self._build(items, n)  # pad to the ranks' largest count (this thread: no read runs)
+                # Read the next batch while this one trains, unless this iteration checkpoints,
+                # publishes, reports or stops: those touch the consumer, and a checkpoint's cursors
+                # and dedup window must cover exactly the trained examples -- with no read in
+                # flight, everything taken so far is trained by the end of this iteration.
+                if pool is not None and n and not (ckpt_due or pub_due or want_stop or all_idle or report_due):
+                    pending = pool.submit(self._read)
                 if n:
-                    self._train(items, n)
+                    self._train(unit, t_in)
                 if ckpt_due:
                     self.checkpoint()
                 if pub_due:
                     self.publish()
-                if time.monotonic() - self._last_report >= t.report_every_s:
+                if report_due:
                     self.report()
                 if want_stop or all_idle:
                     break
             self._finish()
         finally:
+            if pending is not None:  # an exception while a read was in flight: let it end first
+                pending.cancel() or pending.exception()
+            if pool is not None:
+                pool.shutdown(wait=True)
             self.close()
         return self.stats
 
@@ -400,17 +428,33 @@ class Trainer:
         if self.stats.steps > self._pub_step and (self.tcfg.publish_every_s > 0 or self.tcfg.publish_every_steps > 0):
             self.publish()
 
-    def _train(self, items: list, n: int) -> None:
-        from opengem.ops import metrics as m
+    def _read(self) -> "_Unit":
+        """Take up to ``batch_size`` examples and read their batch (unpadded). With ``prefetch``
+        it runs on the read thread while the previous batch trains: that overlap pays where
+        either side leaves the GIL (socket waits, RocksDB reads, NumPy, torch kernels);
+        ``bench/train.py`` measures how much it buys."""
+        t = self.tcfg
+        items = self.source.take(t.batch_size, t.fill_timeout_s)
+        if not items:
+            return _Unit(items, None, None)
+        return self._build(items, len(items))
 
-        t0 = time.monotonic()
+    def _build(self, items: list, n: int) -> "_Unit":
+        """The batch of ``items`` padded with zero-weight rows to ``n``."""
         examples = [it.example for it in items]
         filler = examples[0] if examples else Example(surface=self.surfaces[0], **_BLANK)
         weight = torch.zeros(n)
-        weight[: len(examples)] = torch.tensor([it.weight for it in items])
+        if items:
+            weight[: len(examples)] = torch.tensor([it.weight for it in items])
         examples += [filler] * (n - len(examples))
         self.reader.catch_up()  # every example was produced after its events were written: see them all
-        batch = examples_batch(examples, self.reader, self.model_cfg)
+        return _Unit(items, examples_batch(examples, self.reader, self.model_cfg), weight)
+
+    def _train(self, unit: "_Unit", t0: float) -> None:
+        """Predict-then-train on ``unit``; ``t0``: when this iteration began waiting for it."""
+        from opengem.ops import metrics as m
+
+        items, batch, weight = unit.items, unit.batch, unit.weight
         probs = self.learner.step(batch, weight)
         self.stats.steps += 1
         self.stats.examples += len(items)
@@ -427,7 +471,7 @@ class Trainer:
         if dup:
             m.TRAIN_DUPLICATES.inc(dup)
             self.stats.duplicates = self.source.duplicates
-        m.TRAIN_BATCH_SECONDS.observe(time.monotonic() - t0)
+        m.TRAIN_BATCH_SECONDS.observe(time.monotonic() - t0)  # the wait for its read (if any) included
 
     def _observe(self, probs: torch.Tensor, batch: GemBatch, weight: torch.Tensor) -> None:
         """Progressive validation: gather (prediction, label, surface, weight) rows on rank 0; the

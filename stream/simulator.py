@@ -168,9 +168,16 @@ class SimConfig:
     drift: bool = True
     # Rate per simulated day: corr(u(t), u(t + dt)) = exp(-drift_strength * dt / 1 day).
     drift_strength: float = 0.5
-    # Abrupt drift (online-learning tests): every user's interests are drawn anew once, at the
-    # first generation block starting at or after this many seconds of event time (0: never).
+    # Abrupt drift (online-learning tests): interests move once, at the first generation block
+    # starting at or after this many seconds of event time (0: never). See interest_shift_strength.
     interest_shift_at_s: float = 0.0
+    # s in [0, 1], how far they move: every user's interests u <- sqrt(1 - s^2) u + s e (v too),
+    # and so do the population's: the categories' click effects gamma <- sqrt(1 - s^2) gamma +
+    # s gamma', gamma' ~ N(0, category_effect_std^2). 1: all drawn anew (corr with before 0).
+    interest_shift_strength: float = 1.0
+    # Std of the categories' additive click-logit effects gamma_k (how much the category of an ad
+    # matters to everyone, a population-level interest).
+    category_effect_std: float = 0.3
     # The interest that drives ad response is correlated with the organic one.
     cross_domain: bool = True
     # rho in [0, 1]: u_ad = rho * u + sqrt(1 - rho^2) * v (v independent of organic behaviour).
@@ -225,6 +232,9 @@ class SimConfig:
             "long_range_plant_prob": 0 <= self.long_range_plant_prob <= 1,
             "long_range_min_gap": self.long_range_min_gap >= 0,
             "drift_strength": self.drift_strength >= 0,
+            "interest_shift_at_s": self.interest_shift_at_s >= 0,
+            "interest_shift_strength": 0 <= self.interest_shift_strength <= 1,
+            "category_effect_std": self.category_effect_std >= 0,
             "delayed_conversions_strength": self.delayed_conversions_strength > 0,
             "cold_start_strength": self.cold_start_strength >= 0,
             "heavy_tail_strength": self.heavy_tail_strength >= 0,
@@ -366,7 +376,7 @@ class Simulator:
         self.cat_vec = rw.standard_normal((K, d)) / math.sqrt(d)  # |c_k| ~ 1
         pop = 1.0 / np.arange(1, K + 1) ** 0.8
         self.cat_logpop = np.log(pop / pop.sum())
-        self.cat_effect = rw.normal(0, 0.3, K)  # additive click-logit effect of a category
+        self.cat_effect = rw.normal(0, cfg.category_effect_std, K)  # additive click-logit effect of a category
         self.cat_sign = rw.permutation(np.resize([1, -1], K))  # device x category term
         self.cat_sign2 = rw.permutation(np.resize([1, -1], K))  # country x category (CVR) term
         # organic items, grouped by category for O(1) draws
@@ -406,7 +416,7 @@ class Simulator:
         self._surf_cum = np.cumsum(mix, axis=1)
         self._surf_cum[:, -1] = 1.0
         self.u = ru.standard_normal((n, d))  # organic interest
-        self.shifted_at_ms: int | None = None  # when interest_shift_at_s re-drew the interests
+        self.shifted_at_ms: int | None = None  # when interest_shift_at_s moved the interests
         self.v = ru.standard_normal((n, d))  # interest seen only by ads (cross_domain mixes it with u)
         self._u_ts = np.full(n, cfg.start_ts_ms, np.int64)  # time of the last drift update
         self.user_count = np.zeros(n, np.int64)  # activations so far
@@ -464,6 +474,17 @@ class Simulator:
         return AD_ID_BASE + k
 
     # ------------------------------------------------------------------ blocks
+    def _shift_interests(self) -> None:
+        """The abrupt shift (``interest_shift_at_s``): users' u, v and the categories' click effects
+        move to ``sqrt(1 - s^2) old + s new`` (s = ``interest_shift_strength``); its own PRNG."""
+        cfg = self.cfg
+        r = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, 0x5817])))
+        s = cfg.interest_shift_strength
+        keep = math.sqrt(max(0.0, 1.0 - s * s))
+        self.u = keep * self.u + s * r.standard_normal(self.u.shape)
+        self.v = keep * self.v + s * r.standard_normal(self.v.shape)
+        self.cat_effect = keep * self.cat_effect + s * r.normal(0, cfg.category_effect_std, len(self.cat_effect))
+
     def _drift(self, users: np.ndarray, now_ms: int) -> None:
         cfg = self.cfg
         if not cfg.drift or cfg.drift_strength == 0:
@@ -539,8 +560,7 @@ class Simulator:
         sizes = np.diff(np.append(np.flatnonzero(start), B))
         if cfg.interest_shift_at_s and self.shifted_at_ms is None \
                 and ts[0] >= cfg.start_ts_ms + cfg.interest_shift_at_s * 1000:
-            r = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, 0x5817])))
-            self.u, self.v = r.standard_normal(self.u.shape), r.standard_normal(self.v.shape)
+            self._shift_interests()
             self.shifted_at_ms = int(ts[0])
         self._drift(uniq, int(ts[0]))
         self._grow_ads(int(ts[-1]))

@@ -195,9 +195,9 @@ def _record_rows(tr: Trainer) -> list[tuple[str, float]]:
     items: list = []
     train, step = tr._train, tr.learner.step
 
-    def _train(its, n):
-        items[:] = its
-        return train(its, n)
+    def _train(unit, t0):
+        items[:] = unit.items
+        return train(unit, t0)
 
     def _step(batch, weight):
         assert weight[len(items):].eq(0).all()  # padding rows weigh nothing

@@ -1,0 +1,60 @@
+"""The towers' output bias starts at the base rates: a fresh model predicts the priors, not 0.5."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from opengem.features.memory import MemorySequenceStore
+from opengem.model.config import HeadConfig, preset
+from opengem.model.data import examples_batch
+from opengem.model.gem import GemModel
+from opengem.model.heads import STAGE_PRIORS, MultiDomainHeads, prior_logits
+from opengem.stream.joiner import Example
+from opengem.stream.simulator import SimConfig, Simulator
+
+
+@pytest.fixture(scope="module")
+def long_history_examples():
+    """Impressions of the busiest simulated users, with the store holding their histories."""
+    events = [e for b in Simulator(SimConfig(seed=3, n_users=40)).batches(20_000) for e in b]
+    store = MemorySequenceStore()
+    store.apply(events, (0, 0))
+    count = collections.Counter(e.user_id for e in events)
+    imps = [e for e in events if e.kind == "impression" and count[e.user_id] > 1_000][-128:]
+    examples = [Example(request_id=e.request_id, ts=e.ts, surface=e.surface, user_id=e.user_id, item_id=e.item_id,
+                        advertiser_id=e.advertiser_id, ad_format=e.ad_format, category=e.category,
+                        age_bucket=e.age_bucket, country=e.country, device=e.device, hour=e.hour, click=0,
+                        conversion=0, click_ts=None, conversion_ts=None) for e in imps]
+    return examples, store
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_a_fresh_model_predicts_the_prior_rates_on_long_histories(long_history_examples, name):
+    examples, store = long_history_examples
+    cfg = preset(name)
+    batch = examples_batch(examples, store, cfg)
+    assert len(batch) == 128 and batch.seq_lengths.float().mean() > 200  # long histories
+    ctr, cvr = STAGE_PRIORS
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            p = GemModel(cfg).eval().predict(batch)  # (B, 2): pCTR, pCVR over impressions
+        mean = p.mean(0)
+        # Untrained: the base rates up to the random last layer's spread (without the bias: ~0.5, ~0.25).
+        assert mean[0].item() == pytest.approx(ctr, rel=0.25)
+        assert mean[1].item() == pytest.approx(ctr * cvr, rel=0.35)
+        assert p[:, 0].max() < 4 * ctr
+        assert p[:, 0].std() > 0  # the features still move the predictions: only the bias is set
+
+
+def test_prior_logits_and_their_checks():
+    torch.testing.assert_close(prior_logits((0.5, 0.2), 3), torch.tensor([0.0, float(np.log(0.25)), 0.0]))
+    with pytest.raises(ValueError):
+        prior_logits((0.0,), 1)
+    heads = MultiDomainHeads(8, 3, 2, HeadConfig(trunk=(4,), tower=(4,)), priors=(0.01, 0.3))
+    for tower in heads.towers:
+        torch.testing.assert_close(tower[-1].bias, prior_logits((0.01, 0.3), 2))
