@@ -301,6 +301,20 @@ def blank_target(batch: GemBatch) -> GemBatch:
                     surface_idx=batch.surface_idx, labels=batch.labels)
 
 
+def select_rows(batch: GemBatch, rows: torch.Tensor) -> GemBatch:
+    """The batch's rows ``rows`` ((B,) bool or (n,) int64 indices), histories included."""
+    idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.to(torch.int64)
+    lens = batch.seq_lengths[idx]
+    starts = batch.seq_offsets[:-1][idx]
+    n = int(lens.sum())
+    pos = torch.arange(n) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=n)
+    vidx = torch.repeat_interleave(starts, lens, output_size=n) + pos
+    cols = {k: batch.sparse[k].values()[idx] for k in NONSEQ_KEYS}
+    return GemBatch(sparse=make_kjt(cols), dense=batch.dense[idx], seq_lengths=lens,
+                    seq={k: v[vidx] for k, v in batch.seq.items()}, surface_idx=batch.surface_idx[idx],
+                    labels=batch.labels[idx])
+
+
 @torch.no_grad()
 def teacher_user_representation(teacher: nn.Module, batch: GemBatch) -> torch.Tensor:
     """(B, R) GEM's user-side representation: its trunk input (``represent``) on the

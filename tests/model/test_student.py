@@ -155,3 +155,18 @@ def test_surface_mask_selects_the_students_surface():
     assert torch.equal(lr.surface_mask(b), b.surface_idx == 1)
     with pytest.raises(ValueError, match="unknown surface"):
         _cfg(surface="billboard")
+
+
+def test_select_rows_keeps_each_rows_history():
+    from opengem.model.student import select_rows
+
+    b = synthetic_batch(TINY, [3, 0, 5, 1, 2], seed=8)
+    sel = select_rows(b, torch.tensor([False, True, True, False, True]))
+    assert sel.seq_lengths.tolist() == [0, 5, 2]
+    off = b.seq_offsets
+    for k in b.seq:
+        assert torch.equal(sel.seq[k], torch.cat([b.seq[k][off[2]:off[3]], b.seq[k][off[4]:off[5]]]))
+    assert torch.equal(sel.sparse["user_id"].values(), b.sparse["user_id"].values()[[1, 2, 4]])
+    assert torch.equal(sel.labels, b.labels[[1, 2, 4]])
+    sel.validate(TINY.features)
+    assert len(select_rows(b, torch.zeros(5, dtype=torch.bool))) == 0
