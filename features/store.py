@@ -208,6 +208,9 @@ class _HeadCache:
         self.clear()
 
     def clear(self) -> None:
+        # True while every head in the DB is in the cache (a store opened empty, never cleared
+        # since): a miss is then a new id, and its head is not looked up in RocksDB.
+        self.complete = False
         self.n = 0
         self._maps = [(np.empty(0, np.int64), np.empty(0, np.int64))] * 2  # (sorted ids, rows): main, recent
         self.table = np.zeros(1024, self.dtype)
@@ -229,6 +232,8 @@ class _HeadCache:
         """Heads of ``ids`` (a writable copy): cached rows, else from the DB."""
         rows = self.rows(ids)
         miss = np.flatnonzero(rows < 0)
+        if self.complete:
+            get = lambda ks: [None] * len(ks)  # noqa: E731
         if len(miss) == len(ids):
             return parse_fixed(get(keys), self.dtype, self.empty)
         heads = self.table[np.maximum(rows, 0)]
@@ -239,6 +244,7 @@ class _HeadCache:
     def store(self, ids: np.ndarray, heads: np.ndarray) -> None:
         """Cache ``heads`` of ``ids`` (distinct)."""
         if self.capacity <= 0:
+            self.complete = False
             return
         rows = self.rows(ids)
         new = np.flatnonzero(rows < 0)
@@ -324,6 +330,9 @@ class SequenceStore(SequenceStoreBase):
         self._wopts.sync = cfg.sync
         self._get = self._db.get
         self.surfaces = self._check_meta()
+        if not self.read_only:  # an empty store: the caches hold every head the writer will write
+            self._user_cache.complete = not _has_prefix(self._db, b"H")
+            self._item_cache.complete = not _has_prefix(self._items, b"I")
         if self.read_only and interval_s:
             self._thread = threading.Thread(target=self._follow, args=(float(interval_s),),
                                             name="store-catch-up", daemon=True)
@@ -784,6 +793,14 @@ class SequenceStore(SequenceStoreBase):
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+def _has_prefix(db: Any, prefix: bytes) -> bool:
+    it = db.iter()
+    it.seek(prefix)
+    found = it.valid() and bytes(it.key()).startswith(prefix)
+    del it
+    return found
 
 
 def _open_secondary(path: str, opts: Options, cfs: dict[str, Options], secondary_dir: str,

@@ -391,7 +391,12 @@ class _Open:
         self.deadline = deadline
 
     def encode(self) -> bytes:
+        if self.click_ts is None and self.held_conv is None:
+            return _HDR_FRESH + self.attrs
         return _HDR.pack(_V2, _ts_or_sentinel(self.click_ts), _ts_or_sentinel(self.held_conv)) + self.attrs
+
+
+_HDR_FRESH = _HDR.pack(_V2, _NONE_TS, _NONE_TS)  # no click, no held conversion / no labels
 
 
 def _decode_open(v: bytes) -> tuple[int, bytes, int | None, int | None]:
@@ -806,7 +811,7 @@ class _Run:
         heapq.heappush(part.heap, (rec.deadline, rid))
         early = part.early.pop(rid, None)
         if early is None:
-            self.wb.put(part.k_open + rid.encode(), rec.encode())
+            self.wb.put(part.k_open + rid.encode(), _HDR_FRESH + attrs)
             return
         self.wb.delete(part.k_early + rid.encode())
         self.wb.put(part.k_open + rid.encode(), rec.encode())
@@ -914,7 +919,8 @@ class _Run:
         rb = rid.encode()
         wb = self.wb
         wb.delete(part.k_open + rb)
-        wb.put(part.k_out + rb, _HDR.pack(_V2, _ts_or_sentinel(click_ts), _ts_or_sentinel(conversion_ts)) + rec.attrs)
+        wb.put(part.k_out + rb, (_HDR_FRESH if click_ts is None else _HDR.pack(
+            _V2, click_ts, _ts_or_sentinel(conversion_ts))) + rec.attrs)
         flags = (0 if click_ts is None else _CLICKED) | (0 if conversion_ts is None else _CONVERTED)
         self.set_tomb(rid, (flags, rec.ts, -1 if click_ts is None else click_ts))
         expire = max(part.max_ts, rec.ts, click_ts or 0, conversion_ts or 0) + self.retention
