@@ -321,6 +321,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     train_preset=args.train_preset)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Train models on one window of a stream, score them on the next (model/evaluate.py)."""
+    import dataclasses
+
+    import torch
+
+    from opengem.model import evaluate as ev
+    from opengem.model.config import preset
+    from opengem.model.trainer import quiet_torchrec
+
+    quiet_torchrec()
+    torch.set_num_threads(args.threads)
+    cfg = _load(args)
+    features = dataclasses.replace(preset(args.preset).features, surfaces=tuple(cfg.surfaces))
+    max_len = args.max_len or preset(args.preset).pyramid.max_len
+    sources = sum(x is not None for x in (args.parquet, args.replay))
+    if sources > 1:
+        raise ValueError("give at most one of --parquet / --replay (default: the simulator)")
+    if args.replay is not None and not args.mapping:
+        raise ValueError("--replay needs --mapping (as for opengem replay)")
+    n_events = args.events or 600_000
+    dcfg = ev.DatasetConfig(
+        events=n_events, test_events=args.test_events or max(1, n_events // 4), sim_seed=args.sim_seed,
+        click_window_s=args.click_window, conversion_window_s=args.conversion_window, max_len=max_len,
+        negative_rate=args.negative_rate, test_negative_rate=args.test_negative_rate, sample_seed=args.sample_seed,
+        batch_size=args.batch_size)
+    if args.replay is not None:
+        source = ev.replay_source(args.replay, args.mapping, args.test_fraction, features.surfaces)
+    elif args.parquet is not None:
+        source = ev.parquet_source(args.parquet, args.test_fraction)
+    else:
+        source = ev.simulator_source(dcfg, surfaces=features.surfaces)
+    known = ev.standard_models(args.preset, features) | ev.scaling_models(args.preset, features, max_len)
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; known: {', '.join(sorted(known))}")
+    work = args.work or f"{cfg.data_dir}/evaluate"
+    ev.run_evaluation(source, dcfg, [known[m] for m in names], work, seed=args.seed,
+                      json_out=args.json or f"{work}/results.json", plot_out=args.plot or f"{work}/curves.png",
+                      baseline=names[1] if len(names) > 1 and known[names[1]].kind != "gem" else "dlrm",
+                      label=args.label, force=args.force, echo=lambda s: print(s, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="opengem", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -458,6 +503,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-preset", choices=("tiny", "base", "large"), default="tiny",
                    help="GEM preset of the demo's trainer (tiny: keeps up with the demo's stream on 2 CPU cores)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="train models on one window of a stream, score them on the next: NE, "
+                                        "AUC, calibration per surface and task (+ oracle NE on simulator data)")
+    _common(p)
+    p.add_argument("--models", default="gem,dlrm,dcn",
+                   help="comma-separated: gem, dlrm, dcn, gem_no_sequence, gem_short_history, gem_no_pyramid, "
+                        "gem_no_interleave, gem_shared_head, gem_size_s, gem_size_l, gem_hist_500, gem_hist_<max-len>")
+    p.add_argument("--preset", choices=("tiny", "base", "large"), default="base", help="GEM preset (and tables)")
+    p.add_argument("--events", type=int, help="simulator events in the train + test windows (default 600k)")
+    p.add_argument("--test-events", type=int, help="the last of them form the test window (default a quarter)")
+    p.add_argument("--sim-seed", type=int, default=0)
+    p.add_argument("--parquet", help="an event-schema Parquet file (opengem simulate --parquet) instead")
+    p.add_argument("--replay", help="a logged interaction file (Parquet/CSV/TSV) replayed with --mapping instead")
+    p.add_argument("--mapping", help="column mapping of --replay (as for opengem replay)")
+    p.add_argument("--test-fraction", type=float, default=0.25,
+                   help="--parquet / --replay: the last fraction of the events (by time) is the test window")
+    p.add_argument("--click-window", type=float, default=300, help="click window, seconds")
+    p.add_argument("--conversion-window", type=float, default=3600, help="post-click conversion window, seconds")
+    p.add_argument("--max-len", type=int, help="history events read per example (default: the preset's window)")
+    p.add_argument("--negative-rate", type=float, default=0.1, help="train-window negative downsampling (1/r weights)")
+    p.add_argument("--test-negative-rate", type=float, default=1.0)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="model seed (initial weights)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--work", help="dataset + per-model results (default <data-dir>/evaluate); reruns reuse them")
+    p.add_argument("--json", help="results JSON (default <work>/results.json)")
+    p.add_argument("--plot", help="learning-curve PNG (default <work>/curves.png)")
+    p.add_argument("--label", default="", help="free text for the JSON and the plot title")
+    p.add_argument("--force", action="store_true", help="retrain models whose results exist")
+    p.set_defaults(func=cmd_evaluate)
     return ap
 
 

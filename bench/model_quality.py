@@ -53,7 +53,8 @@ def main() -> None:
                     "longest scaling window)")
     ap.add_argument("--seed", type=int, default=0, help="model seed (simulator seed: --sim-seed)")
     ap.add_argument("--sim-seed", type=int, default=0)
-    ap.add_argument("--models", default=",".join(MAIN), help="comma-separated; 'none' for no main comparison")
+    ap.add_argument("--models", default=None, help="comma-separated (default: GEM, the baselines and the five "
+                    "ablations; with --quick gem,dlrm,dcn); 'none' for no main comparison")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--jobs", type=int, default=1, help="models trained at a time (subprocesses)")
     ap.add_argument("--work", default=None, help="dataset + per-model results (default data/model_quality-<preset>)")
@@ -61,8 +62,15 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="use the dataset already in --work as it is, without "
                     "checking that it matches these flags and the current simulator (its dataset.json says what it holds)")
     ap.add_argument("--label", default="", help="free text recorded in the JSON (e.g. 'reduced-scale run')")
+    ap.add_argument("--render", default=None, help="only write this Markdown report from --out (and --kuairand)")
+    ap.add_argument("--kuairand", default="", help="comma-separated `opengem evaluate` JSONs of replayed logs "
+                    "for --render")
     ap.add_argument("--_one", default=None, help=argparse_hidden())
     args = ap.parse_args()
+    if args.render:
+        Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k]))
+        print(f"wrote {args.render}")
+        return
     preset = args.preset or ("tiny" if args.quick else "base")
     events = args.events or (150_000 if args.quick else 13_000_000)
     test_events = args.test_events or max(1, events // 5 if args.quick else 1_000_000)
@@ -88,15 +96,18 @@ def main() -> None:
         ds = ev.materialize(ev.simulator_source(dcfg), work / "dataset", dcfg, features,
                             echo=lambda s: print(s, flush=True))
     specs = ev.standard_models(preset, features)
-    scaling = {} if args.no_scaling else ev.scaling_models(preset, features, max_len)
+    scaling = ev.scaling_models(preset, features, max_len)
     for name, s in scaling.items():
         if name not in specs:
             specs[name] = s
+    if args.no_scaling or args.quick:
+        scaling = {}
     if args._one:  # a worker subprocess of --jobs
         ev.train_and_evaluate(specs[args._one], ds, seed=args.seed, results_dir=work / "models",
                               echo=lambda s: print(s, flush=True))
         return
-    main_names = [] if args.models == "none" else [m for m in args.models.split(",") if m]
+    models_arg = args.models or ("gem,dlrm,dcn" if args.quick else ",".join(MAIN))
+    main_names = [] if models_arg == "none" else [m for m in models_arg.split(",") if m]
     order = main_names + [n for n in scaling if n not in main_names]
     unknown = [n for n in order if n not in specs]
     if unknown:
@@ -150,10 +161,12 @@ def main() -> None:
             print(f"{k}: {figures[k]:+.4f}  by task {figures.get(k + '_by_task')}")
     figures["per_model"] = {n: {"train_examples": r["train_examples"], "train_s": r["train_s"],
                                 "test_s": r["test_s"], "params": r["params"], "note": r["note"],
-                                "fingerprint": r["fingerprint"],
+                                "fingerprint": r["fingerprint"], "code": r.get("code"),
                                 "train_progressive_ne": {t: (r.get("train_progressive") or {}).get(t, {}).get("ne")
                                                          for t in tasks}}
                             for n, r in results.items()}
+    ci_names = [n for n in order if n != "gem"]
+    figures["ne_delta_vs_gem_ci"] = ev.compare_to("gem", ci_names, work / "models", surfaces, tasks)
     figures["dataset"] = {k: ds.meta[k] for k in ("fingerprint", "stats", "joiner", "conversion_window_cdf",
                                                    "events_ingested", "build_s")}
     figures["missing_models"] = [n for n in order if n not in results]
@@ -167,6 +180,194 @@ def main() -> None:
         "sim_seed": args.sim_seed, "quick": args.quick, "jobs": args.jobs, "label": args.label,
         "dataset": ds.meta["dataset"], "models": order, "wall_s": round(wall, 1), "plot": str(png),
         "command": " ".join(sys.argv)}, figures)
+
+
+# ------------------------------------------------------------------------------------ Markdown report
+
+ABLATIONS = {"gem_no_sequence": "no sequence arch", "gem_short_history": "short history only (last 50 events)",
+             "gem_no_pyramid": "no pyramid (one full-resolution branch, last 256)",
+             "gem_no_interleave": "no interleaving", "gem_shared_head": "one shared head"}
+
+
+def _f(v, nd: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:+.2f} %"
+
+
+def render(out_json: str, kuairand: list[str]) -> str:
+    doc = json.loads(Path(out_json).read_text())
+    c, models = doc["config"], doc["models"]
+    tasks = ("click", "conversion")
+    surfaces = [s for s in next(iter(models.values())) if s != "all"]
+    st = doc["dataset"]["stats"]
+    L: list[str] = []
+    w = L.append
+    w("# Model quality: GEM vs DLRM / DCNv2, ablations, scaling, gap to the oracle\n")
+    w("Produced by `bench/model_quality.py` (harness: `opengem/model/evaluate.py`); every figure below is "
+      f"rendered from `{out_json}` by `--render`, nothing typed by hand.\n")
+    if c.get("label"):
+        w(f"> **{c['label']}.** This run used {c['events']:,} simulator events ({st['train']['examples']:,} train + "
+          f"{st['test']['examples']:,} test impressions; the train window's negatives downsampled to "
+          f"r = {c['negative_rate']:g}, i.e. {st['train']['kept']:,} train examples per model), the `{c['preset']}` "
+          f"preset, one model seed ({c['seed']}), on a shared 2-core CPU. The acceptance run asks for >= 2M "
+          "impressions (`--events 13000000 --test-events 1000000`, ~2.2M impressions); this is not that run, "
+          "and its margins are for this scale only.\n")
+    w("## Rerun\n")
+    w("```bash")
+    w(f".venv/bin/python {c['command']}")
+    w("# the acceptance size (resumable: per-model JSON under data/model_quality-base/models):")
+    w(".venv/bin/python bench/model_quality.py --events 13000000 --test-events 1000000 --jobs 2 --out bench/results/model_quality.json")
+    w(".venv/bin/python bench/model_quality.py --render docs/model-results.md --kuairand "
+      + ",".join(kuairand) if kuairand else "")
+    w("```\n")
+    w("## Protocol\n")
+    d = c["dataset"]
+    w(f"* Data: the simulator (`SimConfig(seed={c['sim_seed']})`, every signal on: drift, cross-domain, long-range "
+      "intent, interactions, delayed conversions, cold start, heavy-tailed activity), materialized **once** "
+      "through the stream worker's own ingest step (`stream/ingest.Ingestor`: the RocksDB sequence store and the "
+      f"label joiner; click window {d['click_window_s']:g} s, post-click conversion window {d['conversion_window_s']:g} s), "
+      "and each example's history read from the store *as of the impression* by `model/data.examples_batch` "
+      f"(the trainer's and the server's read; up to {d['max_len']:,} events; `make_batch` drops anything at or "
+      "after the impression). Every model trains on the identical batches in the identical order.")
+    w(f"* Temporal split: the train window is the impressions among the first {c['events'] - c['test_events']:,} "
+      f"events, the test window those among the next {c['test_events']:,}; labels complete (the simulator runs "
+      "past the test window until every window closed).")
+    w(f"* Training: the trainer's own step (`OnlineLearner`: DMP, fused row-wise Adagrad on the tables, Adam on the "
+      f"rest, batch {d['batch_size']}), predict-then-train over the train window once; kept negatives weigh "
+      f"1/r = {1 / c['negative_rate']:g}. Then frozen and scored on the whole test window "
+      f"(r = {c['test_negative_rate']:g}: NE / AUC / calibration exactly as `model/metrics.py` computes them).")
+    w("* Oracle: the simulator's true probabilities of the same labels on the same test examples "
+      f"(`p_click`; `p_conversion x conversion_delay_cdf(W)` = {doc['dataset']['conversion_window_cdf']:.3f} x p_conversion "
+      "for the windowed conversion label).")
+    w(f"* Seeds: simulator {c['sim_seed']}, sampling 0, model {c['seed']} (same for every model).\n")
+    w("## Headline\n")
+    w("| figure | all tasks | click | conversion |")
+    w("| --- | --- | --- | --- |")
+    for k, label in (("ne_gap_to_oracle", "GEM NE gap to oracle, (ne - oracle) / oracle, mean over surfaces"),
+                     ("gem_vs_dlrm_ne_gain", "GEM vs DLRM NE gain, (dlrm - gem) / dlrm, mean over surfaces"),
+                     ("gem_vs_dcn_ne_gain", "GEM vs DCNv2 NE gain, (dcn - gem) / dcn, mean over surfaces")):
+        bt = doc.get(k + "_by_task") or {}
+        w(f"| {label} | {_pct(doc.get(k))} | {_pct(bt.get('click'))} | {_pct(bt.get('conversion'))} |")
+    w("")
+    w("## Every model, every surface (test window)\n")
+    w("| model | surface | n | NE click | AUC click | cal click | NE conv | AUC conv | cal conv | oracle NE click | oracle NE conv |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for m, per in models.items():
+        for s in ["all", *surfaces]:
+            if s not in per:
+                continue
+            ck, cv = per[s]["click"], per[s]["conversion"]
+            w(f"| {m} | {s} | {ck['n']:,} | {_f(ck['ne'])} | {_f(ck['auc'])} | {_f(ck['calibration'], 3)} | "
+              f"{_f(cv['ne'])} | {_f(cv['auc'])} | {_f(cv['calibration'], 3)} | {_f(ck.get('oracle_ne'))} | "
+              f"{_f(cv.get('oracle_ne'))} |")
+    w("")
+    w("Positives in the test window: " + ", ".join(
+        f"{s} {int(models['gem'][s]['click']['positives_weighted'] or 0):,} clicks / "
+        f"{int(models['gem'][s]['conversion']['positives_weighted'] or 0):,} conversions"
+        for s in ["all", *surfaces] if "gem" in models and s in models["gem"]) + ".\n")
+    w("## GEM vs baselines and ablations: NE(model) - NE(GEM)\n")
+    w("Positive = the model is worse than GEM. In brackets a 95 % paired bootstrap interval over the test "
+      "examples (both models scored on each resample; it covers the test sample's noise, not the training "
+      "seed's -- one seed per model here).\n")
+    ci = doc.get("ne_delta_vs_gem_ci") or {}
+    dl = doc.get("ne_delta_vs_gem") or {}
+    for t in tasks:
+        w(f"**{t}**\n")
+        w("| model | " + " | ".join(["all", *surfaces]) + " |")
+        w("| --- |" + " --- |" * (1 + len(surfaces)))
+        for m in models:
+            if m == "gem":
+                continue
+            cells = []
+            for s in ["all", *surfaces]:
+                x = (ci.get(m) or {}).get(t, {}).get(s)
+                if x and x.get("delta") is not None:
+                    cells.append(f"{x['delta']:+.4f} [{_f(x.get('lo'))}, {_f(x.get('hi'))}]")
+                else:
+                    v = (dl.get(m) or {}).get(t, {}).get(s)
+                    cells.append("n/a" if v is None else f"{v:+.4f}")
+            w(f"| {m} | " + " | ".join(cells) + " |")
+        w("")
+    w("### Verdicts\n")
+    for m in [*("dlrm", "dcn"), *ABLATIONS]:
+        if m not in models or "gem" not in models:
+            continue
+        lines = []
+        for t in tasks:
+            x = (ci.get(m) or {}).get(t, {}).get("all")
+            v = (dl.get(m) or {}).get(t, {}).get("all")
+            worse_surf = [s for s in surfaces if ((dl.get(m) or {}).get(t, {}).get(s) or 0) > 0]
+            if x and x.get("lo") is not None:
+                sig = ("loses (interval above 0)" if x["lo"] > 0 else "wins (interval below 0)" if x["hi"] < 0
+                       else "no measurable difference (interval spans 0)")
+                lines.append(f"{t}: {x['delta']:+.4f} NE, {sig}; worse than GEM on {len(worse_surf)}/{len(surfaces)} surfaces")
+            elif v is not None:
+                lines.append(f"{t}: {v:+.4f} NE (no interval: predictions not saved); worse than GEM on "
+                             f"{len(worse_surf)}/{len(surfaces)} surfaces")
+        w(f"* **{m}** ({ABLATIONS.get(m, 'baseline')}): " + "; ".join(lines) + ".")
+    w("")
+    if doc.get("scaling"):
+        w("## Scaling (test NE, all surfaces)\n")
+        w("| model | parameters (dense) | history window | NE click | NE conversion |")
+        w("| --- | --- | --- | --- | --- |")
+        for m, v in doc["scaling"].items():
+            w(f"| {m} | {v['params']:,} ({v['dense_params']:,}) | {v['history_len']} | {_f(v['ne'].get('click'))} | "
+              f"{_f(v['ne'].get('conversion'))} |")
+        missing = [m for m in doc.get("missing_models", [])]
+        if missing:
+            w(f"\nNot run in this session: {', '.join(missing)}.")
+        w("")
+    w(f"![learning curves](../bench/results/{Path(c.get('plot') or 'model_quality.png').name})\n")
+    if kuairand:
+        w("## Real logs: the KuaiRand extract\n")
+        w("KuaiRand (Gao et al., CIKM 2022, CC BY-SA 4.0), the 41,828-row development extract "
+          "(664 users, 9,359 videos; rows are logged impressions with their labels), replayed through "
+          "`opengem replay`'s mapping into the same harness: events sorted by time, the last 25 % of events the "
+          "test window, no negative downsampling (the extract is mostly positives), preset `base`, seed 0. "
+          "The second task is the named label *after a click* (the joiner attributes conversions to clicks). "
+          "Small and selected (only users with likes / hates, k-core 15): a realism check, not a leaderboard.\n")
+        w("| label pair | model | train ex. | test ex. | NE click | AUC click | cal click | NE 2nd | AUC 2nd | cal 2nd |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for f in kuairand:
+            k = json.loads(Path(f).read_text())
+            mapping = k["dataset"]["source"].get("mapping", "")
+            second = mapping.split("conversion=")[-1].split(",")[0] if "conversion=" in mapping else "conversion"
+            for m, per in k["models"].items():
+                a = per["all"]
+                w(f"| click, {second} | {m} | {k['per_model'][m]['train_examples']:,} | {a['click']['n']:,} | "
+                  f"{_f(a['click']['ne'])} | {_f(a['click']['auc'])} | {_f(a['click']['calibration'], 3)} | "
+                  f"{_f(a['conversion']['ne'])} | {_f(a['conversion']['auc'])} | {_f(a['conversion']['calibration'], 3)} |")
+        w("")
+        w("Commands (the data path is an argument; nothing reads it at test time -- the test uses "
+          "`tests/fixtures/kuairand_sample.tsv`):\n")
+        w("```bash")
+        for f in kuairand:
+            k = json.loads(Path(f).read_text())
+            mp = k["dataset"]["source"].get("mapping", "")
+            name = Path(f).stem.replace("model_quality_", "")
+            w(f".venv/bin/opengem evaluate --replay <kuairand-27k-extract>/interactions.tsv --mapping \"{mp}\" "
+              f"--models gem,dlrm,dcn --preset base --negative-rate 1 --test-fraction 0.25 "
+              f"--work data/evaluate-{name.replace('_', '-')} --json {f}")
+        w("```\n")
+    codes = {m: (v.get("code") or {}) for m, v in doc.get("per_model", {}).items()}
+    shas = {v.get("sources_sha") for v in codes.values()}
+    if len(shas) == 1 and None not in shas:
+        v = next(iter(codes.values()))
+        w(f"Code: every model ran the same model/features/stream sources (sha {v['sources_sha']}, on commit "
+          f"{v['commit'][:8]}).\n")
+    else:
+        w("Code: the working tree changed between models (other engineers' commits during the session); sources "
+          "per model: " + ", ".join(f"{m} {v.get('sources_sha', '?')} @ {str(v.get('commit', '?'))[:8]}"
+                                    for m, v in codes.items()) + ".\n")
+    w("## Machine\n")
+    mc = doc["machine"]
+    w(f"{mc.get('cpu')} ({mc.get('cpu_count')} cores, shared with other jobs during the run), torch {mc.get('torch')}; "
+      f"wall time of the model runs {doc['config'].get('wall_s', 0):,.0f} s. Per model: "
+      + ", ".join(f"{m} {v['train_s']:.0f}+{v['test_s']:.0f} s" for m, v in doc.get("per_model", {}).items()) + ".\n")
+    return "\n".join(L) + "\n"
 
 
 def _hist(cfg: dict) -> int:

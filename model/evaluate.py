@@ -469,16 +469,15 @@ def scaling_models(preset_name: str, features: FeatureConfig, max_len: int) -> d
 
 def train_and_evaluate(spec: ModelSpec, ds: Dataset, *, seed: int = 0, tcfg: Any = None, results_dir: str | Path,
                        curve_every: int = 2048, curve_window: int = 20_000, force: bool = False,
-                       echo: Callable[[str], None] = print) -> dict:
+                       echo: Callable[[str], None] = print) -> dict | None:
     """Train ``spec`` on the train window (predict-then-train), score the test window frozen.
 
     Writes and returns ``<results_dir>/<name>.json``; an existing file with the same
-    fingerprint (dataset, model config, train config, seed) is returned as is.
+    fingerprint (dataset, model config, train config, seed) is returned as is. Another
+    live process training the same model (its ``.lock``): returns None.
     """
-    from opengem.model.distributed import init_distributed
-    from opengem.model.gem import n_params
     from opengem.model.train_config import TrainConfig
-    from opengem.model.trainer import OnlineLearner, quiet_torchrec
+    from opengem.model.trainer import quiet_torchrec
 
     quiet_torchrec()
     tcfg = tcfg or TrainConfig()
@@ -493,6 +492,66 @@ def train_and_evaluate(spec: ModelSpec, ds: Dataset, *, seed: int = 0, tcfg: Any
         if prev.get("fingerprint") == fp:
             echo(f"{spec.name}: results {out} exist ({fp}), skipped")
             return prev
+    lock = _Lock(out.with_suffix(".lock"))
+    if not lock.acquire():
+        echo(f"{spec.name}: being trained by process {lock.holder()}, skipped")
+        return None
+    try:
+        return _train_and_evaluate(spec, ds, seed, tcfg, out, fp, curve_every, curve_window, echo)
+    finally:
+        lock.release()
+
+
+class _Lock:
+    """A results file's lock: a file holding the trainer's pid (stale when that process is gone)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self.holder()
+                if pid and pid != os.getpid() and _alive(pid):
+                    return False
+                self.path.unlink(missing_ok=True)  # stale
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train_and_evaluate(spec: ModelSpec, ds: Dataset, seed: int, tcfg: Any, out: Path, fp: str, curve_every: int,
+                        curve_window: int, echo: Callable[[str], None]) -> dict:
+    from opengem.model.distributed import init_distributed
+    from opengem.model.gem import n_params
+    from opengem.model.trainer import OnlineLearner
+
+    code = code_version()  # as the sources stand when this model is built
     info = init_distributed("cpu")
     learner = OnlineLearner(spec.kind, spec.cfg, tcfg, info, seed=seed)
     from opengem.model.registry import build_model
@@ -541,7 +600,7 @@ def train_and_evaluate(spec: ModelSpec, ds: Dataset, *, seed: int = 0, tcfg: Any
     P, Y, W, S = (np.concatenate(a) for a in (ps, ys, ws, ss))
     res = {
         "model": spec.name, "kind": spec.kind, "note": spec.note, "fingerprint": fp, "dataset": ds.fingerprint,
-        "seed": seed, "params": params, "config": dataclasses.asdict(spec.cfg),
+        "seed": seed, "params": params, "config": dataclasses.asdict(spec.cfg), "code": code,
         "train_examples": n, "train_s": round(train_s, 1), "test_s": round(test_s, 1),
         "train_examples_per_s": n / max(train_s, 1e-9),
         "test": window_metrics(P, Y, W, S, surfaces, tasks),
@@ -552,6 +611,10 @@ def train_and_evaluate(spec: ModelSpec, ds: Dataset, *, seed: int = 0, tcfg: Any
     if orc:
         res["oracle"] = window_metrics(np.concatenate(orc), Y, W, S, surfaces, tasks)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The test predictions, for paired comparisons between models (same rows in every file).
+    np.savez_compressed(out.with_suffix(".test.npz"), p=P.astype(np.float32), y=Y.astype(np.int8),
+                        w=W.astype(np.float32), s=S.astype(np.int8),
+                        **({"oracle": np.concatenate(orc).astype(np.float32)} if orc else {}))
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_finite(res), indent=1) + "\n")
     os.replace(tmp, out)
@@ -794,3 +857,76 @@ def run_evaluation(source: EventSource, dcfg: DatasetConfig, specs: Sequence[Mod
         plot(results, plot_out, tasks, title=label)
         echo(f"wrote {plot_out}")
     return doc
+
+
+def _ne_rows(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    from opengem.model.metrics import EPS, entropy
+
+    pc = np.clip(p.astype(np.float64), EPS, 1 - EPS)
+    tot = w.sum()
+    rate = float((w * y).sum() / tot)
+    h = entropy(rate)
+    ll = float(-(w * (y * np.log(pc) + (1 - y) * np.log1p(-pc))).sum() / tot)
+    return ll / h if h == h and h > 0 else math.nan
+
+
+def paired_bootstrap(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, w: np.ndarray, *, n_boot: int = 300,
+                     seed: int = 0) -> dict[str, float]:
+    """NE(b) - NE(a) on the same rows, with a 95 % interval from resampling the rows (paired:
+    both models are scored on each resample). Positive = b is worse."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, n, n)
+        diffs[i] = _ne_rows(pred_b[idx], y[idx], w[idx]) - _ne_rows(pred_a[idx], y[idx], w[idx])
+    diffs = diffs[np.isfinite(diffs)]
+    return {"delta": _ne_rows(pred_b, y, w) - _ne_rows(pred_a, y, w),
+            "lo": float(np.percentile(diffs, 2.5)) if diffs.size else math.nan,
+            "hi": float(np.percentile(diffs, 97.5)) if diffs.size else math.nan}
+
+
+def compare_to(ref: str, names: Iterable[str], results_dir: str | Path, surfaces: Sequence[str],
+               tasks: Sequence[str], n_boot: int = 300) -> dict[str, Any]:
+    """{model: {task: {surface | "all": {delta, lo, hi}}}} of NE(model) - NE(ref) from the saved test
+    predictions (models without a ``.test.npz`` are left out)."""
+    d = Path(results_dir)
+    f_ref = d / f"{ref}.test.npz"
+    if not f_ref.exists():
+        return {}
+    a = np.load(f_ref)
+    out: dict[str, Any] = {}
+    for n in names:
+        f = d / f"{n}.test.npz"
+        if n == ref or not f.exists():
+            continue
+        b = np.load(f)
+        if b["p"].shape != a["p"].shape or not np.array_equal(a["y"], b["y"]):
+            continue
+        out[n] = {}
+        for ti, t in enumerate(tasks):
+            out[n][t] = {}
+            for si, s in [(None, "all")] + list(enumerate(surfaces)):
+                sel = np.ones(len(a["y"]), bool) if si is None else a["s"] == si
+                out[n][t][s] = paired_bootstrap(a["p"][sel, ti], b["p"][sel, ti], a["y"][sel, ti].astype(np.float64),
+                                                a["w"][sel].astype(np.float64), n_boot=n_boot)
+    return _finite(out)
+
+
+def code_version() -> dict[str, Any]:
+    """The commit and a hash of the model / features / stream sources this process imported
+    (the working tree may hold uncommitted edits: the hash says whether two runs used the same code)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for sub in ("model", "features", "stream"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"commit": commit, "sources_sha": h.hexdigest()[:12]}

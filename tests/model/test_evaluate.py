@@ -156,3 +156,18 @@ def test_replayed_log_fixture_evaluates(tmp_path):
 
 
 KUAIRAND_MAPPING = "user=user_id,item=video_id,time=time_ms,time_unit=ms,click=is_click,conversion=long_view"
+
+
+def test_cli_evaluate_writes_table_json_and_plot(tmp_path, capsys):
+    from opengem.cli import main
+
+    rc = main(["evaluate", "--replay", str(FIXTURES / "kuairand_sample.tsv"), "--mapping", KUAIRAND_MAPPING,
+               "--models", "gem_no_sequence,dlrm", "--preset", "tiny", "--negative-rate", "1",
+               "--work", str(tmp_path / "w"), "--data-dir", str(tmp_path / "data")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "NE click" in out and "gem_no_sequence" in out and "dlrm" in out
+    doc = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert set(doc["models"]) == {"gem_no_sequence", "dlrm"}
+    assert doc["models"]["dlrm"]["feed"]["click"]["ne"] > 0
+    assert (tmp_path / "w" / "curves.png").stat().st_size > 0
