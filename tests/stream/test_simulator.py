@@ -334,3 +334,40 @@ def test_drift_switch():
     u0, u1 = interests(True)
     corr = (u0 * u1).sum(1) / np.linalg.norm(u0, axis=1) / np.linalg.norm(u1, axis=1)
     assert 0.05 < corr.mean() < 0.6  # exp(-24/day * ~1.3 h) ~ 0.27
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.6, 1.0])
+def test_interest_shift_moves_users_and_categories_by_its_strength(strength):
+    # drift off: between the start and the end, only the shift moves the interests
+    cfg = dataclasses.replace(SMALL, n_users=3_000, drift=False, events_per_second=100.0, interest_shift_at_s=300.0,
+                              interest_shift_strength=strength, category_effect_std=1.0)
+    start = Simulator(cfg)
+    u0, v0, g0 = start.u.copy(), start.v.copy(), start.cat_effect.copy()
+    assert g0.std() > 0.5  # category_effect_std scales the categories' click effects
+    sim = Simulator(cfg)
+    ts = np.array([e.ts for b in sim.batches(60_000, batch_size=20_000) for e in b])  # ~10 min of event time
+    assert sim.shifted_at_ms is not None and ts[0] < sim.shifted_at_ms <= cfg.start_ts_ms + 300_000 + 100_000
+    keep = math.sqrt(1 - strength**2)
+    for before, after in ((u0, sim.u), (v0, sim.v)):
+        corr = float(np.corrcoef(before.ravel(), after.ravel())[0, 1])
+        assert corr == pytest.approx(keep, abs=0.02)
+        assert after.std() == pytest.approx(1.0, abs=0.03)  # the law stays N(0, I)
+    if strength == 0:
+        assert np.array_equal(g0, sim.cat_effect)
+    else:
+        assert not np.allclose(g0, sim.cat_effect)
+
+
+def test_interest_shift_of_strength_zero_leaves_the_stream_unchanged_and_bad_values_are_refused():
+    base = dataclasses.replace(SMALL, n_users=500)
+    a = [e for b in Simulator(base).batches(30_000, batch_size=30_000) for e in b]
+    b = [e for b in Simulator(dataclasses.replace(base, interest_shift_at_s=60.0, interest_shift_strength=0.0))
+         .batches(30_000, batch_size=30_000) for e in b]
+    assert a == b
+    c = [e for b in Simulator(dataclasses.replace(base, interest_shift_at_s=60.0)).batches(30_000, batch_size=30_000)
+         for e in b]
+    assert c[:1000] == a[:1000] and c != a  # the same until the shift, not after
+    for bad in (dict(interest_shift_strength=1.5), dict(interest_shift_strength=-0.1), dict(category_effect_std=-1.0),
+                dict(interest_shift_at_s=-1.0)):
+        with pytest.raises(ValueError):
+            SimConfig(**bad)
