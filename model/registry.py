@@ -4,7 +4,7 @@ A version is a directory ``<models>/<version>/`` holding
 
 * ``model.pt`` -- the ``state_dict`` (tensors only; loaded with
   ``torch.load(..., weights_only=True)``, so a model file can never run code),
-* ``meta.json`` -- the model kind (``gem`` | ``dlrm`` | ``dcn``), its config as
+* ``meta.json`` -- the model kind (``gem`` | ``dlrm`` | ``dcn`` | ``student``), its config as
   plain JSON, and free-form facts (trained examples, Kafka offsets covered,
   creation time, metrics).
 
@@ -37,6 +37,7 @@ from opengem.config import from_dict
 from opengem.model.baselines import BaselineConfig, DCNBaseline, DLRMBaseline
 from opengem.model.config import GemConfig
 from opengem.model.gem import GemModel
+from opengem.model.student import StudentConfig, StudentModel
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -47,6 +48,8 @@ KINDS: dict[str, tuple[type, type[nn.Module]]] = {
     "gem": (GemConfig, GemModel),
     "dlrm": (BaselineConfig, DLRMBaseline),
     "dcn": (BaselineConfig, DCNBaseline),
+    # A per-surface student (model/student.py): served through its serving head only.
+    "student": (StudentConfig, StudentModel),
 }
 
 

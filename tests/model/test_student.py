@@ -170,3 +170,17 @@ def test_select_rows_keeps_each_rows_history():
     assert torch.equal(sel.labels, b.labels[[1, 2, 4]])
     sel.validate(TINY.features)
     assert len(select_rows(b, torch.zeros(5, dtype=torch.bool))) == 0
+
+
+def test_a_published_student_loads_and_scores_the_same(tmp_path):
+    from opengem.model.registry import load, publish
+
+    torch.manual_seed(0)
+    lr = StudentLearner(_cfg(distill=True, repr_dim=6, surface=TINY.features.surfaces[0]))
+    b = synthetic_batch(TINY, [0, 9, 33, 1], seed=9)
+    x = StudentInputs(b, torch.randn(4, 6), torch.tensor([True, False, True, True]))
+    lr.step(x, torch.ones(4), np.full((4, 2), 0.2))
+    v = publish(tmp_path / "models", lr.model, {"note": "student"})
+    got = load(tmp_path / "models", v.name)
+    assert got.kind == "student" and got.model.cfg == lr.model.cfg
+    torch.testing.assert_close(got.model.predict(x), lr.predict(x), rtol=0, atol=0)
