@@ -15,10 +15,11 @@ nothing and duplicates nothing in the stores:
    synced RocksDB write batch together with the records' offsets, then feeds the
    ad events to the joiner (its own synced batch with its own offsets). Each part
    skips records at or below its own applied offset, so a replay is a no-op.
-   It returns the joiner's outbox — closed examples to produce to
+   It returns the examples this commit closed, to produce to
    ``opengem.examples``; the caller acks them with :meth:`Ingestor.ack_examples`
-   once Kafka has them (after a crash they are sent again: consumers dedup on
-   ``example_id``).
+   once Kafka has them. Until then they are in the joiner's durable outbox:
+   after a crash (or a rebalance) :meth:`Ingestor.pending_examples` gives them
+   to send again (consumers dedup on ``example_id``).
 
 Only after that may the Kafka consumer commit the offsets. The stores, not the
 consumer group, say where a shard stands: a worker that finds its shard behind
@@ -229,7 +230,7 @@ class Ingestor:
         return out
 
     def _prepare_run(self, out: Prepared, run: list[Record], kw: dict[str, Any]) -> None:
-        batch, taken = read_json_objects([r.value for r in run])
+        batch, taken = read_json_objects([r.value for r in run], checked=True)
         refused = sorted(set(range(len(run))) - set(taken))
         dead: list[DeadLetter] = []
         for i in refused:
@@ -282,8 +283,10 @@ class Ingestor:
     def commit(self, prep: Prepared) -> list[tuple[int, Example]]:
         """Durably apply ``prep`` (after its dead letters were acked).
 
-        Returns ``(partition, example)`` pairs to produce: the outbox of every
-        shard touched, including examples from before a restart not yet acked."""
+        Returns ``(partition, example)`` pairs to produce: the examples this commit
+        closed. Older unacked ones (from before a restart, or still in flight) are
+        not repeated: the worker sends :meth:`pending_examples` of a partition on its
+        first batch after an assignment."""
         with self._lock:
             return self._commit(prep)
 
@@ -340,12 +343,14 @@ class Ingestor:
                 if len(ad):
                     ad_parts.append(ad)
             if last is not None:
-                shard.joiner.process_parts(p, last, ad_parts)
-            examples.extend((p, ex) for ex in shard.joiner.outbox(p))
+                examples.extend((p, ex) for ex in shard.joiner.process_parts(p, last, ad_parts))
         return examples
 
-    def pending_examples(self) -> list[tuple[int, Example]]:
-        """Examples closed but not yet acknowledged, of every open shard (re-sent after a restart)."""
+    def pending_examples(self, partition: int | None = None) -> list[tuple[int, Example]]:
+        """Examples closed but not yet acknowledged (re-sent after a restart or a rebalance):
+        of ``partition`` (its shard is opened if need be), or of every open shard."""
+        if partition is not None:
+            return [(partition, ex) for ex in self.shard(partition).joiner.outbox(partition)]
         return [(p, ex) for p, s in list(self._shards.items()) for ex in s.joiner.outbox(p)]
 
     def update_gauges(self) -> None:
@@ -395,9 +400,10 @@ class Ingestor:
     # -- convenience for tests and the benchmark ----------------------------------------------
     def process(self, records: Sequence[Record], now_ms: int | None = None
                 ) -> tuple[list[DeadLetter], list[tuple[int, Example]]]:
-        """prepare + commit + ack without a broker (dead letters and examples are returned)."""
+        """prepare + commit + ack without a broker (dead letters and examples are returned,
+        with the shards' pending examples from before, as the worker would send them)."""
         prep = self.prepare(records, now_ms)
-        examples = self.commit(prep)
+        examples = self.pending_examples() + self.commit(prep)
         self.ack_examples(examples)
         return prep.dead, examples
 
