@@ -9,7 +9,21 @@ starts.
   this process, one rank) on that backlog: Kafka fetch + JSON decode + dedup,
   secondary catch-up, point-in-time history reads, batch building, the
   predict-then-train step, progressive metrics, and its default checkpoint /
-  publication intervals -- timed from its first poll to its M-th example.
+  publication intervals -- timed like the offline loop: from the end of its
+  2 warm-up steps to the end of the step that reaches M examples.
+  ``examples_per_s_whole_run`` / ``ratio_to_offline_whole_run``: from its first
+  poll to the end of ``run()``, warm-up and the final checkpoint + publication
+  of this short run included (what the figure before this split measured).
+  The daemon reads batch k+1 (Kafka, store, batch building) on a thread while
+  batch k trains (:class:`~opengem.model.trainer.Trainer` ``prefetch``);
+  ``examples_per_s_serial`` / ``ratio_to_offline_serial``: the same daemon with
+  the reads inline (``prefetch=False``), measured alternately in the same run.
+* ``cpu_ratio_to_offline`` (``_serial``): the same ratio in examples per CPU-second
+  of this process (all its threads): the work the streaming adds, which a loaded
+  machine does not blur as it does wall time (a read thread saves wall time, not work).
+* ``per_batch_ms``: where a batch's time goes, each part timed alone on the
+  same examples (Kafka take, secondary catch-up, history reads, ``make_batch``,
+  the step).
 * ``offline_examples_per_s``: the same model and the same step
   (:class:`~opengem.model.trainer.OnlineLearner`) on the same M examples as
   batches built beforehand and held in memory: the ceiling.
@@ -64,15 +78,18 @@ def chunks(xs: list, n: int) -> list[list]:
     return [xs[i:i + n] for i in range(0, len(xs), n)]
 
 
-def time_steps(step, batches: list, warmup: int = 2) -> float:
-    """Examples/s of ``step(batch)`` over ``batches`` after ``warmup`` untimed steps."""
+def time_steps(step, batches: list, warmup: int = 2, cpu: dict | None = None) -> float:
+    """Examples/s of ``step(batch)`` over ``batches`` after ``warmup`` untimed steps; with ``cpu``,
+    also examples per CPU-second of this process (``cpu["examples_per_cpu_s"]``)."""
     for b in batches[:warmup]:
         step(b)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in batches[warmup:]:
         step(b)
         n += len(b)
+    if cpu is not None:
+        cpu["examples_per_cpu_s"] = n / (time.process_time() - c0)
     return n / (time.perf_counter() - t0)
 
 
@@ -87,6 +104,7 @@ def flops_per_example(model, batch) -> float:
 
 def offline(examples: list, reader: Any, kind: str, mcfg: Any, tcfg: Any, info: Any, n_batches: int,
             speed: bool = True) -> dict:
+    cpu: dict = {}
     """Offline examples/s (the learner step on in-memory batches) and FLOPs/example of one model."""
     import torch
 
@@ -99,26 +117,89 @@ def offline(examples: list, reader: Any, kind: str, mcfg: Any, tcfg: Any, info: 
     if speed:
         learner = OnlineLearner(kind, mcfg, tcfg, info)
         w = torch.ones(tcfg.batch_size)
-        eps = time_steps(lambda b: learner.step(b, w[: len(b)]), batches)
+        eps = time_steps(lambda b: learner.step(b, w[: len(b)]), batches, cpu=cpu)
         del learner
     small = dataclasses.replace(mcfg, features=dataclasses.replace(
         mcfg.features, **{f"{t}_rows": min(getattr(mcfg.features, f"{t}_rows"), 4096)
                           for t in ("user", "item", "advertiser", "category")}))
     flops_batch = examples_batch(examples[: tcfg.batch_size], reader, small)  # ids hashed into the small tables
-    return {"offline_examples_per_s": eps,
+    return {"offline_examples_per_s": eps, "offline_examples_per_cpu_s": cpu.get("examples_per_cpu_s"),
             "flops_per_example": flops_per_example(build_model(kind, small), flops_batch),
             "batches": len(batches), "batch_size": tcfg.batch_size}
 
 
-def daemon(cfg: Any, tcfg: Any, info: Any, work: Path, m: int, tag: str) -> float:
+def daemon(cfg: Any, tcfg: Any, info: Any, work: Path, m: int, tag: str, prefetch: bool = True,
+           warmup: int = 2) -> dict:
     from opengem.model.trainer import Trainer
 
     t = dataclasses.replace(tcfg, checkpoint_dir=str(work / f"ckpt-{tag}"), models_dir=str(work / f"models-{tag}"),
                             metrics_port=None, group_id=f"bench-{tag}")
-    tr = Trainer(cfg, t, cfg.kafka.bootstrap, info, fresh=True, echo=lambda s: None)
+    tr = Trainer(cfg, t, cfg.kafka.bootstrap, info, fresh=True, echo=lambda s: None, prefetch=prefetch)
+    ends: list[tuple[float, float, int]] = []  # (time, CPU time, examples) at the end of every step
+    train = tr._train
+
+    def timed(unit, t_in):
+        train(unit, t_in)
+        ends.append((time.perf_counter(), time.process_time(), tr.stats.examples))
+
+    tr._train = timed
     t0 = time.perf_counter()
     stats = tr.run(max_examples=m)
-    return stats.examples / (time.perf_counter() - t0)
+    whole = stats.examples / (time.perf_counter() - t0)
+    # Steady state, like time_steps: from the end of the warm-up steps to the last step (the
+    # default checkpoint / publication intervals included when they fall inside; the final
+    # checkpoint + publication of this short run, which a running daemon spreads over
+    # checkpoint_every_s / publish_every_s, is in ``whole``).
+    (ta, ca, na), (tb, cb, nb) = ends[warmup - 1], ends[-1]
+    return {"steady": (nb - na) / (tb - ta), "cpu": (nb - na) / (cb - ca), "whole": whole}
+
+
+def per_batch_ms(cfg: Any, tcfg: Any, info: Any, reader: Any, m: int) -> dict:
+    """Where a daemon batch's time goes, each part timed alone (ms per batch of ``batch_size``):
+    Kafka fetch + decode + dedup (:class:`~opengem.model.source.ExampleSource`), the secondary's
+    catch-up, the point-in-time history reads (``read_batch``), batch building (``make_batch``)
+    and the learner's step."""
+    import numpy as np
+    import torch
+
+    from opengem.model.batch import make_batch
+    from opengem.model.data import history_len
+    from opengem.model.source import ExampleSource
+    from opengem.model.trainer import OnlineLearner, model_config
+
+    mcfg = model_config(tcfg, cfg.surfaces)
+    src = ExampleSource(cfg.kafka.bootstrap, cfg.kafka.examples_topic, list(range(cfg.kafka.partitions)),
+                        group_id=None, client_id="bench-profile")
+    parts = {"kafka_take": 0.0, "catch_up": 0.0, "store_read": 0.0, "make_batch": 0.0, "step": 0.0}
+    learner = OnlineLearner("gem", mcfg, tcfg, info)
+    max_len = max(history_len(mcfg), 256)
+    n = done = 0
+    try:
+        while done < m:
+            t0 = time.perf_counter()
+            items = src.take(tcfg.batch_size, tcfg.fill_timeout_s)
+            t1 = time.perf_counter()
+            if not items:
+                break
+            reader.catch_up()
+            t2 = time.perf_counter()
+            exs = [it.example for it in items]
+            seqs = reader.read_batch(np.array([e.user_id for e in exs], np.int64),
+                                     before_ts=np.array([e.ts for e in exs], np.int64), max_len=max_len)
+            t3 = time.perf_counter()
+            batch = make_batch(exs, seqs, mcfg)
+            t4 = time.perf_counter()
+            learner.step(batch, torch.ones(len(exs)))
+            t5 = time.perf_counter()
+            if n >= 2:  # warm-up batches untimed, as in time_steps
+                for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                    parts[k] += dt
+            n += 1
+            done += len(items)
+    finally:
+        src.close()
+    timed = max(n - 2, 1)
+    return {k: 1000 * v / timed for k, v in parts.items()} | {"batches": timed}
 
 
 def freshness(pipe: Pipeline, sim: Any, work: Path, *, rate: float, seconds: float, preset: str,
@@ -221,7 +302,7 @@ def throughput(pipe: Pipeline, sim: Any, work: Path, tcfg: Any, args: Any, n_eve
     from opengem.model.distributed import init_distributed
     from opengem.model.trainer import model_config
 
-    n_batches = 8 if args.quick else 24
+    n_batches = 16 if args.quick else 24
     t0 = time.monotonic()
     produce(pipe.bootstrap, sim, n_events)
     records = pipe.wait_settled()
@@ -234,14 +315,23 @@ def throughput(pipe: Pipeline, sim: Any, work: Path, tcfg: Any, args: Any, n_eve
     reader = ShardedReader(pipe.data_dir, pipe.partitions, secondary_root=work / "bench-reader")
     reader.catch_up()
 
-    best = {"offline": 0.0, "daemon": 0.0}
+    best = {"offline": 0.0, "daemon": 0.0, "serial": 0.0, "whole": 0.0, "serial_whole": 0.0,
+            "offline_cpu": 0.0, "daemon_cpu": 0.0, "serial_cpu": 0.0}
     mcfg = model_config(tcfg, surfaces)
     for r in range(args.repeats):
         off = offline(examples[:m], reader, "gem", mcfg, tcfg, info, n_batches)
         best["offline"] = max(best["offline"], off["offline_examples_per_s"])
+        best["offline_cpu"] = max(best["offline_cpu"], off["offline_examples_per_cpu_s"])
         d = daemon(pipe.cfg, tcfg, info, work, m, f"{r}")
-        best["daemon"] = max(best["daemon"], d)
-        print(f"repeat {r}: offline {off['offline_examples_per_s']:,.0f} ex/s, daemon {d:,.0f} ex/s", flush=True)
+        d0 = daemon(pipe.cfg, tcfg, info, work, m, f"{r}-serial", prefetch=False)
+        for k, v in (("daemon", d["steady"]), ("whole", d["whole"]), ("serial", d0["steady"]),
+                     ("serial_whole", d0["whole"]), ("daemon_cpu", d["cpu"]), ("serial_cpu", d0["cpu"])):
+            best[k] = max(best[k], v)
+        print(f"repeat {r}: offline {off['offline_examples_per_s']:,.0f} ex/s; daemon {d['steady']:,.0f} ex/s "
+              f"(reads on a thread; {d['whole']:,.0f} over the whole run), {d0['steady']:,.0f} ex/s (reads inline; "
+              f"{d0['whole']:,.0f})", flush=True)
+    parts = per_batch_ms(pipe.cfg, tcfg, info, reader, m)
+    print("per batch (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "batches"), flush=True)
 
     per_preset: dict[str, dict] = {}
     for name in ("tiny", "base", "large"):
@@ -259,6 +349,14 @@ def throughput(pipe: Pipeline, sim: Any, work: Path, tcfg: Any, args: Any, n_eve
         "examples_per_s": best["daemon"],
         "offline_examples_per_s": best["offline"],
         "ratio_to_offline": best["daemon"] / best["offline"],
+        "examples_per_s_serial": best["serial"],
+        "ratio_to_offline_serial": best["serial"] / best["offline"],
+        "examples_per_s_whole_run": best["whole"],
+        "ratio_to_offline_whole_run": best["whole"] / best["offline"],
+        "ratio_to_offline_whole_run_serial": best["serial_whole"] / best["offline"],
+        "cpu_ratio_to_offline": best["daemon_cpu"] / best["offline_cpu"],
+        "cpu_ratio_to_offline_serial": best["serial_cpu"] / best["offline_cpu"],
+        "per_batch_ms": parts,
         "dlrm_examples_per_s": dlrm_plain,
         "flops_per_example": per_preset[args.preset]["flops_per_example"],
         "per_preset": per_preset,
@@ -309,6 +407,17 @@ def main() -> None:
             ["daemon (Kafka → store reads → batches → steps)", results["examples_per_s"], ""],
             ["offline, batches in memory (ceiling)", results["offline_examples_per_s"], ""],
             ["ratio daemon / offline", results["ratio_to_offline"], "goal >= 0.80"],
+            ["daemon, reads inline (no read thread)", results["examples_per_s_serial"], ""],
+            ["ratio inline daemon / offline", results["ratio_to_offline_serial"], "before the read thread"],
+            ["ratio over the whole run (thread | inline)",
+             f"{results['ratio_to_offline_whole_run']:.3f} | {results['ratio_to_offline_whole_run_serial']:.3f}",
+             "+ warm-up, final ckpt + publish"],
+            ["examples per CPU-second, daemon / offline (thread | inline)",
+             f"{results['cpu_ratio_to_offline']:.3f} | {results['cpu_ratio_to_offline_serial']:.3f}",
+             "the work, whatever the load"],
+            ["per batch ms: kafka | catch-up | store read | make_batch | step",
+             " | ".join(f"{results['per_batch_ms'][k]:.1f}" for k in
+                        ("kafka_take", "catch_up", "store_read", "make_batch", "step")), "each timed alone"],
             ["plain TorchRec DLRM loop", results["dlrm_examples_per_s"], "context"],
         ]
         for name, p in results["per_preset"].items():
