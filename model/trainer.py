@@ -19,7 +19,10 @@ each rank reads its users' histories from the feature store *as of each
 impression* (:func:`opengem.model.data.examples_batch`: nothing at or after
 the impression time can reach a batch), runs one forward -- whose outputs are
 the progressive-validation predictions, made before the model has seen these
-labels -- and trains on the same forward.
+labels -- and trains on the same forward. While a batch trains, a thread
+takes and reads the next one (``prefetch``); an iteration that checkpoints,
+publishes, reports or stops reads nothing ahead, so whatever the source has
+handed out is trained when its cursors are saved.
 
 Durability. A checkpoint holds each rank's model shards, optimizer state, the
 cursors of its partitions and the window of recent example ids
