@@ -6,10 +6,51 @@
     batch.dense ─────────► DenseArch ───► dense tokens (B, n_dt, d) ┴► X (B, n0, d)
     batch.seq (jagged) ──► SparseArch ──► events (B, L, d) + mask ──► PyramidArch
     for layer i (InterFormer):
-        ctx_i = [target ad token ‖ gate ⊙ compress_i(X)]      non-seq -> sequence
+        ctx_i = ...                                            non-seq -> sequence
         state, S_i = pyramid.layer(i, state, ctx_i)           S_i: (B, n_s, d)
-        X = wukong.layers[i](X ‖ gate ⊙ S_i)                  sequence -> non-seq
+        X = wukong.layers[i](X ‖ gate ⊙ S_i ‖ ...)             sequence -> non-seq
     flatten(X) ──► MultiDomainHeads (surface tower) ──► stage logits ──► funnel (ESMM)
+
+Two sequence encoders (``GemConfig.seq_conditioning``):
+
+* ``"target"`` (InterFormer as published; the ablation): every pyramid branch
+  sees, prepended, the target ad token and ``compress_i(X)``, a summary of the
+  candidate's interaction state, so from layer 1 on every history token is
+  candidate-specific. A server ranking B ads must run the whole pyramid B
+  times: at 500 candidates x 1k events that was ~200 ms of model time on 2
+  CPU cores, ~10x the serving goal.
+* ``"user"`` (the presets): the age branches' prefix is ``ctx_i = gate ⊙
+  LN(W_i · U)``, U = the user / request tokens (user, age, country, device,
+  hour, surface: the same for every candidate of a ranking call). The
+  pyramid, its summaries and its tokens then depend on the user alone:
+  :meth:`GemModel.encode_user` computes them once per request. The candidate
+  meets the history afterwards, per candidate but cheaply, at every exchange i:
+
+  - target attention (DIN): the ad token queries the age branches' CLS +
+    tokens after layer i -> one token (O(B T d) instead of a transformer
+    per candidate; the user's keys are projected once);
+  - the SIM-style search branch: the ad's most recent matching events
+    (same item / advertiser / category, tagged by match level), read by a
+    target attention whose query is ``target + gate ⊙ LN(w_i · X_i)`` -- the
+    candidate's interaction state at layer i, so here the
+    interaction -> sequence direction carries full candidate information.
+    This is SIM's second stage as published (multi-head target attention
+    over the retrieved behaviours); there is no self-attention among them;
+  - the Wukong layers, which take ``S_i ‖ TA_i ‖ SA_i`` (gated) into X.
+
+  What InterFormer's interleaving keeps in this mode: sequence ->
+  interaction stays per layer (S_i and the two attentions of layer i enter
+  Wukong layer i); interaction -> sequence can only carry user / request
+  summaries into the age branches (X_i after Wukong layer 0 mixes in the ad,
+  so feeding it back would make the pyramid candidate-specific again), and
+  it carries the full interaction state into the search attention's query.
+  ``bench/encoder_ab.py`` compares the two encoders' progressive NE on one
+  stream (docs/serving.md has the figures).
+
+:meth:`GemModel.represent` is ``_score(_encode(batch), batch)`` with one
+embedding lookup for both halves, the server calls
+:meth:`encode_user` (1 row) and :meth:`candidate_logits` (B rows) -- the same
+two functions, so the served and trained models cannot drift apart.
 
 Embeddings (TorchRec, so ``DistributedModelParallel`` can shard them): an
 ``EmbeddingBagCollection`` for ids only the request has (user, ad format,

@@ -34,9 +34,15 @@ class ServeConfig:
     timeout_s: float = 2.0
     # gRPC handler threads: featurization of one request overlaps the model run of another.
     workers: int = 8
-    # Model forward passes at once. Each uses every core through torch's intra-op
-    # threads, so on a small machine one at a time gives the best tail latency.
+    # Model forward passes at once. Each uses torch's intra-op threads (below), so on a
+    # small machine one at a time gives the best tail latency.
     inference_slots: int = 1
+    # Torch intra-op threads of the server process (0: torch's default, one per core).
+    # 1 by default: the other core featurizes the next request, and on a machine shared with
+    # the broker / worker / trainer, OpenMP threads that wait on a preempted peer made a
+    # 500-candidate GEM request ~15x slower (in-process, load average ~18 on 2 cores:
+    # p50 130 ms with 1 thread, 1980 ms with 2; issue 6).
+    threads: int = 1
     # The task whose probability a candidate's bid multiplies: value = bid x P(value_task).
     value_task: str = "conversion"
 
@@ -50,6 +56,8 @@ class ServeConfig:
             problems.append(f"max_request_bytes={self.max_request_bytes} (< 1024)")
         if self.workers < 1 or self.inference_slots < 1:
             problems.append("workers and inference_slots must be >= 1")
+        if self.threads < 0:
+            problems.append(f"threads={self.threads} (< 0)")
         if self.poll_s <= 0 or self.catch_up_s <= 0 or self.timeout_s <= 0:
             problems.append("poll_s, catch_up_s and timeout_s must be > 0")
         if problems:

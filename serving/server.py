@@ -297,6 +297,10 @@ class Service:
 
     def start(self, metrics_port: int | None = None) -> Endpoints:
         """Load the latest version (if any), start watching, bind; ``metrics_port``: None = off."""
+        if self.server.cfg.threads:
+            import torch
+
+            torch.set_num_threads(self.server.cfg.threads)  # process-wide: the model's intra-op threads
         self.models.start()
         if metrics_port is not None:
             self.metrics_port = metrics.serve(metrics_port, host=self.server.cfg.host)
