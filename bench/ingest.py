@@ -575,6 +575,7 @@ def main() -> None:
     from opengem.stream.broker import EmbeddedBroker, ensure_topics, high_watermarks
     from opengem.stream.producer import partition_of
     from opengem.stream.simulator import SimConfig, Simulator
+    from opengem.stream.worker import WorkerConfig
 
     ap = parser("ingest", __doc__)
     ap.add_argument("--json-events", type=int, default=0, help="per-event path (default 200k, quick 30k)")
@@ -842,8 +843,10 @@ def main() -> None:
               "sim_users": sim_cfg.n_users, "sim_span_s": span_s,
               "sim_events_per_second": {"json": sim_json.events_per_second, "arrow": sim_cfg.events_per_second},
               "read_pause_s": 0.005, "quick": q,
-              "worker": "stream.worker.build_app, WorkerConfig defaults (take_max 2000, within 0.2 s), "
-                        "StoreConfig defaults (sync=True)",
+              "worker": "stream.worker.build_app, WorkerConfig defaults (take_max {0.take_max}, within "
+                        "{0.take_within_s} s, chunk_events {0.chunk_events}, examples_in_flight "
+                        "{0.examples_in_flight}), IngestConfig defaults (store and joiner sync=False, "
+                        "WAL fsync every {0.wal_sync_interval_s} s)".format(WorkerConfig()),
               "memory_scenarios": {n: {"users": u, "events_per_user": e, "store": s, "issue_events_per_user": f}
                                    for n, u, e, s, f in scenarios},
               "memory_bounded_take_max": bounded_take}

@@ -104,10 +104,9 @@ import operator
 import os
 import struct
 from dataclasses import dataclass, fields
+from json.encoder import encode_basestring_ascii as _esc
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-
-from json.encoder import encode_basestring_ascii as _esc
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
