@@ -28,6 +28,8 @@ impressions, ``base``). ``--quick``: tiny preset, 150k events.
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -65,11 +67,20 @@ def main() -> None:
     ap.add_argument("--render", default=None, help="only write this Markdown report from --out (and --kuairand)")
     ap.add_argument("--kuairand", default="", help="comma-separated `opengem evaluate` JSONs of replayed logs "
                     "for --render")
+    ap.add_argument("--note", default="", help="--render: one more caveat, verbatim")
     ap.add_argument("--scaling-json", default=None, help="--render: take the scaling section from this run's JSON")
     ap.add_argument("--_one", default=None, help=argparse_hidden())
     args = ap.parse_args()
     if args.render:
-        Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k], args.scaling_json))
+        doc_dir = Path(args.render).parent
+        for j in [args.out, args.scaling_json, *[k for k in args.kuairand.split(",") if k]]:
+            if j:  # the PNGs (bench/results/*.png are not committed) go next to the report
+                plot = json.loads(Path(j).read_text()).get("config", {}).get("plot") or str(Path(j).with_suffix(".png"))
+                if Path(plot).exists():
+                    (doc_dir / "model-results").mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(plot, doc_dir / "model-results" / Path(plot).name)
+        Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k], args.scaling_json,
+                                             args.note))
         print(f"wrote {args.render}")
         return
     preset = args.preset or ("tiny" if args.quick else "base")
@@ -172,7 +183,7 @@ def main() -> None:
                                                    "events_ingested", "build_s")}
     figures["missing_models"] = [n for n in order if n not in results]
     png = Path(args.plot or Path(args.out).with_suffix(".png"))
-    ev.plot(main_res, png, tasks, title=f"model_quality: {preset}, {events:,} events (test {test_events:,}), "
+    ev.plot(main_res or results, png, tasks, title=f"model_quality: {preset}, {events:,} events (test {test_events:,}), "
             f"r={args.negative_rate:g} {args.label}")
     print(f"learning curves: {png}")
     _common.write(args.out, "model_quality", {
@@ -180,7 +191,7 @@ def main() -> None:
         "test_negative_rate": args.test_negative_rate, "max_len": max_len, "seed": args.seed,
         "sim_seed": args.sim_seed, "quick": args.quick, "jobs": args.jobs, "label": args.label,
         "dataset": ds.meta["dataset"], "models": order, "wall_s": round(wall, 1), "plot": str(png),
-        "command": " ".join(sys.argv)}, figures)
+        "command": shlex.join(sys.argv)}, figures)
 
 
 # ------------------------------------------------------------------------------------ Markdown report
@@ -198,7 +209,7 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.2f} %"
 
 
-def render(out_json: str, kuairand: list[str], scaling_json: str | None = None) -> str:
+def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, note: str = "") -> str:
     doc = json.loads(Path(out_json).read_text())
     sdoc = json.loads(Path(scaling_json).read_text()) if scaling_json else doc
     c, models = doc["config"], doc["models"]
@@ -260,11 +271,16 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None) 
     dl = doc.get("ne_delta_vs_gem") or {}
     w("## Rerun\n")
     w("```bash")
-    w(f".venv/bin/python {c['command']}")
-    w("# the acceptance size (resumable: per-model JSON under data/model_quality-base/models):")
-    w(".venv/bin/python bench/model_quality.py --events 13000000 --test-events 1000000 --jobs 2 --out bench/results/model_quality.json")
-    w(".venv/bin/python bench/model_quality.py --render docs/model-results.md --kuairand "
-      + ",".join(kuairand) if kuairand else "")
+    w(f".venv/bin/python {c['command'].replace(' --reuse', '')}")
+    w("# the acceptance size (resumable across sessions: per-model JSON under <work>/models):")
+    w(".venv/bin/python bench/model_quality.py --events 13000000 --test-events 1000000 --jobs 2 --work data/model_quality-base-full --out bench/results/model_quality.json")
+    if sdoc is not doc:
+        w("# the scaling run (its own dataset):")
+        w(f".venv/bin/python {sdoc['config']['command'].replace(' --reuse', '')}")
+    w("# this report:")
+    w(".venv/bin/python bench/model_quality.py --out " + out_json + " --render docs/model-results.md"
+      + (" --kuairand " + ",".join(kuairand) if kuairand else "")
+      + (f" --scaling-json {scaling_json}" if scaling_json else ""))
     w("```\n")
     w("## Protocol\n")
     d = c["dataset"]
@@ -361,17 +377,26 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None) 
               f"simulator events (test window {scc['test_events']:,}), {sst['train']['kept']:,} train examples "
               f"(r = {scc['negative_rate']:g}), {sst['test']['examples']:,} test examples, histories read up to "
               f"{scc['max_len']:,} events; same protocol, seeds and simulator. Command: "
-              f"`.venv/bin/python {scc['command']}`.\n")
-        w("| model | parameters (dense) | history window | NE click | NE conversion |")
-        w("| --- | --- | --- | --- | --- |")
+              f"`.venv/bin/python {scc['command'].replace(' --reuse', '')}`.\n")
+        sci = sdoc.get("ne_delta_vs_gem_ci") or {}
+        w("| model | parameters (dense) | history window | NE click | NE conversion | click NE - gem [95 %] | "
+          "conversion NE - gem [95 %] |")
+        w("| --- | --- | --- | --- | --- | --- | --- |")
         for m, v in sdoc["scaling"].items():
+            d = []
+            for t in tasks:
+                x = ((sci.get(m) or {}).get(t) or {}).get("all")
+                d.append("(reference)" if m == "gem" else "n/a" if not x else
+                         f"{x['delta']:+.4f} [{_f(x.get('lo'))}, {_f(x.get('hi'))}]")
             w(f"| {m} | {v['params']:,} ({v['dense_params']:,}) | {v['history_len']} | {_f(v['ne'].get('click'))} | "
-              f"{_f(v['ne'].get('conversion'))} |")
+              f"{_f(v['ne'].get('conversion'))} | {d[0]} | {d[1]} |")
+        if sdoc is not doc and sdoc["config"].get("plot"):
+            w(f"\n![scaling run: learning curves](model-results/{Path(sdoc['config']['plot']).name})")
         missing = [m for m in sdoc.get("missing_models", [])]
         if missing:
             w(f"\nNot run in this session: {', '.join(missing)}.")
         w("")
-    w(f"![learning curves](../bench/results/{Path(c.get('plot') or 'model_quality.png').name})\n")
+    w(f"![learning curves](model-results/{Path(c.get('plot') or 'model_quality.png').name})\n")
     if kuairand:
         w("## Real logs: the KuaiRand extract\n")
         w("KuaiRand (Gao et al., CIKM 2022, CC BY-SA 4.0), the 41,828-row development extract "
@@ -391,6 +416,9 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None) 
                 w(f"| click, {second} | {m} | {k['per_model'][m]['train_examples']:,} | {a['click']['n']:,} | "
                   f"{_f(a['click']['ne'])} | {_f(a['click']['auc'])} | {_f(a['click']['calibration'], 3)} | "
                   f"{_f(a['conversion']['ne'])} | {_f(a['conversion']['auc'])} | {_f(a['conversion']['calibration'], 3)} |")
+        w("")
+        for f in kuairand:
+            w(f"![{Path(f).stem}](model-results/{Path(f).with_suffix('.png').name})")
         w("")
         w("Commands (the data path is an argument; nothing reads it at test time -- the test uses "
           "`tests/fixtures/kuairand_sample.tsv`):\n")
@@ -425,13 +453,16 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None) 
       "same read window; an ablation that shortens the sequence only shortens what the sequence arch attends to. "
       "DLRM / DCNv2 read neither the sequence nor the surface (their papers' form), so 'GEM vs DLRM' measures the "
       "sequence arch, the per-surface heads and Wukong together.")
+    if note:
+        w(f"* {note}")
     w("* 'No pyramid' is one full-resolution branch over the last 256 events (config.with_pyramid(pyramid=False, "
       "max_len=256), as the config documents): full-resolution attention over 1024 events costs 16x the 256 one.")
     w("")
     w("## Machine\n")
     mc = doc["machine"]
     w(f"{mc.get('cpu')} ({mc.get('cpu_count')} cores, shared with other jobs during the run), torch {mc.get('torch')}; "
-      f"wall time of the model runs {doc['config'].get('wall_s', 0):,.0f} s. Per model: "
+      f"models trained {sum(v['train_s'] + v['test_s'] for v in doc.get('per_model', {}).values()):,.0f} s in all "
+      "(several at a time). Per model, train + test seconds: "
       + ", ".join(f"{m} {v['train_s']:.0f}+{v['test_s']:.0f} s" for m, v in doc.get("per_model", {}).items()) + ".\n")
     return "\n".join(L) + "\n"
 

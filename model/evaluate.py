@@ -761,11 +761,15 @@ def plot(results: dict[str, dict], path: str | Path, tasks: Sequence[str], title
             test_ne = r["test"]["all"][t].get("ne")
             if test_ne is not None:
                 ax.plot([xs[-1]], [test_ne], "o", color=line.get_color(), ms=5)
+        vals = [c[f"ne_{t}"] for r in results.values() for c in r.get("curve", []) if c.get(f"ne_{t}") is not None]
+        vals += [r["test"]["all"][t]["ne"] for r in results.values() if r["test"]["all"][t].get("ne") is not None]
+        if vals:  # early baseline NE (an untrained bias) can be several times the rest: clip the view
+            ax.set_ylim(max(0.0, min(vals) - 0.02), min(max(vals), min(vals) + 0.15) + 0.005)
         ax.set_title(f"{t}: progressive NE (train window); dot = test NE")
         ax.set_xlabel("stream examples (kept examples x weight)")
         ax.set_ylabel("NE")
         ax.grid(alpha=0.3)
-        if ti == 0:
+        if ti == 0 and ax.get_lines():
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
