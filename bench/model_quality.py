@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--render", default=None, help="only write this Markdown report from --out (and --kuairand)")
     ap.add_argument("--kuairand", default="", help="comma-separated `opengem evaluate` JSONs of replayed logs "
                     "for --render")
+    ap.add_argument("--seed-jsons", default="", help="--render: comma-separated results of other model seeds")
     ap.add_argument("--note", default="", help="--render: one more caveat, verbatim")
     ap.add_argument("--scaling-json", default=None, help="--render: take the scaling section from this run's JSON")
     ap.add_argument("--_one", default=None, help=argparse_hidden())
@@ -81,7 +82,7 @@ def main() -> None:
                     (doc_dir / "model-results").mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(plot, doc_dir / "model-results" / Path(plot).name)
         Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k], args.scaling_json,
-                                             args.note))
+                                             args.note, [k for k in args.seed_jsons.split(",") if k]))
         print(f"wrote {args.render}")
         return
     preset = args.preset or ("tiny" if args.quick else "base")
@@ -210,7 +211,8 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.2f} %"
 
 
-def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, note: str = "") -> str:
+def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, note: str = "",
+           seed_jsons: list[str] = ()) -> str:
     doc = json.loads(Path(out_json).read_text())
     sdoc = json.loads(Path(scaling_json).read_text()) if scaling_json else doc
     c, models = doc["config"], doc["models"]
@@ -278,10 +280,14 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
     if sdoc is not doc:
         w("# the scaling run (its own dataset):")
         w(f".venv/bin/python {sdoc['config']['command'].replace(' --reuse', '')}")
+    for f in seed_jsons:
+        w("# another model seed (same data; builds its own copy of the dataset under its --work):")
+        w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
     w("# this report:")
     w(".venv/bin/python bench/model_quality.py --out " + out_json + " --render docs/model-results.md"
       + (" --kuairand " + ",".join(kuairand) if kuairand else "")
-      + (f" --scaling-json {scaling_json}" if scaling_json else ""))
+      + (f" --scaling-json {scaling_json}" if scaling_json else "")
+      + (f" --seed-jsons {','.join(seed_jsons)}" if seed_jsons else ""))
     w("```\n")
     w("## Protocol\n")
     d = c["dataset"]
@@ -369,6 +375,25 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
                              f"{len(worse_surf)}/{len(surfaces)} surfaces")
         w(f"* **{m}** ({ABLATIONS.get(m, 'baseline')}): " + "; ".join(lines) + ".")
     w("")
+    if seed_jsons:
+        w("## Seed-to-seed variation\n")
+        w("The same dataset, other model seeds (initial weights; the data, its order and the sampling are fixed). "
+          "The spread between seeds is the yardstick for the ablation deltas above.\n")
+        w("| model | seed | NE click | NE conversion | AUC click | AUC conversion |")
+        w("| --- | --- | --- | --- | --- | --- |")
+        others = [json.loads(Path(f).read_text()) for f in seed_jsons]
+        for m in models:
+            runs = [(c["seed"], models[m])] + [(o["config"]["seed"], o["models"][m]) for o in others if m in o["models"]]
+            if len(runs) < 2:
+                continue
+            for sd, per in runs:
+                a = per["all"]
+                w(f"| {m} | {sd} | {_f(a['click']['ne'])} | {_f(a['conversion']['ne'])} | {_f(a['click']['auc'])} | "
+                  f"{_f(a['conversion']['auc'])} |")
+            for t in tasks:
+                v = [per["all"][t]["ne"] for _, per in runs if per["all"][t]["ne"] is not None]
+                w(f"| {m} | spread ({t}) | max - min = {max(v) - min(v):.4f} | | | |")
+        w("")
     if sdoc.get("scaling"):
         scc = sdoc["config"]
         sst = sdoc["dataset"]["stats"]
