@@ -77,6 +77,9 @@ def main() -> None:
         examples += _ingest(ing, chunk_ev, offsets, Record, encode_json, partition_of)
         ing.close()
         examples.sort(key=lambda e: e.ts)
+        # The stream's last conversion window holds only the impressions that closed without a
+        # click (clicked ones still wait): drop it, or the last examples have almost no positives.
+        examples = [e for e in examples if e.ts <= examples[-1].ts - joiner.conversion_window_ms]
         print(f"{n_events:,} events -> {len(examples):,} examples ({time.monotonic() - t0:.0f}s)", flush=True)
 
         info = init_distributed("cpu")

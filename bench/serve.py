@@ -14,6 +14,11 @@ and the cost of metrics on the hot path (``metrics_cost``: the same version
 served by two servers at once, one with ``OPENGEM_METRICS=off``, load rounds
 alternating between them; ``ratio`` = p99 on / p99 off).
 
+On a machine shared with other jobs, wall-clock latency mostly measures their
+load; ``cpu_per_request_500c_1k`` is the server's lifecycle in-process on one
+thread, in CPU milliseconds per request (``time.process_time``), per model, and
+``load_average_1m_at_end`` says how busy the machine was.
+
 Then sustained load with a new model version published every ``--swap-every``
 seconds: failed requests (must be 0), swaps seen in responses, and the latency
 of requests that overlapped a swap against the rest. Last, an in-process
@@ -199,6 +204,9 @@ def profile_one(data: Path, models: Path, users: list[int], n_cands: int) -> dic
     from opengem.model.registry import load as load_model
     from opengem.serving.scoring import AdCandidate, RankQuery, Scorer, featurize
 
+    from opengem.serving.config import ServeConfig
+
+    torch.set_num_threads(ServeConfig().threads or torch.get_num_threads())  # as the server runs it
     scorer = Scorer(load_model(models))
     m = scorer.loaded.model
     reader = ShardedReader(data, P, secondary_root=data / "readers" / "profile")
@@ -231,6 +239,50 @@ def profile_one(data: Path, models: Path, users: list[int], n_cands: int) -> dic
             "candidates_ms": best(cand), "history_events": rb.history_events,
             "shared_history_path": scorer.shared, "seq_conditioning": getattr(scorer.cfg, "seq_conditioning", None),
             "top_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3)} for e in ops]}
+
+
+def cpu_per_request(data: Path, dirs: dict[str, Path], reqs: list[bytes], n: int = 10) -> dict[str, Any]:
+    """In-process, the server's lifecycle on one thread (``rank_proto``: parse, validate, featurize,
+    score, serialize) per model: CPU seconds per request (``time.process_time``), which, unlike
+    wall time, does not grow with other jobs on a shared machine. With the server's one intra-op
+    thread and nothing else running, a request at concurrency 1 takes about this long."""
+    import torch
+
+    from opengem.features.sharded import ShardedReader
+    from opengem.model.registry import load as load_model
+    from opengem.serving import ranking_pb2 as pb
+    from opengem.serving.config import ServeConfig
+    from opengem.serving.ranker import Ranker
+    from opengem.serving.scoring import Scorer
+    from opengem.serving.server import rank_proto
+
+    torch.set_num_threads(1)
+    reader = ShardedReader(data, P, secondary_root=data / "readers" / "cpu")
+    msgs = [pb.RankRequest.FromString(r) for r in reqs]
+    out = {}
+    for name, mdir in dirs.items():
+        scorer = Scorer(load_model(mdir))
+
+        class Models:  # what Ranker reads of a ModelManager
+            current, models_dir = scorer, mdir
+
+        ranker = Ranker(reader, Models(), ServeConfig(max_candidates=1000, timeout_s=60.0))
+        reps = n if scorer.shared or not scorer.uses_history else max(n // 3, 2)
+        cpu, wall = [], []
+        for i in range(reps + 1):
+            c0, w0 = time.process_time(), time.perf_counter()
+            code = rank_proto(ranker, msgs[i % len(msgs)], None)[0]
+            if i:  # the first: warm-up
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - w0)
+            assert code.name == "OK", code
+        out[name] = {"cpu_ms_median": 1e3 * float(np.median(cpu)), "cpu_ms_min": 1e3 * min(cpu),
+                     "wall_ms_median": 1e3 * float(np.median(wall)), "n": len(cpu)}
+    reader.close()
+    out["cpu_ratio_gem_to_dlrm"] = out["gem"]["cpu_ms_median"] / out["dlrm"]["cpu_ms_median"]
+    if "gem_target" in out:
+        out["cpu_ratio_user_to_target"] = out["gem"]["cpu_ms_median"] / out["gem_target"]["cpu_ms_median"]
+    return out
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,6 +435,11 @@ def main() -> None:
           f"model {prof['score_ms']:.1f} ms (user encoding {prof['encode_user_ms']:.1f} ms, candidates "
           f"{prof['candidates_ms']:.1f} ms); top ops {prof['top_ops']}")
 
+    cpu = cpu_per_request(data, {**model_dirs, "gem_target": abl_dir}, reqs[(500, 1024)])
+    print(f"CPU per request, in-process, 1 thread, 500 candidates x 1k: GEM {cpu['gem']['cpu_ms_median']:.1f} ms, "
+          f"DLRM {cpu['dlrm']['cpu_ms_median']:.1f} ms, GEM target-conditioned "
+          f"{cpu['gem_target']['cpu_ms_median']:.1f} ms", flush=True)
+
     figures: dict[str, Any] = {}
     for key, by in results.items():
         g, d = by["gem"], by["dlrm"]
@@ -399,6 +456,8 @@ def main() -> None:
         **ablation, "p99_ratio_user_to_target": figures["p99_ms_500c_1k"] / ablation["p99_ms"],
         "p50_ratio_user_to_target": figures["500c_1k"]["p50_ms"] / ablation["p50_ms"]}
     figures["metrics_cost"] = mc
+    figures["cpu_per_request_500c_1k"] = cpu
+    figures["load_average_1m_at_end"] = os.getloadavg()[0]
     figures["failed_requests"] = swap_fig["failed_requests"] + sum(
         r["failed"] for by in results.values() for k in by.values() for r in k.values()) + ablation["failed"] + mc["failed"]
     figures["swaps"] = swap_fig

@@ -185,3 +185,12 @@ def test_canary_falls_back_to_predict_when_shared_path_disagrees(monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(scorer.probs(rb), model.predict(rb.replicated()))
     assert np.isfinite(scorer.probs(rb).numpy()).all()
+
+
+def test_serve_threads_setting():
+    """[serve] threads (torch intra-op threads of the daemon): one by default, negative refused."""
+    from opengem.serving.config import ServeConfig
+
+    assert ServeConfig().threads == 1
+    with pytest.raises(ValueError, match="threads"):
+        ServeConfig(threads=-1)
