@@ -23,7 +23,7 @@ else
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-integration test-slow test-all bench lock proto clean help
+.PHONY: install demo test test-integration test-slow test-all bench bench-full lock proto clean help
 
 help:
 	@echo "make demo | test | test-all | bench | install | lock | clean"
@@ -53,8 +53,15 @@ test-slow: install
 test-all: install
 	$(VPY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# `make bench`: every benchmark in its --quick form (about a minute each; the same ratios on
+# less data; JSON in bench/results/quick/, so the full runs' results stay). `make bench-full`:
+# the full runs into bench/results/ (bench/model_quality.py alone takes hours on 2 cores).
 bench: install
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(VPY) $$b; done
+	@set -e; mkdir -p bench/results/quick; for b in bench/[!_]*.py; do n=$$(basename $$b .py); \
+	  echo "== $$b --quick"; $(VPY) $$b --quick --out bench/results/quick/$$n.json; done
+
+bench-full: install
+	@set -e; for b in bench/[!_]*.py; do echo "== $$b"; $(VPY) $$b; done
 
 # Re-resolve the locks after changing pyproject.toml.
 lock: install
