@@ -172,10 +172,13 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
         async for batch in stream.take_events(wcfg.take_max, within=wcfg.take_within_s):
             t_batch = time.monotonic()
             records = []
+            in_batch: set[int] = set()  # partitions with records already taken from this batch
             for ev in batch:
                 m = ev.message
                 p = m.partition
-                if p not in checked:
+                if p not in checked and p not in in_batch:
+                    # (Once this batch holds records of p, a rebalance clearing `checked` at one
+                    # of the awaits below must not make the next one look like a gap.)
                     checked.add(p)
                     # Examples a previous run closed but never saw acknowledged: send them first.
                     # (pending_examples(p) opens the shard: the outbox is on disk after a restart.)
@@ -192,6 +195,7 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
                     if m.offset > fences[p]:
                         continue
                     del fences[p]
+                in_batch.add(p)
                 # A null value (a tombstone) is bad input like any other: it goes to the DLQ.
                 records.append(Record(p, m.offset, m.value if m.value is not None else b"", m.key))
             # take_events counts records, and an Arrow record holds thousands of events:
