@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 import sys
 import tempfile
 import time
@@ -85,7 +84,6 @@ def main() -> None:
     ap.add_argument("--work", default="", help="where the dataset goes (default: a temp dir, removed)")
     args = ap.parse_args()
     quiet_torchrec()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     q = args.quick
     preset_name = args.preset or ("tiny" if q else "base")
     n_events = args.events or (150_000 if q else 1_500_000)
@@ -129,6 +127,11 @@ def main() -> None:
         i = bisect.bisect_right([t for t, _ in snaps], ts) - 1
         return snaps[i][1] if i >= 0 else None
 
+    def snapshot_index(ts: torch.Tensor, d: float) -> list[int]:
+        """Per row, the index of the newest snapshot taken at or before ts - d (-1: none)."""
+        times = [t for t, _ in snaps]
+        return [bisect.bisect_right(times, int(t) - int(d * 1000)) - 1 for t in ts.tolist()]
+
     def teacher_outputs(model: torch.nn.Module, b) -> tuple[np.ndarray, np.ndarray]:
         if not len(b):
             return np.zeros((0, len(tasks)), np.float32), np.zeros((0, R), np.float16)
@@ -137,12 +140,12 @@ def main() -> None:
 
     def stale_outputs(b, ts: torch.Tensor, d: float) -> tuple[np.ndarray, np.ndarray]:
         """Each row from the snapshot at ts - d (rows grouped by snapshot)."""
-        keys = [bisect.bisect_right([t for t, _ in snaps], int(t) - int(d * 1000)) - 1 for t in ts.tolist()]
+        keys = snapshot_index(ts, d)
         P = np.zeros((len(b), len(tasks)), np.float32)
         Rp = np.zeros((len(b), R), np.float16)
         fallback = snaps[0][1]  # ts - d before every snapshot: the oldest (at the start: untrained)
         for k in sorted(set(keys)):
-            rows = torch.tensor([i for i, kk in enumerate(keys) if kk == k])
+            rows = torch.tensor([i for i, kk in enumerate(keys) if kk == k], dtype=torch.int64)
             m = snaps[k][1] if k >= 0 else fallback
             p, r = teacher_outputs(m, select_rows(b, rows))
             P[rows.numpy()], Rp[rows.numpy()] = p, r
@@ -151,7 +154,6 @@ def main() -> None:
     spent = {"snapshots_s": 0.0, "teacher_outputs_s": 0.0, "teacher_steps_s": 0.0}
     t0 = time.monotonic()
     last = t0
-    teacher_p_train: list[np.ndarray] = []
     n_done = 0
     n_train = sum(len(b) for b, _ in train)
     for bi, (b, ex) in enumerate(train):
@@ -181,7 +183,7 @@ def main() -> None:
                 out[0.0]["train"].append((bi, *teacher_outputs(live, sb)))
         spent["teacher_outputs_s"] += time.monotonic() - tt
         tt = time.monotonic()
-        teacher_p_train.append(teacher.step(b, ex["weight"]).numpy())
+        teacher.step(b, ex["weight"])
         spent["teacher_steps_s"] += time.monotonic() - tt
         n_done += len(b)
         if time.monotonic() - last > 15:
@@ -294,7 +296,7 @@ def main() -> None:
         "student_alone_ne": alone,
         "techniques": {k: {kk: vv for kk, vv in v.items()} for k, v in res.items()},
         "combined_over_distill": (res["combined"]["transfer_ratio"] / res["distill"]["transfer_ratio"]
-                                  if res["distill"]["transfer_ratio"] not in (0.0,) else float("nan")),
+                                  if res["distill"]["transfer_ratio"] != 0 else float("nan")),
         "staleness": {f"{d:.0f}": {"distill_ne": v["distill"]["ne"][main_task],
                                    "adapter_ne": v["distill_adapter"]["ne"][main_task],
                                    "adapter_gain": v["distill"]["ne"][main_task] - v["distill_adapter"]["ne"][main_task]}

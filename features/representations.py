@@ -117,7 +117,10 @@ class RepresentationStore:
         """(vectors (B, dim) float32, present (B,) bool): for each user the newest entry
         with ts_ms < before_ts (zeros and False when there is none)."""
         users = np.asarray(user_ids, np.int64)
-        before = np.broadcast_to(np.asarray(before_ts, np.int64), users.shape)
+        b = np.asarray(before_ts, np.int64)
+        if b.ndim and b.shape != users.shape:
+            raise ValueError(f"before_ts: one per user ({users.shape[0]}) or one for all, got {b.shape}")
+        before = np.broadcast_to(b, users.shape)
         out = np.zeros((len(users), self.dim), np.float32)
         present = np.zeros(len(users), bool)
         raws = self._db.get([_key(u) for u in users.tolist()]) if len(users) else []

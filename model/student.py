@@ -150,9 +150,9 @@ class StudentModel(FunnelRanker):
         mode = mode or self.cfg.share_tables
         if mode == "none":
             return self
-        if getattr(teacher, "cfg", None) is None or teacher.cfg.d != self.cfg.d:
-            raise ValueError(f"sharing tables needs the teacher's embedding dim ({getattr(teacher.cfg, 'd', None)}) "
-                             f"= the student's ({self.cfg.d})")
+        t_d = getattr(getattr(teacher, "cfg", None), "d", None)
+        if t_d != self.cfg.d:
+            raise ValueError(f"sharing tables needs the teacher's embedding dim ({t_d}) = the student's ({self.cfg.d})")
         if teacher.cfg.features != self.cfg.features:
             raise ValueError("sharing tables needs the teacher's FeatureConfig (same tables and hashing)")
         src = teacher.sparse.state_dict()

@@ -34,6 +34,8 @@ def test_dim_is_checked_and_bad_vectors_refused(tmp_path):
             st.put([1], np.zeros((1, 3)), 1, 1)
         with pytest.raises(ValueError, match="finite"):
             st.put([1], np.full((1, 4), np.nan), 1, 1)
+        with pytest.raises(ValueError, match="one per user"):
+            st.get([1, 2, 3], [5, 6])
 
 
 def test_a_secondary_reader_catches_up(tmp_path):
