@@ -189,6 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and args.metrics_port < 0:
         changed["metrics_port"] = None
     tcfg = dataclasses.replace(cfg.train, **changed)
+    if args.student:
+        tcfg = dataclasses.replace(tcfg, student=dataclasses.replace(tcfg.student, surface=args.student))
+    if tcfg.student.surface and tcfg.student.surface not in cfg.surfaces:
+        raise ValueError(f"--student {tcfg.student.surface!r}: not a surface of this deployment {list(cfg.surfaces)}")
     bootstrap, _ = resolve_bootstrap(cfg.kafka.bootstrap, cfg.data_dir)
     stop = Stop()
     stats = run_trainer(cfg, tcfg, bootstrap, stop=lambda: bool(stop), fresh=args.fresh,
@@ -214,6 +218,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args, **{"serve.host": args.host, "serve.port": args.port, "serve.http_port": args.http_port,
                          "serve.models_dir": args.models_dir})
+    if args.student:
+        import dataclasses
+
+        models = {**cfg.serve.models, **{s: "student" for s in args.student}}
+        cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, models=models))
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -229,7 +238,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           + (f", JSON on http://{cfg.serve.host}:{ends.http_port}/v1/rank" if ends.http_port else "")
           + (f", metrics on :{svc.metrics_port}" if svc.metrics_port else "")
           + f"; model {cur.loaded.version + ' (' + cur.loaded.kind + ')' if cur else 'none yet'} "
-          f"from {svc.models.models_dir}", flush=True)
+          f"from {svc.models.models_dir}"
+          + "".join(f"; {s}: student {m.current.loaded.version if m.current else 'none yet'} from {m.models_dir}"
+                    for s, m in svc.students.items()), flush=True)
     try:
         while not stop.sleep(0.5):
             pass
@@ -430,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "created again, e.g. a restarted embedded broker)")
     p.add_argument("--max-examples", type=int, help="stop after this many examples (per rank)")
     p.add_argument("--idle-exit", type=float, help="stop once no example came for this many seconds")
+    p.add_argument("--student", metavar="SURFACE",
+                   help="student mode: train the small per-surface model of SURFACE from the published GEM "
+                        "(distillation, adapter, representations, shared tables: [train.student]); versions go "
+                        "to <data-dir>/students/SURFACE")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="run the gRPC ranking server (127.0.0.1 by default)")
@@ -443,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: env OPENGEM_SERVE_TOKEN; none: no token)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--student", action="append", metavar="SURFACE",
+                   help="serve SURFACE with its student (<data-dir>/students/SURFACE) instead of GEM; repeatable "
+                        "(as [serve] models = {SURFACE = \"student\"})")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("rank", help="send one Rank request to a server and print the ranking")

@@ -51,7 +51,7 @@ from torch import nn
 from opengem.model.batch import DENSE_FEATURES, N_DENSE, NONSEQ_KEYS, FeatureConfig, GemBatch, make_kjt
 from opengem.model.heads import STAGE_PRIORS, FunnelRanker, funnel_logits, mlp, prior_logits
 
-SHARE_MODES = ("none", "frozen", "finetune")
+from opengem.model.train_config import SHARE_MODES  # noqa: E402 - one list for the config and the model
 # The target ad's ids, blanked (row 0 = missing) for a user-side representation.
 AD_KEYS = ("item_id", "advertiser_id", "category", "ad_format")
 _AD_DENSE = [i for i, n in enumerate(DENSE_FEATURES) if n.startswith("hist_log_same_")]
@@ -280,7 +280,23 @@ class StudentAdapter:
         self.fits += 1
 
     def state(self) -> dict[str, Any]:
+        """The fit, as plain JSON (bench results, version metadata)."""
         return {"a": self.a.tolist(), "b": self.b.tolist(), "fits": self.fits}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (the fit and its window), as tensors and ints (weights_only)."""
+        return {"a": torch.from_numpy(self.a.copy()), "b": torch.from_numpy(self.b.copy()),
+                "z": torch.from_numpy(self._z.copy()), "y": torch.from_numpy(self._y.copy()),
+                "w": torch.from_numpy(self._w.copy()), "since": self._since, "fits": self.fits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        a, z = state["a"].numpy(), state["z"].numpy()
+        if a.shape != (self.n_tasks,) or z.ndim != 2 or z.shape[1] != self.n_tasks:
+            raise ValueError(f"adapter state for {a.shape[0]} tasks, this adapter has {self.n_tasks}")
+        self.a, self.b = a.astype(np.float64), state["b"].numpy().astype(np.float64)
+        self._z, self._y = z.astype(np.float64), state["y"].numpy().astype(np.float64)
+        self._w = state["w"].numpy().astype(np.float64)
+        self._since, self.fits = int(state["since"]), int(state["fits"])
 
 
 # --------------------------------------------------------------------------- teacher side
@@ -406,6 +422,30 @@ class StudentLearner:
     def predict(self, x: GemBatch | StudentInputs) -> torch.Tensor:
         self.model.eval()
         return self.model.predict(x)
+
+    # -- what the trainer daemon checkpoints and publishes (model/student_daemon.py) --------
+
+    def state(self) -> dict[str, Any]:
+        """Model, both optimizers, the adapter and the step count (tensors and plain data)."""
+        return {"model": self.model.state_dict(), "opt_dense": self.opt_dense.state_dict(),
+                "opt_tables": self.opt_tables.state_dict() if self.opt_tables is not None else None,
+                "adapter": self.adapter.state_dict() if self.adapter is not None else None, "steps": self.steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if (state["opt_tables"] is None) != (self.opt_tables is None) or \
+                (state["adapter"] is None) != (self.adapter is None):
+            raise ValueError("the saved student has another table mode or adapter setting")
+        self.model.load_state_dict(state["model"], strict=True)
+        self.opt_dense.load_state_dict(state["opt_dense"])
+        if self.opt_tables is not None:
+            self.opt_tables.load_state_dict(state["opt_tables"])
+        if self.adapter is not None:
+            self.adapter.load_state_dict(state["adapter"])
+        self.steps = int(state["steps"])
+
+    def unsharded(self) -> StudentModel:
+        """The model as the registry publishes it (kind "student"; the serving head is what is served)."""
+        return self.model
 
 
 def copy_teacher(teacher: nn.Module) -> nn.Module:

@@ -2,7 +2,68 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+SHARE_MODES = ("none", "frozen", "finetune")  # as opengem.model.student (kept here: no torch import)
+# What the server reads for a student (examples_batch's floor): a longer student history would be
+# trained on more events than it is served with.
+MAX_STUDENT_HISTORY = 256
+
+
+@dataclass(frozen=True)
+class StudentTrainConfig:
+    """``[train.student]``: the student mode of the daemon (``opengem train --student SURFACE``)."""
+
+    # The surface the student trains on and serves (``--student``); empty: not in student mode.
+    surface: str = ""
+    # Last events read (mean-pooled + the most recent one); bench/transfer.py's size.
+    history: int = 32
+    hidden: tuple[int, ...] = (128, 64)
+    # Auxiliary distillation head on the teacher's targets (never served), and its loss weight.
+    distill: bool = True
+    distill_weight: float = 1.0
+    # Student Adapter: teacher probabilities recalibrated on the freshest labels before they
+    # become targets (window / refit interval in examples).
+    adapter: bool = True
+    adapter_window: int = 20_000
+    adapter_refit_every: int = 1024
+    # GEM's user representations as inputs: the daemon computes them with the current teacher
+    # every ``refresh_every_s`` of *event time* (deterministic on a replay) for the users of
+    # the examples since the last refresh, into the RepresentationStore that it alone writes
+    # and the server reads (secondary); ``refresh_keep`` entries per user.
+    representations: bool = False
+    refresh_every_s: float = 300.0
+    refresh_keep: int = 4
+    # Start from GEM's tables: "none" | "frozen" | "finetune" (needs the same embedding dim).
+    share_tables: str = "none"
+    # Teacher: the newest GEM version published here (empty: the GEM trainer's models dir),
+    # checked every ``teacher_poll_s``; at start the daemon waits ``teacher_wait_s`` for one.
+    teacher_dir: str = ""
+    teacher_poll_s: float = 5.0
+    teacher_wait_s: float = 300.0
+    # Empty: <data_dir>/students/<surface>, <data_dir>/representations/<surface>,
+    # <data_dir>/train/students/<surface>/checkpoints (what `opengem serve` reads by default).
+    models_dir: str = ""
+    representations_dir: str = ""
+    checkpoint_dir: str = ""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "history": 0 <= self.history <= MAX_STUDENT_HISTORY,
+            "hidden": len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            "distill_weight": self.distill_weight >= 0,
+            "adapter_window": self.adapter_window >= 1,
+            "adapter_refit_every": self.adapter_refit_every >= 1,
+            "refresh_every_s": self.refresh_every_s > 0,
+            "refresh_keep": 1 <= self.refresh_keep <= 255,
+            "share_tables": self.share_tables in SHARE_MODES,
+            "teacher_poll_s": self.teacher_poll_s >= 0,
+            "teacher_wait_s": self.teacher_wait_s >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"[train.student]: invalid value(s) for {bad} (history <= {MAX_STUDENT_HISTORY}, "
+                             f"share_tables one of {SHARE_MODES})")
 
 
 @dataclass(frozen=True)
@@ -64,6 +125,8 @@ class TrainConfig:
     # (its cache under <data_dir>/train/compile-cache survives restarts).
     bf16: bool = True
     compile: bool = False
+    # Student mode (``opengem train --student SURFACE``); ignored by the GEM trainer.
+    student: StudentTrainConfig = field(default_factory=StudentTrainConfig)
 
     def __post_init__(self) -> None:
         checks = {

@@ -230,8 +230,7 @@ class Trainer:
         self.tasks = tuple(self.model_cfg.features.tasks)
         self.sampler = NegativeSampler(tcfg.negative_rate, seed=tcfg.sample_seed, min_rate=tcfg.negative_rate_min,
                                        max_delay_s=tcfg.max_delay_s)
-        self.learner = OnlineLearner(tcfg.model, self.model_cfg, tcfg, info,
-                                     compile_cache=root / "train" / "compile-cache")
+        self.learner = self._make_learner()
 
         if info.rank == 0:
             if fresh and self.ckpt_dir.exists():
@@ -248,8 +247,8 @@ class Trainer:
                                     reset=tcfg.start, group_id=tcfg.group_id,
                                     dedup=DedupWindow(tcfg.dedup_window, dedup_ids),
                                     client_id=f"opengem-train-{info.rank}",
-                                    weigh=self._weigh if tcfg.downsampling else None)
-        readers = root / "train" / "readers" / f"rank{info.rank}"
+                                    weigh=self._source_weigh())
+        readers = self._readers_dir()
         shutil.rmtree(readers, ignore_errors=True)
         self.reader = ShardedReader(cfg.data_dir, _partition_count(bootstrap, k.events_topic),
                                     topic=k.events_topic, secondary_root=readers)
@@ -265,9 +264,33 @@ class Trainer:
             sampling = f"; negatives downsampled to r={self.sampler.rate:g}"
             if tcfg.max_delay_s > 0:
                 sampling += f" (adaptive down to {self.sampler.min_rate:g} beyond {tcfg.max_delay_s:g} s of delay)"
-        self.echo(f"training {tcfg.model} {tcfg.preset if tcfg.model == 'gem' else ''} on {k.examples_topic} "
+        self.echo(f"training {self._model_name()} on {k.examples_topic} "
                   f"partitions {self.partitions} (rank {info.rank} of {info.world_size}); versions -> "
                   f"{self.models_dir}{sampling}")
+
+    # -- what the student mode (model/student_daemon.py) replaces ---------------------------
+    def _make_learner(self) -> Any:
+        """The learner: ``step(batch, weight)`` -> probs, ``state()``, ``load_state()``, ``unsharded()``."""
+        return OnlineLearner(self.tcfg.model, self.model_cfg, self.tcfg, self.info,
+                             compile_cache=Path(self.cfg.data_dir) / "train" / "compile-cache")
+
+    def _model_name(self) -> str:
+        return f"{self.tcfg.model} {self.tcfg.preset if self.tcfg.model == 'gem' else ''}".strip()
+
+    def _readers_dir(self) -> Path:
+        """Scratch directory of this process's store secondaries (removed at start)."""
+        return Path(self.cfg.data_dir) / "train" / "readers" / f"rank{self.info.rank}"
+
+    def _source_weigh(self) -> Callable[[Example], float] | None:
+        return self._weigh if self.tcfg.downsampling else None
+
+    def _learn(self, unit: "_Unit") -> torch.Tensor:
+        """Predict-then-train one batch: probs (B, T) before the update."""
+        return self.learner.step(unit.batch, unit.weight)
+
+    def _publish_meta(self) -> dict[str, Any]:
+        """Facts of a published version beyond the cursors and metrics."""
+        return {"preset": self.tcfg.preset if self.tcfg.model == "gem" else None}
 
     def _weigh(self, example: Example) -> float:
         """The example's training weight under downsampling (0: not trained)."""
@@ -280,8 +303,7 @@ class Trainer:
     def _restore(self) -> tuple[dict[str, Any], list[str]]:
         path = ckpt.latest(self.ckpt_dir)
         if path is None:
-            self.echo(f"no checkpoint in {self.ckpt_dir}: starting a new model ({self.tcfg.model} "
-                      f"{self.tcfg.preset if self.tcfg.model == 'gem' else ''})")
+            self.echo(f"no checkpoint in {self.ckpt_dir}: starting a new model ({self._model_name()})")
             return {}, []
         state, m = ckpt.load(path, rank=self.info.rank, world_size=self.info.world_size)
         want = self._facts()
@@ -334,8 +356,7 @@ class Trainer:
         meta = {"step": self.stats.steps, "cursors": dict(sorted(merged.items(), key=lambda kv: int(kv[0]))),
                 "examples_topic": self.cfg.kafka.examples_topic, "topic_id": self.topic_id,
                 "trained_until_record_ts_ms": max(record_ts), "world_size": self.info.world_size,
-                "progressive": self.stats.progressive,
-                "preset": self.tcfg.preset if self.tcfg.model == "gem" else None}
+                "progressive": self.stats.progressive, **self._publish_meta()}
         path = registry.publish(self.models_dir, model, meta, keep=self.tcfg.keep_versions)
         self.stats.published = path.name
         self._published_at = time.time()
@@ -458,7 +479,7 @@ class Trainer:
         from opengem.ops import metrics as m
 
         items, batch, weight = unit.items, unit.batch, unit.weight
-        probs = self.learner.step(batch, weight)
+        probs = self._learn(unit)
         self.stats.steps += 1
         self.stats.examples += len(items)
         m.TRAIN_STEPS.inc()
@@ -565,6 +586,11 @@ def run_trainer(cfg: Config, tcfg: TrainConfig, bootstrap: str, *, stop: Callabl
             port = m.serve(tcfg.metrics_port + info.rank if tcfg.metrics_port else 0)
             if info.rank == 0:
                 print(f"metrics at http://127.0.0.1:{port}/metrics", flush=True)
+        if tcfg.student.surface:  # `opengem train --student SURFACE`: model/student_daemon.py
+            from opengem.model.student_daemon import run_student
+
+            return run_student(cfg, tcfg, bootstrap, info, stop=stop, fresh=fresh, max_examples=max_examples,
+                               idle_exit_s=idle_exit_s)
         trainer = Trainer(cfg, tcfg, bootstrap, info, fresh=fresh, echo=lambda s: print(s, flush=True))
         return trainer.run(stop, max_examples=max_examples, idle_exit_s=idle_exit_s)
     finally:

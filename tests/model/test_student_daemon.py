@@ -1,0 +1,228 @@
+"""The trainer daemon in student mode (`opengem train --student SURFACE`): a real examples topic on
+the embedded broker, real RocksDB shards (``prepare_stream``), a GEM teacher published through the
+registry, versions of kind "student", the teacher reloaded when a newer GEM version appears, the
+representation store refreshed, and a restart from the checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from opengem.model import checkpoint as ckpt
+from opengem.model import registry
+from opengem.model.config import preset
+from opengem.model.gem import GemModel
+from opengem.model.source import Cursor, cursors_from_state
+from opengem.model.student import StudentAdapter, StudentConfig, StudentLearner
+from opengem.model.train_config import StudentTrainConfig, TrainConfig
+
+TINY = TrainConfig(preset="tiny", batch_size=32, fill_timeout_s=0.05, metrics_port=None, report_every_s=60,
+                   checkpoint_every_s=0, publish_every_s=0, keep_versions=50)
+
+
+def _student(**kw) -> StudentTrainConfig:
+    return StudentTrainConfig(**{"history": 16, "hidden": (16, 8), "teacher_poll_s": 0.0, "teacher_wait_s": 0.0,
+                                 "adapter_refit_every": 64, **kw})
+
+
+def _publish_teacher(models: Path, seed: int, surfaces) -> str:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(preset("tiny"), features=dataclasses.replace(preset("tiny").features,
+                                                                           surfaces=tuple(surfaces)))
+    return registry.publish(models, GemModel(cfg), {"note": f"teacher seed {seed}"}).name
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_student_config_rejects_bad_values_with_the_key():
+    with pytest.raises(ValueError, match="share_tables"):
+        StudentTrainConfig(share_tables="shared")
+    with pytest.raises(ValueError, match=r"history.*256"):
+        StudentTrainConfig(history=300)
+    with pytest.raises(ValueError, match="refresh_every_s"):
+        StudentTrainConfig(refresh_every_s=0)
+
+
+def test_student_learner_resumes_exactly_from_its_state(tmp_path):
+    """Model, optimizers, adapter window and fit: a learner restored from ``state()`` (through a
+    checkpoint file, loaded weights_only) continues exactly as the one that never stopped."""
+    from opengem.model.batch import synthetic_batch
+
+    fc = preset("tiny").features
+    cfg = StudentConfig(features=fc, surface="feed", history=8, hidden=(16, 8), distill=True)
+
+    def make(seed):
+        return StudentLearner(cfg, adapter=StudentAdapter(2, window=100, refit_every=10), seed=seed)
+
+    def steps(lr, seeds):
+        out = []
+        for s in seeds:
+            b = synthetic_batch(fc, [3, 0, 17, 40, 1, 9], seed=s)
+            tp = np.random.default_rng(s).uniform(0.01, 0.5, (6, 2))
+            out.append(lr.step(b, torch.ones(6), tp))
+        return out
+
+    a = make(0)
+    steps(a, range(4))
+    path = ckpt.save(tmp_path, 4, {"learner": a.state()}, rank=0, world_size=1)
+    state = ckpt.load(path, rank=0, world_size=1)[0]["learner"]
+    cont = steps(a, range(4, 8))
+    b = make(123)
+    b.load_state(state)
+    assert b.adapter.fits == state["adapter"]["fits"] > 0
+    for x, y in zip(cont, steps(b, range(4, 8))):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    np.testing.assert_array_equal(a.adapter.a, b.adapter.a)
+    with pytest.raises(ValueError, match="adapter"):
+        StudentLearner(cfg, seed=0).load_state(state)
+
+
+def test_cli_refuses_an_unknown_student_surface(tmp_path, capsys):
+    from opengem.cli import main
+
+    assert main(["train", "--student", "nowhere", "--data-dir", str(tmp_path), "--metrics-port", "-1"]) == 2
+    assert "not a surface" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def _trainer(s, tcfg, info, **kw):
+    from opengem.model.student_daemon import StudentTrainer
+
+    log: list[str] = []
+    return StudentTrainer(s.cfg, tcfg, s.bootstrap, info, echo=log.append, **kw), log
+
+
+@pytest.mark.integration
+def test_student_daemon_publishes_reloads_its_teacher_and_refreshes_representations(make_stream, dist_group):
+    s = make_stream(n_events=8_000)
+    by_surface = Counter(e.surface for e in s.examples)
+    surface = by_surface.most_common(1)[0][0]
+    mine = [e for e in s.examples if e.surface == surface]
+    assert 100 < len(mine) < len(s.examples)
+    data = Path(s.cfg.data_dir)
+    v1 = _publish_teacher(data / "models", 1, s.cfg.surfaces)
+    tcfg = dataclasses.replace(TINY, batch_size=8, publish_every_steps=3, checkpoint_every_steps=4,
+                               student=_student(surface=surface, representations=True, refresh_every_s=120.0,
+                                                share_tables="finetune"))
+    tr, log = _trainer(s, tcfg, dist_group)
+    assert tr.teacher.version == v1 and tr.student_cfg.repr_dim > 0 and tr.student_cfg.d == preset("tiny").d
+    # Parameter sharing: the student starts from the teacher's tables.
+    torch.testing.assert_close(tr.learner.student.model.sparse.ebc.state_dict(),
+                               tr.teacher.model.sparse.ebc.state_dict())
+
+    # Mid-run, the GEM trainer publishes a newer version: the daemon must move to it.
+    seen: list[tuple[str, int, bool]] = []  # (teacher version, rows, any representation present)
+    step = tr.learner.student.step
+    v2 = {}
+
+    def spy(x, weight, tp):
+        seen.append((tr.teacher.version, len(weight), bool(x.has_reps.any())))
+        assert tp is not None and tp.shape == (len(weight), 2)
+        if len(seen) == 4:
+            v2["v"] = _publish_teacher(data / "models", 2, s.cfg.surfaces)
+        return step(x, weight, tp)
+
+    tr.learner.student.step = spy
+    stats = tr.run(idle_exit_s=1.5)
+
+    assert len(seen) >= 10
+    # Only the student's surface, every one of its examples once.
+    assert stats.examples == len(mine) == sum(n for _, n, _ in seen)
+    assert stats.sampled_out == len(s.examples) - len(mine)
+    # The teacher reloaded right after the newer version appeared, and stayed there.
+    versions_seen = [v for v, _, _ in seen]
+    assert versions_seen[:4] == [v1] * 4 and versions_seen[4:] == [v2["v"]] * (len(seen) - 4)
+    assert tr.teacher.reloads == 1
+    assert any(f"teacher: gem version {v2['v']}" in line for line in log)
+    # Representations were refreshed into the store and read back by later examples.
+    assert tr.learner.refresher.refreshes > 0 and tr.learner.refresher.users_written > 0
+    assert any(has for _, _, has in seen[len(seen) // 2:])
+    assert not seen[0][2]  # nothing before the first refresh
+
+    # Versions of kind "student", for this surface, naming their teacher; the last covers the topic.
+    sdir = data / "students" / surface
+    names = registry.list_versions(sdir)
+    assert len(names) >= 3
+    metas = [registry.read_meta(sdir, n) for n in names]
+    assert all(m["kind"] == "student" and m["surface"] == surface for m in metas)
+    assert metas[0]["teacher_version"] == v1 and metas[-1]["teacher_version"] == v2["v"]
+    last = registry.load(sdir)
+    assert last.kind == "student" and last.model.cfg.surface == surface and last.model.cfg.repr_dim > 0
+    from opengem.stream.broker import high_watermarks
+
+    hw = high_watermarks(s.bootstrap, s.cfg.kafka.examples_topic)
+    assert last.meta["cursors"] == {str(p): [hw[p], 0] for p in sorted(hw)}
+    assert last.meta["progressive"]["click"]["n"] == len(mine)
+    assert last.meta["representations_dir"] == str(data / "representations" / surface)
+    # The published student is the trained one (its serving head's predictions).
+    from opengem.model.data import examples_batch
+    from opengem.model.student import student_inputs
+
+    from opengem.features.representations import RepresentationStore
+    from opengem.features.sharded import ShardedReader
+
+    with ShardedReader(data, 2, topic=s.cfg.kafka.events_topic, secondary_root=data / "chk") as r, \
+            RepresentationStore(data / "representations" / surface, last.model.cfg.repr_dim,
+                                secondary_dir=data / "chk-reps") as reps:
+        _, present = reps.get([e.user_id for e in mine], [e.ts for e in mine])
+        assert present.mean() > 0.3, present.mean()
+        exs = [e for e, p in zip(mine, present) if p][-12:] + [e for e, p in zip(mine, present) if not p][-4:]
+        b = examples_batch(exs, r, last.model.cfg)
+        x = student_inputs(b, [e.user_id for e in exs], [e.ts for e in exs], reps)
+        assert x.has_reps.tolist() == [True] * 12 + [False] * 4
+        torch.testing.assert_close(last.model.predict(x), tr.learner.student.predict(x), rtol=0, atol=1e-6)
+    # The GEM versions were never touched; the student's checkpoints live apart from GEM's.
+    assert registry.list_versions(data / "models") == [v1, v2["v"]]
+    assert ckpt.latest(data / "train" / "students" / surface / "checkpoints") is not None
+    assert ckpt.latest(data / "train" / "checkpoints") is None
+
+
+@pytest.mark.integration
+def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
+    s = make_stream(n_events=6_000)
+    surface = Counter(e.surface for e in s.examples).most_common(1)[0][0]
+    mine = {e.example_id for e in s.examples if e.surface == surface}
+    data = Path(s.cfg.data_dir)
+    _publish_teacher(data / "models", 1, s.cfg.surfaces)
+    tcfg = dataclasses.replace(TINY, batch_size=16, checkpoint_every_steps=4, publish_every_steps=5,
+                               student=_student(surface=surface))
+
+    first, _ = _trainer(s, tcfg, dist_group)
+    first._finish = lambda: None  # a crash: no final checkpoint
+    ids1: list[str] = []
+    step1 = first._learn
+    first._learn = lambda unit: ids1.extend(it.example.example_id for it in unit.items) or step1(unit)
+    first.run(lambda: first.stats.steps >= 10)  # the step after a checkpoint: it is trained again
+    saved = ckpt.latest(data / "train" / "students" / surface / "checkpoints")
+    state, man = ckpt.load(saved, rank=0, world_size=1)
+    assert man["model"] == "student" and man["surface"] == surface
+    assert state["learner"]["student"]["adapter"]["fits"] >= 0
+
+    second, log = _trainer(s, tcfg, dist_group)
+    assert any(f"resumed from checkpoint {saved.name}" in line for line in log)
+    assert second.stats.examples == state["examples"] < len(ids1) < len(mine)
+    ids2: list[str] = []
+    step2 = second._learn
+    second._learn = lambda unit: ids2.extend(it.example.example_id for it in unit.items) or step2(unit)
+    stats = second.run(idle_exit_s=1.5)
+    # The restart resumed at the checkpoint's cursors: what came after it was trained again, nothing
+    # was skipped, nothing of another surface.
+    assert set(ids1) & set(ids2) and set(ids1) | set(ids2) == mine
+    assert stats.examples == len(mine)
+    from opengem.stream.broker import high_watermarks
+
+    hw = high_watermarks(s.bootstrap, s.cfg.kafka.examples_topic)
+    state, _ = ckpt.load(ckpt.latest(data / "train" / "students" / surface / "checkpoints"), rank=0, world_size=1)
+    assert cursors_from_state(state["cursors"]) == {p: Cursor(hw[p], 0) for p in hw}
+    # A checkpoint of another student configuration is refused with a clear message.
+    other = dataclasses.replace(tcfg, student=dataclasses.replace(tcfg.student, hidden=(32,)))
+    with pytest.raises(ckpt.CheckpointError, match="another model configuration"):
+        _trainer(s, other, dist_group)
