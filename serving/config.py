@@ -6,8 +6,10 @@ without loading the serving stack.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+MODEL_KINDS = ("gem", "student")  # what [serve] models may name per surface
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,26 @@ class ServeConfig:
     threads: int = 1
     # The task whose probability a candidate's bid multiplies: value = bid x P(value_task).
     value_task: str = "conversion"
+    # Which model serves a surface: {surface = "gem" | "student"}; unnamed surfaces: "gem" (the
+    # version in models_dir). A student is the newest version of kind "student" for that surface
+    # in <students_dir>/<surface> (what `opengem train --student SURFACE` publishes), hot-swapped
+    # and canary-checked like GEM; until one is published that surface answers UNAVAILABLE.
+    models: dict[str, str] = field(default_factory=dict)
+    # Empty: <data_dir>/students.
+    students_dir: str = ""
+    # Where students read GEM's user representations; empty: the store the student's version
+    # names (the daemon's, <data_dir>/representations/<surface> by default).
+    representations_dir: str = ""
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.models, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in self.models.items()):
+            problems.append(f"models={self.models!r} must be a table of surface = \"gem\" | \"student\"")
+        else:
+            bad = {k: v for k, v in self.models.items() if v not in MODEL_KINDS}
+            if bad:
+                problems.append(f"models: {bad} (each surface is served by one of {list(MODEL_KINDS)})")
         if not 0 <= self.port < 65536:
             problems.append(f"port={self.port}")
         if self.max_candidates < 1:
@@ -65,3 +84,9 @@ class ServeConfig:
 
     def models_path(self, data_dir: str | Path) -> Path:
         return Path(self.models_dir) if self.models_dir else Path(data_dir) / "models"
+
+    def students_path(self, data_dir: str | Path) -> Path:
+        return Path(self.students_dir) if self.students_dir else Path(data_dir) / "students"
+
+    def student_surfaces(self) -> tuple[str, ...]:
+        return tuple(sorted(s for s, kind in self.models.items() if kind == "student"))

@@ -10,6 +10,11 @@ and uses it to the end, so in-flight requests finish on the version they
 began with and every response names the version that scored it. A version
 that fails to load or validate is skipped (logged, counted) and the old one
 stays.
+
+A surface served by a student (``[serve] models = {reels = "student"}``) has a
+manager of its own on ``<students_dir>/<surface>`` (what ``opengem train
+--student`` publishes), with the same load → canary → swap; it accepts only
+versions of kind ``student`` for that surface (:func:`student_manager`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from opengem.model.registry import ModelLoadError, latest_version, list_versions, load, publish
-from opengem.serving.scoring import Scorer, canary_check
+from opengem.model.registry import LoadedModel
+from opengem.serving.scoring import Scorer, StudentScorer, canary_check
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +40,10 @@ class ModelManager:
     """
 
     def __init__(self, models_dir: str | Path, poll_s: float = 1.0,
-                 on_change: Callable[[str, Any, Any], None] | None = None):
+                 on_change: Callable[[str, Any, Any], None] | None = None,
+                 scorer: Callable[[LoadedModel], Scorer] = Scorer, name: str = "gem"):
         self.models_dir = Path(models_dir)
+        self.make_scorer, self.name = scorer, name  # name: what this manager serves ("gem", "student:reels")
         self.poll_s = poll_s
         self.on_change = on_change
         self._current: Scorer | None = None
@@ -44,6 +52,7 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
+        self.on_stop: list[Callable[[], Any]] = []  # run by stop(), after the watcher ended
 
     @property
     def current(self) -> Scorer | None:
@@ -72,7 +81,7 @@ class ModelManager:
     def _try(self, version: str, cur: Scorer | None) -> bool:
         t0 = time.monotonic()
         try:
-            scorer = Scorer(load(self.models_dir, version))
+            scorer = self.make_scorer(load(self.models_dir, version))
             canary_check(scorer)
         except Exception as e:  # noqa: BLE001 - any failure of a candidate version rejects it, never the server
             self.rejected[version] = str(e)
@@ -106,6 +115,8 @@ class ModelManager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for f in self.on_stop:
+            f()
 
     def wait(self, timeout_s: float) -> Scorer | None:
         """Block until some version is served (or the timeout)."""
@@ -133,3 +144,44 @@ def ensure_model(models_dir: str | Path, preset_name: str = "base", seed: int = 
                    {"untrained": True, "note": f"initial {preset_name} GEM published by the server side "
                                                "so that serving has a version before the trainer's first"})
     return path.name
+
+
+def student_manager(students_dir: str | Path, surface: str, *, poll_s: float = 1.0, catch_up_s: float = 0.5,
+                    representations_dir: str | Path | None = None, secondary_root: str | Path,
+                    on_change: Callable[[str, Any, Any], None] | None = None) -> ModelManager:
+    """The manager of ``surface``'s student versions (``<students_dir>/<surface>``).
+
+    A version must be of kind ``student`` and trained for ``surface``. One that reads GEM's
+    representations gets a secondary reader of its representation store: ``representations_dir``
+    (the ``[serve]`` setting) or else the directory its metadata names (the daemon's), opened
+    under ``secondary_root`` once and shared by the versions that follow.
+    """
+    from opengem.features.representations import RepresentationStore
+
+    stores: dict[tuple[str, int], RepresentationStore] = {}
+    lock = threading.Lock()
+
+    def make(loaded: LoadedModel) -> Scorer:
+        if loaded.kind != "student":
+            raise ValueError(f"version {loaded.version} is a {loaded.kind!r} model, not a student")
+        cfg = loaded.model.cfg
+        if cfg.surface != surface:
+            raise ValueError(f"version {loaded.version} is the student of {cfg.surface!r}, not of {surface!r}")
+        reps = None
+        if cfg.repr_dim:
+            path = representations_dir or loaded.meta.get("representations_dir")
+            if not path:
+                raise ValueError(f"version {loaded.version} reads representations but names no store "
+                                 "(set [serve] representations_dir)")
+            key = (str(Path(path).resolve()), int(cfg.repr_dim))
+            with lock:
+                if key not in stores:
+                    sec = Path(secondary_root) / f"reps-{surface}-{len(stores)}"
+                    stores[key] = RepresentationStore(key[0], key[1], secondary_dir=sec)
+                reps = stores[key]
+        return StudentScorer(loaded, reps, catch_up_s=catch_up_s)
+
+    m = ModelManager(Path(students_dir) / surface, poll_s, on_change=on_change, scorer=make,
+                     name=f"student:{surface}")
+    m.on_stop.append(lambda: [s.close() for s in stores.values()])
+    return m

@@ -31,12 +31,15 @@ a version where they disagree is served through ``predict`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -325,6 +328,80 @@ class Scorer:
             if self.shared:
                 return funnel_probs(shared_logits(m, rb.user, rb.cands))
             return m.predict(rb.replicated() if self.uses_history else rb.cands)
+
+
+# --------------------------------------------------------------------------- students
+
+# The request being scored, for what a RequestBatch does not carry: a student's user
+# representation is read by user id and request time. Set around Ranker.rank by the server's
+# router (serving/server.py); each request runs on one thread, so the variable is per request.
+_REQUEST: ContextVar[RankQuery | None] = ContextVar("opengem_rank_request", default=None)
+
+
+@contextlib.contextmanager
+def scoring_request(q: RankQuery) -> Iterator[None]:
+    token = _REQUEST.set(q)
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
+
+
+class StudentScorer(Scorer):
+    """A student version (kind "student", model/student.py), scored through its serving head on
+    the trainer's batch for it: the candidates' rows each with the user's last ``history`` events
+    (what ``StudentModel`` reads of the history; the dense counters are featurize's, over the
+    whole read) and, when the student reads representations, the user's GEM representation as
+    of the request time from the :class:`~opengem.features.representations.RepresentationStore`
+    (``reps``: a secondary reader; caught up at most every ``catch_up_s``). Outside a
+    :func:`scoring_request` (the canary) the representation is "absent", a valid input."""
+
+    def __init__(self, loaded: LoadedModel, reps: Any = None, catch_up_s: float = 0.5):
+        super().__init__(loaded)
+        cfg = loaded.model.cfg
+        self.history, self.repr_dim = int(cfg.history), int(cfg.repr_dim)
+        if self.repr_dim and reps is None:
+            raise ValueError(f"student {loaded.version} reads {self.repr_dim}-wide representations: "
+                             "it needs the representation store")
+        self.reps, self.catch_up_s = reps, catch_up_s
+        self._caught_up = -math.inf
+        self._lock = threading.Lock()
+
+    def batch(self, rb: RequestBatch) -> GemBatch:
+        """The B-row batch the student trains on for this request (history cut to ``history``)."""
+        if not self.history:
+            return rb.cands
+        n = min(rb.history_events, self.history)
+        B = len(rb.cands)
+        return dataclasses.replace(
+            rb.cands, seq_lengths=torch.full((B,), n, dtype=torch.int64),
+            seq={k: v[len(v) - n:].repeat(B) for k, v in rb.user.seq.items()},
+        )
+
+    def representation(self, q: RankQuery | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, R) float32 representation of the request's user as of its time, (1,) present."""
+        if q is None:
+            return torch.zeros(1, self.repr_dim), torch.zeros(1, dtype=torch.bool)
+        now = time.monotonic()
+        if now - self._caught_up >= self.catch_up_s:
+            with self._lock:
+                if now - self._caught_up >= self.catch_up_s:
+                    self.reps.catch_up()
+                    self._caught_up = now
+        vec, present = self.reps.get([q.user_id], q.ts_ms)
+        return torch.from_numpy(vec), torch.from_numpy(present)
+
+    def probs(self, rb: RequestBatch) -> torch.Tensor:
+        from opengem.model.student import StudentInputs
+
+        b = self.batch(rb)
+        x: Any = b
+        if self.repr_dim:
+            vec, present = self.representation(_REQUEST.get())
+            B = len(b)
+            x = StudentInputs(b, vec.expand(B, -1), present.expand(B))
+        with torch.inference_mode():
+            return self.loaded.model.predict(x)
 
 
 def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:

@@ -5,6 +5,11 @@ errors → status codes, result → proto. Every failure is a status code with a
 one-line message; unexpected errors are logged here with a reference the
 caller gets instead of a stack trace.
 
+Models per surface: GEM by default; ``[serve] models = {reels = "student"}``
+serves the surface's student instead (:class:`SurfaceRouter`, one
+:class:`~opengem.serving.models.ModelManager` per student surface with the same
+load → canary → hot swap; every response names the version and kind).
+
 Security: binds 127.0.0.1 by default. Binding any other address requires a
 bearer token (``authorization: Bearer <token>`` metadata, compared in
 constant time; the health service stays open for load balancers) and should
@@ -36,9 +41,9 @@ from opengem.ops import metrics
 from opengem.serving import ranking_pb2 as pb
 from opengem.serving import ranking_pb2_grpc as pb_grpc
 from opengem.serving.config import ServeConfig
-from opengem.serving.models import ModelManager
+from opengem.serving.models import ModelManager, student_manager
 from opengem.serving.ranker import DeadlineExceeded, NoModel, Ranker, RankResult
-from opengem.serving.scoring import AdCandidate, RankQuery, RequestError
+from opengem.serving.scoring import AdCandidate, RankQuery, RequestError, scoring_request
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,37 @@ def rank_proto(ranker: Ranker, msg: pb.RankRequest, deadline: float | None) -> t
     return code, detail, resp
 
 
+# --------------------------------------------------------------------------- model per surface
+
+
+class SurfaceRouter:
+    """The ranker of a request's surface: ``students[surface]`` where ``[serve] models`` names a
+    student, else ``default`` (GEM). Has the Ranker's interface (``rank``, ``models`` -- the GEM
+    manager, which health reports --, ``cfg``). The rankers share one set of inference slots, and
+    every request is scored inside :func:`~opengem.serving.scoring.scoring_request` (a student
+    reads its user representation by the request's user and time)."""
+
+    def __init__(self, default: Ranker, students: dict[str, Ranker] | None = None):
+        self.default, self.students = default, dict(students or {})
+        self.models, self.cfg = default.models, default.cfg
+        for r in self.students.values():
+            r._slots = default._slots  # noqa: SLF001 - inference_slots bounds forward passes server-wide
+
+    def ranker_for(self, surface: str) -> Ranker:
+        return self.students.get(surface, self.default)
+
+    def rank(self, q: RankQuery, deadline: float | None = None) -> RankResult:
+        with scoring_request(q):
+            return self.ranker_for(q.surface).rank(q, deadline)
+
+    def served(self) -> dict[str, Any]:
+        """What serves what: {"gem": version | None, "students": {surface: version | None}}."""
+        cur = self.models.current
+        return {"gem": cur.loaded.version if cur else None,
+                "students": {s: (r.models.current.loaded.version if r.models.current else None)
+                             for s, r in sorted(self.students.items())}}
+
+
 # --------------------------------------------------------------------------- gRPC
 
 
@@ -162,7 +198,7 @@ class Endpoints:
 class RankServer:
     """gRPC (+ optional HTTP/JSON) front of a :class:`Ranker`; ``start()`` → bound ports."""
 
-    def __init__(self, ranker: Ranker, cfg: ServeConfig = ServeConfig(), *, token: str | None = None,
+    def __init__(self, ranker: Ranker | SurfaceRouter, cfg: ServeConfig = ServeConfig(), *, token: str | None = None,
                  tls: tuple[bytes, bytes] | None = None):
         if not is_loopback(cfg.host) and not token:
             raise ValueError(f"refusing to serve on {cfg.host} without a bearer token "
@@ -236,8 +272,10 @@ def _json_handler(ranker: Ranker, token: str | None) -> type[BaseHTTPRequestHand
             if self.path != "/healthz":
                 return self._send(404, {"error": "not found; POST /v1/rank or GET /healthz"})
             cur = ranker.models.current
-            self._send(200 if cur else 503, {"serving": cur is not None,
-                                             "model_version": cur.loaded.version if cur else None})
+            body = {"serving": cur is not None, "model_version": cur.loaded.version if cur else None}
+            if isinstance(ranker, SurfaceRouter) and ranker.students:
+                body["students"] = ranker.served()["students"]
+            self._send(200 if cur else 503, body)
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path != "/v1/rank":
@@ -270,6 +308,8 @@ class Service:
 
     ``reader``: any store with the read API (default: a :class:`ShardedReader`
     of ``<data_dir>/shards`` whose secondaries catch up every ``catch_up_s``).
+    ``models``: the GEM manager; ``students``: {surface: manager} of the surfaces
+    ``[serve] models`` gives to a student.
     """
 
     def __init__(self, cfg: Any, *, reader: Any = None, token: str | None = None,
@@ -282,18 +322,38 @@ class Service:
         self.reader = reader if reader is not None else ShardedReader(
             cfg.data_dir, cfg.kafka.partitions, topic=cfg.kafka.events_topic, interval_s=sc.catch_up_s,
             secondary_root=self._secondaries)
-        self.models = ModelManager(sc.models_path(cfg.data_dir), sc.poll_s, on_change=self._on_model_change)
-        self.ranker = Ranker(self.reader, self.models, sc)
+        unknown = sorted(set(sc.models) - set(cfg.surfaces))
+        if unknown:
+            raise ValueError(f"[serve] models names unknown surface(s) {unknown}; the deployment has "
+                             f"{list(cfg.surfaces)}")
+        self._model_labels: dict[str, tuple[str, str]] = {}
+        self.models = ModelManager(sc.models_path(cfg.data_dir), sc.poll_s,
+                                   on_change=lambda *a: self._on_model_change("gem", *a))
+        self.students = {
+            s: student_manager(sc.students_path(cfg.data_dir), s, poll_s=sc.poll_s, catch_up_s=sc.catch_up_s,
+                               representations_dir=sc.representations_dir or None,
+                               secondary_root=self._secondaries,
+                               on_change=lambda *a, s=s: self._on_model_change(f"student:{s}", *a))
+            for s in sc.student_surfaces()}
+        self.ranker = SurfaceRouter(Ranker(self.reader, self.models, sc),
+                                    {s: Ranker(self.reader, m, sc) for s, m in self.students.items()})
         self.server = RankServer(self.ranker, sc, token=token, tls=tls)
         self.metrics_port: int | None = None
 
-    def _on_model_change(self, event: str, obj: Any, detail: Any) -> None:
+    def _on_model_change(self, name: str, event: str, obj: Any, detail: Any) -> None:
         metrics.SERVE_SWAPS.labels(event).inc()
         if event == "loaded":
-            metrics.SERVE_MODEL.clear()
+            old = self._model_labels.get(name)
+            if old is not None and old not in {v for k, v in self._model_labels.items() if k != name}:
+                try:
+                    metrics.SERVE_MODEL.remove(*old)
+                except KeyError:
+                    pass
+            self._model_labels[name] = (obj.loaded.version, obj.loaded.kind)
             metrics.SERVE_MODEL.labels(obj.loaded.version, obj.loaded.kind).set(1)
             metrics.SERVE_LOAD_SECONDS.set(detail)
-            self.server.set_serving(True)
+            if name == "gem":
+                self.server.set_serving(True)
 
     def start(self, metrics_port: int | None = None) -> Endpoints:
         """Load the latest version (if any), start watching, bind; ``metrics_port``: None = off."""
@@ -302,6 +362,8 @@ class Service:
 
             torch.set_num_threads(self.server.cfg.threads)  # process-wide: the model's intra-op threads
         self.models.start()
+        for m in self.students.values():
+            m.start()
         if metrics_port is not None:
             self.metrics_port = metrics.serve(metrics_port, host=self.server.cfg.host)
         return self.server.start()
@@ -309,6 +371,8 @@ class Service:
     def stop(self) -> None:
         self.server.stop()
         self.models.stop()
+        for m in self.students.values():
+            m.stop()  # closes their representation stores' secondaries
         if self._own_reader:
             self.reader.close()
-            shutil.rmtree(self._secondaries, ignore_errors=True)  # scratch space of the secondaries
+        shutil.rmtree(self._secondaries, ignore_errors=True)  # scratch space of the secondaries
