@@ -57,8 +57,7 @@ from opengem.model import registry
 from opengem.model.data import examples_batch, history_len
 from opengem.model.distributed import DistInfo
 from opengem.model.student import (
-    StudentAdapter, StudentConfig, StudentInputs, StudentLearner, refresh_representations, representation_dim,
-    student_inputs,
+    StudentAdapter, StudentConfig, StudentLearner, refresh_representations, representation_dim, student_inputs,
 )
 from opengem.model.train_config import TrainConfig
 from opengem.model.trainer import Trainer, _Unit
@@ -360,5 +359,5 @@ def run_student(cfg: Config, tcfg: TrainConfig, bootstrap: str, info: DistInfo, 
     return trainer.run(stop, max_examples=max_examples, idle_exit_s=idle_exit_s)
 
 
-__all__ = ["StudentTrainer", "StudentModeError", "TeacherWatch", "RepresentationRefresher", "StudentInputs",
-           "run_student", "student_paths"]
+__all__ = ["StudentTrainer", "StudentModeError", "TeacherWatch", "RepresentationRefresher", "run_student",
+           "student_paths"]

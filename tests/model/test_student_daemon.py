@@ -226,3 +226,43 @@ def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
     other = dataclasses.replace(tcfg, student=dataclasses.replace(tcfg.student, hidden=(32,)))
     with pytest.raises(ckpt.CheckpointError, match="another model configuration"):
         _trainer(s, other, dist_group)
+
+
+@pytest.mark.integration
+def test_opengem_train_student_as_a_process(make_stream, tmp_path):
+    """The command line: ``[train.student]`` from the TOML file, ``--student`` naming the surface."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    s = make_stream(n_events=5_000)
+    surface = Counter(e.surface for e in s.examples).most_common(1)[0][0]
+    data = Path(s.cfg.data_dir)
+    v1 = _publish_teacher(data / "models", 1, s.cfg.surfaces)
+    k = s.cfg.kafka
+    conf = tmp_path / "train.toml"
+    conf.write_text("\n".join([
+        f'data_dir = "{data}"', "[kafka]", f'events_topic = "{k.events_topic}"',
+        f'examples_topic = "{k.examples_topic}"', f'dlq_topic = "{k.dlq_topic}"', f"partitions = {k.partitions}",
+        "[train]", 'preset = "tiny"', "batch_size = 16", "publish_every_s = 0", "publish_every_steps = 4",
+        "checkpoint_every_s = 0", "checkpoint_every_steps = 4",
+        "[train.student]", "history = 8", "hidden = [16]", "representations = true", "refresh_every_s = 60.0",
+        "teacher_wait_s = 0.0"]) + "\n")
+    env = {k_: v for k_, v in os.environ.items() if k_ not in ("OPENGEM_BOOTSTRAP", "OPENGEM_FAILPOINT")}
+    out = subprocess.run([sys.executable, "-m", "opengem.cli", "train", "--config", str(conf), "--bootstrap",
+                          s.bootstrap, "--metrics-port", "-1", "--student", surface, "--idle-exit", "2"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"student for {surface}" in out.stdout and f"teacher {v1}" in out.stdout
+    n = sum(e.surface == surface for e in s.examples)
+    assert f"{n:,} examples" in out.stdout.splitlines()[-1]
+    loaded = registry.load(data / "students" / surface)
+    assert loaded.kind == "student" and loaded.meta["teacher_version"] == v1
+    assert loaded.meta["representation_refreshes"] > 0
+    assert json.loads(json.dumps(loaded.meta["student"]))["history"] == 8
+    # The same command without a teacher anywhere: a clear error, not a traceback.
+    out = subprocess.run([sys.executable, "-m", "opengem.cli", "train", "--config", str(conf), "--bootstrap",
+                          s.bootstrap, "--metrics-port", "-1", "--student", surface, "--idle-exit", "1",
+                          "--data-dir", str(tmp_path / "empty")], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 2 and "no usable published teacher" in out.stderr and "Traceback" not in out.stderr
