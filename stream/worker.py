@@ -25,7 +25,11 @@ so the shard, not the group, decides where consumption resumes.
 
 Partition-aligned scale-out: every worker of the group owns the shards of the
 partitions it is assigned (``<data_dir>/shards/opengem.events/pNNNN``); see
-the README ("Scaling out") for how a shard moves on rebalance.
+the README ("Scaling out") for how a shard moves on rebalance. A worker opens
+the shards of its partitions when they are assigned (off the event loop) and
+re-sends their unacknowledged examples then, whether or not new records come;
+it closes them when they are revoked, which Faust does only after the agent
+has finished the events it took, so the next owner can open them.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
         topic_disable_leader=True,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
+        stream_wait_empty=True,  # Faust's default; the rebalance handlers below rely on it
         broker_commit_interval=wcfg.commit_interval_s,
         web_enabled=False,
         datadir=f"{cfg.data_dir}/faust",
@@ -115,15 +120,55 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
     stats = {"batches": 0, "started": time.monotonic(), "examples_s": 0.0}
     app.opengem_stats = stats  # type: ignore[attr-defined]
 
+    # Shards of the assigned partitions are opened as soon as they are assigned, off the
+    # event loop, and their unacknowledged examples re-sent -- not on a partition's first
+    # record: a partition may get none for a long time (its stream consumed to the end
+    # before the rebalance), and its outbox, and the shard's ownership (the RocksDB LOCK the
+    # next owner waits for), must not wait for new data.
+    owned: set[int] = set()  # partitions of the events topic assigned to this worker
+    openers: dict[int, asyncio.Future] = {}  # partition -> opening its shard (see open_shard)
+
+    async def open_shard(p: int) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, ing.shard, p)
+            if p in owned:  # (revoked meanwhile: on_revoked waits for this, then closes it)
+                # Examples a previous owner closed but never saw acknowledged: send them first.
+                await produce_examples(ing.pending_examples(p))
+        except Exception:
+            log.exception("opening the shard of partition %d failed", p)
+            raise
+
+    def shard_ready(p: int) -> asyncio.Future:
+        """The opener of ``p``'s shard (started here if the assignment's has not been)."""
+        fut = openers.get(p)
+        if fut is None or (fut.done() and not fut.cancelled() and fut.exception() is not None):
+            # (A failed open is tried again when asked next: the agent, restarted by Faust
+            # after the failure reached it, asks again with its next record.)
+            fut = openers[p] = asyncio.ensure_future(open_shard(p))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # logged in open_shard
+        return fut
+
+    # Faust calls these only once the agent has acked every event it took (the default
+    # stream_wait_empty, set explicitly below): a revoked shard is never written after its
+    # release, and a batch body never sees an assignment change half-way.
     @app.on_partitions_revoked.connect
     async def on_revoked(app_: Any, revoked: Any, **kw: Any) -> None:  # noqa: ARG001
         parts = [tp.partition for tp in revoked if tp.topic == k.events_topic]
+        owned.difference_update(parts)
         checked.difference_update(parts)
+        opening = [openers.pop(p) for p in parts if p in openers]
+        if opening:  # an open still running in the executor: close the shard after it
+            await asyncio.gather(*opening, return_exceptions=True)
         ing.release(parts)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: Any, assigned: Any, **kw: Any) -> None:  # noqa: ARG001
         checked.clear()
+        owned.clear()
+        owned.update(tp.partition for tp in assigned if tp.topic == k.events_topic)
+        ing.release([p for p in ing.partitions() if p not in owned and p not in openers])
+        for p in sorted(owned):
+            shard_ready(p)
 
     n_examples_parts = [_partition_count(bootstrap, k.examples_topic)]
     inflight: deque = deque()  # example sends whose acks are awaited, oldest first
@@ -180,9 +225,7 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
                     # (Once this batch holds records of p, a rebalance clearing `checked` at one
                     # of the awaits below must not make the next one look like a gap.)
                     checked.add(p)
-                    # Examples a previous run closed but never saw acknowledged: send them first.
-                    # (pending_examples(p) opens the shard: the outbox is on disk after a restart.)
-                    await produce_examples(ing.pending_examples(p))
+                    await asyncio.shield(shard_ready(p))  # open, and its outbox re-sent
                     resume = ing.resume_offset(p)
                     if m.offset > resume:
                         log.warning("shard of partition %d is behind the consumer group (next offset %d, "
