@@ -235,12 +235,14 @@ class StudentTrainer(Trainer):
         self.teacher = TeacherWatch(self.paths["teacher"], st.teacher_poll_s, echo)
         self.store: Any = None
         self.teacher_seconds = 0.0
+        self.teacher_ahead = 0  # batches distilled from a teacher that had trained past them
         own = dataclasses.replace(tcfg, checkpoint_dir=str(self.paths["checkpoints"]),
                                   models_dir=str(self.paths["models"]),
                                   group_id=f"{tcfg.group_id}-student-{st.surface}")
         # No read thread: the teacher's read and the representation refresh use the same store
         # reader on this thread.
         super().__init__(cfg, own, bootstrap, info, fresh=fresh, echo=echo, prefetch=False)
+        self._batch_start = dict(self.source.cursors)
 
     # -- hooks -----------------------------------------------------------------------------
     def _make_learner(self) -> StudentDaemonLearner:
@@ -315,12 +317,30 @@ class StudentTrainer(Trainer):
                 "student": dataclasses.asdict(self.tcfg.student),
                 "adapter": a.state() if a is not None else None,
                 "representations_dir": str(self.paths["representations"]) if r is not None else None,
-                "representation_refreshes": r.refreshes if r is not None else 0}
+                "representation_refreshes": r.refreshes if r is not None else 0,
+                "teacher_ahead_batches": self.teacher_ahead}
+
+    def _teacher_is_ahead(self, unit: _Unit) -> bool:
+        """Whether the teacher's version may have trained on this batch: its cursors (same topic)
+        are past where this batch began on one of the batch's partitions."""
+        meta = self.teacher.current.meta if self.teacher.current is not None else {}
+        if meta.get("topic_id") != self.topic_id or not isinstance(meta.get("cursors"), dict):
+            return False
+        from opengem.model.source import Cursor
+
+        cursors = {int(p): Cursor(*c) for p, c in meta["cursors"].items()}
+        return any(cursors.get(p, Cursor(0, 0)) > self._batch_start.get(p, Cursor(0, 0))
+                   for p in {it.partition for it in unit.items})
 
     def _learn(self, unit: _Unit) -> torch.Tensor:
         """Teacher (reloaded if a newer version is published) -> adapted targets + representations ->
         the student's predict-then-train step; then the representation refresh if due."""
         self.teacher.poll()
+        if self.student_cfg.distill and self._teacher_is_ahead(unit):
+            if not self.teacher_ahead:
+                self.echo(f"note: teacher {self.teacher.version} has trained past the examples being distilled "
+                          "(the student runs behind the GEM trainer); counted as teacher_ahead_batches")
+            self.teacher_ahead += 1
         examples = [it.example for it in unit.items]
         t0 = time.monotonic()
         teacher = self.teacher.model
@@ -338,6 +358,7 @@ class StudentTrainer(Trainer):
             x = student_inputs(unit.batch, np.fromiter((e.user_id for e in examples), np.int64, len(examples)),
                                np.fromiter((e.ts for e in examples), np.int64, len(examples)), self.store)
         probs = self.learner.student.step(x, unit.weight, tp)
+        self._batch_start = dict(self.source.cursors)  # where the next batch begins (at the latest)
         if self.learner.refresher is not None:
             n = self.learner.refresher.observe(examples, teacher, self.teacher.version, self.reader)
             if n:

@@ -30,11 +30,11 @@ def _student(**kw) -> StudentTrainConfig:
                                  "adapter_refit_every": 64, **kw})
 
 
-def _publish_teacher(models: Path, seed: int, surfaces) -> str:
+def _publish_teacher(models: Path, seed: int, surfaces, **meta) -> str:
     torch.manual_seed(seed)
     cfg = dataclasses.replace(preset("tiny"), features=dataclasses.replace(preset("tiny").features,
                                                                            surfaces=tuple(surfaces)))
-    return registry.publish(models, GemModel(cfg), {"note": f"teacher seed {seed}"}).name
+    return registry.publish(models, GemModel(cfg), {"note": f"teacher seed {seed}", **meta}).name
 
 
 # --------------------------------------------------------------------------- units
@@ -126,10 +126,14 @@ def test_student_daemon_publishes_reloads_its_teacher_and_refreshes_representati
     def spy(x, weight, tp):
         seen.append((tr.teacher.version, len(weight), bool(x.has_reps.any())))
         assert tp is not None and tp.shape == (len(weight), 2)
-        if len(seen) == 4:
-            v2["v"] = _publish_teacher(data / "models", 2, s.cfg.surfaces)
+        if len(seen) == 4:  # a GEM version that has trained on the whole topic, i.e. ahead of the student
+            v2["v"] = _publish_teacher(data / "models", 2, s.cfg.surfaces, topic_id=tr.topic_id,
+                                       cursors={str(p): [n, 0] for p, n in hw.items()})
         return step(x, weight, tp)
 
+    from opengem.stream.broker import high_watermarks
+
+    hw = high_watermarks(s.bootstrap, s.cfg.kafka.examples_topic)
     tr.learner.student.step = spy
     stats = tr.run(idle_exit_s=1.5)
 
@@ -141,6 +145,8 @@ def test_student_daemon_publishes_reloads_its_teacher_and_refreshes_representati
     versions_seen = [v for v, _, _ in seen]
     assert versions_seen[:4] == [v1] * 4 and versions_seen[4:] == [v2["v"]] * (len(seen) - 4)
     assert tr.teacher.reloads == 1
+    # Distilling from a teacher that had already trained past the batch is counted, not hidden.
+    assert tr.teacher_ahead == len(seen) - 4
     assert any(f"teacher: gem version {v2['v']}" in line for line in log)
     # Representations were refreshed into the store and read back by later examples.
     assert tr.learner.refresher.refreshes > 0 and tr.learner.refresher.users_written > 0
@@ -156,9 +162,7 @@ def test_student_daemon_publishes_reloads_its_teacher_and_refreshes_representati
     assert metas[0]["teacher_version"] == v1 and metas[-1]["teacher_version"] == v2["v"]
     last = registry.load(sdir)
     assert last.kind == "student" and last.model.cfg.surface == surface and last.model.cfg.repr_dim > 0
-    from opengem.stream.broker import high_watermarks
-
-    hw = high_watermarks(s.bootstrap, s.cfg.kafka.examples_topic)
+    assert last.meta["teacher_ahead_batches"] == len(seen) - 4
     assert last.meta["cursors"] == {str(p): [hw[p], 0] for p in sorted(hw)}
     assert last.meta["progressive"]["click"]["n"] == len(mine)
     assert last.meta["representations_dir"] == str(data / "representations" / surface)
