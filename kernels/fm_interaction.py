@@ -38,5 +38,5 @@ def _check_dtypes(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def reference_fm_interaction(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The definition in two batched matmuls (the order that costs O(n k d), not O(n^2 d))."""
-    xty = torch.einsum("bnd,nk->bdk", x, y)  # (B, d, k)
-    return torch.bmm(x, xty).flatten(1)  # (B, n * k)
+    ytx = torch.matmul(y.t(), x)  # (B, k, d) = (Xᵀ Y)ᵀ; y broadcast over B, no copy of x
+    return torch.bmm(x, ytx.transpose(1, 2)).flatten(1)  # (B, n * k)

@@ -148,6 +148,8 @@ def match_positions(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor, targ
     """
     ids, hm = _history_ids(batch, idx, mask)
     tg = {key: first_ids(targets, key) for _, key in MATCH_KEYS}  # (B,) each
+    if hm.shape[0] == 1 and targets.stride() > 1:
+        return _shared_match_positions(ids, hm, tg, k)
     hit = None
     for seq_key, key in MATCH_KEYS:
         t = tg[key][:, None]
@@ -160,6 +162,52 @@ def match_positions(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor, targ
         t = tg[key][b]
         level = torch.where((ids[seq_key][hb, l] == t) & (t > 0), lv, level)
     return b, l, pos, K, level
+
+
+def _shared_match_positions(ids: dict[str, torch.Tensor], hm: torch.Tensor, tg: dict[str, torch.Tensor],
+                            k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """:func:`match_positions` for B targets against one shared history (a server's request)
+    as a sort-merge join instead of B x L compares.
+
+    ids {seq key: (1, L)}, hm (1, L), tg {target key: (B,)}. Per level, the history's ids are
+    sorted once (stably: equal ids stay oldest first), each target's equal range is found by
+    binary search and only its k most recent entries are kept (the k most recent matches at
+    any level are among the k most recent of some level); the pairs of all levels are then
+    merged, one per (b, l) at its strongest level, and ranked as :func:`recent_positions`
+    ranks them. O(L log L + B log L + B k log(B k)) -- the same output, in the same order.
+    """
+    L = hm.shape[1]
+    B = next(iter(tg.values())).shape[0]
+    dev = hm.device
+    pos = hm[0].nonzero().squeeze(1)  # (n_h,) the kept events' positions, ascending
+    codes = []
+    for lv, (seq_key, key) in enumerate(MATCH_KEYS, start=1):
+        h = ids[seq_key][0, pos]
+        order = torch.argsort(h, stable=True)
+        hs, hp = h[order], pos[order]
+        t = tg[key]
+        hi = torch.searchsorted(hs, t, side="right")
+        lo = torch.maximum(torch.searchsorted(hs, t, side="left"), hi - k)
+        n = torch.where(t > 0, hi - lo, 0)  # missing ids (row 0) never match
+        b = torch.repeat_interleave(torch.arange(B, device=dev), n)  # (m,) target of each pair
+        first = torch.cumsum(n, 0) - n
+        j = lo[b] + torch.arange(b.numel(), device=dev) - first[b]
+        codes.append((b * L + hp[j]) * N_MATCH + lv)
+    key2 = torch.sort(torch.cat(codes)).values  # by (b, l, level)
+    if not key2.numel():
+        e = key2.new_zeros(0)
+        return e, e, e, 0, e
+    cell = key2 // N_MATCH
+    last = torch.ones_like(cell, dtype=torch.bool)
+    last[:-1] = cell[1:] != cell[:-1]  # the strongest level of each (b, l)
+    cell, level = cell[last], key2[last] % N_MATCH
+    b, l = cell // L, cell % L  # noqa: E741
+    counts = torch.bincount(b, minlength=B)
+    start = torch.cumsum(counts, 0) - counts
+    rank = counts[b] - (torch.arange(b.numel(), device=dev) - start[b])  # 1 = the most recent
+    sel = rank <= k
+    K = min(k, int(counts.max()))
+    return b[sel], l[sel], K - rank[sel], K, level[sel]
 
 
 def truncate_recent(lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -317,12 +365,12 @@ class GemModel(FunnelRanker):
 
     def _ctx(self, i: int, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Candidate-side summary for the sequence: [target ad ‖ gate ⊙ compress_i(X)] (B, 1 + n_ctx, d)."""
-        c = self.ctx_norm(torch.einsum("cn,bnd->bcd", self.ctx_w[i], x))  # (B, n_ctx, d)
+        c = self.ctx_norm(torch.matmul(self.ctx_w[i], x))  # (B, n_ctx, d)
         return torch.cat([target, torch.sigmoid(self.ctx_gate[i]) * c], dim=1)
 
     def _user_ctx(self, i: int, u: torch.Tensor) -> torch.Tensor:
         """User-side summary for the age branches: u (B_u, n_u, d) user / request tokens -> (B_u, n_ctx, d)."""
-        c = self.user_ctx_norm(torch.einsum("cn,bnd->bcd", self.user_ctx_w[i], u))
+        c = self.user_ctx_norm(torch.matmul(self.user_ctx_w[i], u))
         return torch.sigmoid(self.user_ctx_gate[i]) * c
 
     # ------------------------------------------------------------------ the two halves of represent()
@@ -405,16 +453,18 @@ class GemModel(FunnelRanker):
         lv, pl, row = uniq % N_MATCH, (uniq // N_MATCH) % L, uniq // (N_MATCH * L)
         toks = self.seq.search_values(u.events[row, pl] + self.match_emb[lv])  # (U, d)
         B, K = sel.B, sel.K
-        mask = torch.zeros(B, 1 + K, dtype=torch.bool, device=toks.device)
-        mask[:, 0] = True
-        mask[sel.b, 1 + sel.pos] = True
+        # Each candidate's slots as rows of a table [CLS, 0, the U distinct tokens]: one gather
+        # writes the (B, 1 + K, 2d) keys ‖ values (no zero fill, then scatter, of that tensor).
+        slot = torch.ones(B, 1 + K, dtype=torch.int64, device=toks.device)  # 1: the empty slot
+        slot[:, 0] = 0
+        slot[sel.b, 1 + sel.pos] = 2 + inv
+        mask = slot != 1
+        cls = self.seq.search_cls[0]  # (1, d)
         out = []
         for att in self.search_attn:
-            kv_u = att.project(toks)  # (U, 2d)
-            kv = kv_u.new_zeros(B, 1 + K, kv_u.shape[-1])
-            kv[:, 0] = att.project(self.seq.search_cls[0])  # (1, 2d)
-            kv[sel.b, 1 + sel.pos] = kv_u[inv]
-            out.append(kv)
+            kv_u = att.project(torch.cat([cls, toks]))  # (1 + U, 2d)
+            table = torch.cat([kv_u[:1], kv_u.new_zeros(1, kv_u.shape[-1]), kv_u[1:]])  # (2 + U, 2d)
+            out.append(table.index_select(0, slot.view(-1)).view(B, 1 + K, -1))  # (B, 1 + K, 2d)
         return out, mask
 
     def _score(self, u: "UserEncoding", cands: GemBatch, nonseq: torch.Tensor) -> torch.Tensor:
@@ -436,7 +486,7 @@ class GemModel(FunnelRanker):
                 keys, km = u.keys[i]
                 parts.append(self.seq.out_norm(self.target_attn[j](target, keys, km)))
                 if sel is not None:
-                    q = self.search_q_norm(torch.einsum("cn,bnd->bcd", self.search_q_w[j], x))  # (B, 1, d)
+                    q = self.search_q_norm(torch.matmul(self.search_q_w[j], x))  # (B, 1, d)
                     q = target + torch.sigmoid(self.search_q_gate[j]) * q
                     parts.append(self.seq.out_norm(self.search_attn[j].attend(q, s_kv[j], s_mask)))
                 return torch.cat(parts, dim=1)  # (B, n_s, d)

@@ -108,8 +108,9 @@ class MultiDomainHeads(nn.Module):
     """h: (B, n_in), surface_idx: (B,) -> stage logits (B, n_tasks) from each row's surface tower.
 
     Optional MMoE: n_experts shared expert MLPs, mixed per surface by a softmax gate.
-    All towers run on all rows and the row's own is gathered (towers are small;
-    a gather beats B tiny matmuls). Each tower's output bias starts at the logit of
+    In training all towers run on all rows and the row's own is gathered (towers are
+    small; a gather beats B tiny matmuls); in eval, rows of one surface (a ranking
+    request) run that surface's tower only. Each tower's output bias starts at the logit of
     ``priors`` (:data:`STAGE_PRIORS` by default; 0.5 for stages beyond them).
     """
 
@@ -138,7 +139,11 @@ class MultiDomainHeads(nn.Module):
             xs = torch.einsum("bse,beh->bsh", g, e)  # (B, S, H)
         else:
             xs = h.unsqueeze(1).expand(B, self.n_towers, -1)  # (B, S, t_in)
-        raw = torch.stack([t(xs[:, s]) for s, t in enumerate(self.towers)], dim=1)  # (B, S, T)
         if self.n_towers == 1:
-            return raw[:, 0]
+            return self.towers[0](xs[:, 0])
+        if B and not self.training:
+            lo, hi = int(surface_idx.min()), int(surface_idx.max())
+            if lo == hi:  # one surface (a ranking request): its tower alone
+                return self.towers[lo](xs[:, lo])
+        raw = torch.stack([t(xs[:, s]) for s, t in enumerate(self.towers)], dim=1)  # (B, S, T)
         return raw[torch.arange(B, device=h.device), surface_idx]  # (B, T)

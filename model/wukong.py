@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from opengem.kernels import fm_interaction
+from opengem.kernels._backend import resolve
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ class FMBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_in * cfg.rank, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_fm * d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = fm_interaction(x, self.proj)  # (B, n_in * k): fused Triton kernel on CUDA, einsum + bmm on CPU
-        z = self.mlp(self.norm(z))  # (B, n_fm * d)
-        return z.view(x.shape[0], self.n_fm, self.d)
+        return self.finish(fm_interaction(x, self.proj))  # fused Triton kernel on CUDA, two matmuls on CPU
+
+    def finish(self, z: torch.Tensor) -> torch.Tensor:
+        """The interaction z (B, n_in * k) -> (B, n_fm, d): LayerNorm, then the MLP."""
+        return self.mlp(self.norm(z)).view(z.shape[0], self.n_fm, self.d)
 
 
 class LCBlock(nn.Module):
@@ -68,7 +71,7 @@ class LCBlock(nn.Module):
         self.weight = nn.Parameter(torch.randn(cfg.n_lcb, n_in) / n_in**0.5)  # (n_lcb, n_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("mn,bnd->bmd", self.weight, x)
+        return torch.matmul(self.weight, x)  # (n_lcb, n_in) broadcast over B: no copy of x
 
 
 class WukongLayer(nn.Module):
@@ -84,8 +87,22 @@ class WukongLayer(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve("auto", x) == "pytorch":
+            return self._forward_fused(x)
         y = torch.cat([self.fmb(x), self.lcb(x)], dim=1)  # (B, n_out, d)
-        r = x if self.res is None else torch.einsum("mn,bnd->bmd", self.res, x)
+        r = x if self.res is None else torch.matmul(self.res, x)
+        return self.norm(y + r)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer with its three mixes over the embedding axis -- the FM projection
+        Yᵀ X, the LCB's W X, the residual's R X -- as one matmul: one pass over x
+        instead of three (what the PyTorch path costs most on many rows)."""
+        k, m = self.fmb.proj.shape[1], self.lcb.weight.shape[0]
+        mixes = [self.fmb.proj.t(), self.lcb.weight] + ([] if self.res is None else [self.res])
+        mixed = torch.matmul(torch.cat(mixes), x)  # (B, k + n_lcb [+ n_out], d)
+        z = torch.bmm(x, mixed[:, :k].transpose(1, 2)).flatten(1)  # (B, n_in * k) = fm_interaction(x, Y)
+        y = torch.cat([self.fmb.finish(z), mixed[:, k:k + m]], dim=1)  # (B, n_out, d)
+        r = x if self.res is None else mixed[:, k + m:]
         return self.norm(y + r)
 
 

@@ -276,3 +276,49 @@ def test_target_match_levels():
     # row 0: item > advertiser > category; row 2: item match, then nothing (missing ids never match)
     assert m.tolist() == [[3, 2, 1], [0, 0, 0], [0, 3, 0]]
     assert m[2, 2] == 0 and m[1].sum() == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_history_match_join_equals_the_dense_compare(seed):
+    """A server's B candidates against one history take the sort-merge join; it must select the
+    same events at the same levels in the same order as B x L compares (the training path)."""
+    from opengem.model import gem as G
+
+    rng = np.random.default_rng(seed)
+    L = int(rng.choice([1, 7, 300, 1024]))
+    n_ids = int(rng.choice([2, 5, 40]))  # few ids: many ties, many matches per candidate
+    hist = synthetic_batch(TINY, [L], seed=seed)
+    seq = {k: torch.as_tensor(rng.integers(0, n_ids, L), dtype=torch.int64) for k in hist.seq}
+    hist = dataclasses.replace(hist, seq=seq)
+    B = int(rng.choice([2, 3, 50, 500]))
+    cols = {k: np.ones(B, np.int64) for k in NONSEQ_KEYS}
+    for key in ("item_id", "advertiser_id", "category"):
+        cols[key] = rng.integers(0, n_ids + 2, B)  # 0 = missing; some ids the history lacks
+    targets = make_kjt(cols)
+    for max_len, k in ((1024, 32), (64, 4), (1024, 1), (5, 300)):
+        idx, _, mask = G.truncate_recent(hist.seq_lengths, max_len)
+        got = G.match_positions(hist, idx, mask, targets, k)
+        want = _dense_match(G, hist, idx, mask, targets, k)
+        assert got[3] == want[3]
+        for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):
+            assert torch.equal(g, w)
+        if got[0].numel():
+            lv = G.target_match(hist, idx, mask, targets)  # (B, L)
+            assert torch.equal(lv[got[0], got[1]], got[4]) and bool((got[4] > 0).all())
+
+
+def _dense_match(G, hist, idx, mask, targets, k):
+    """The B x L compare of match_positions, whatever the number of history rows."""
+    ids, hm = G._history_ids(hist, idx, mask)
+    tg = {key: G.first_ids(targets, key) for _, key in G.MATCH_KEYS}
+    hit = None
+    for seq_key, key in G.MATCH_KEYS:
+        t = tg[key][:, None]
+        h = (ids[seq_key] == t) & (t > 0)
+        hit = h if hit is None else hit | h
+    b, l, pos, K = G.recent_positions(hit & hm, k)
+    level = torch.zeros_like(b)
+    for lv, (seq_key, key) in enumerate(G.MATCH_KEYS, start=1):
+        t = tg[key][b]
+        level = torch.where((ids[seq_key][torch.zeros_like(b), l] == t) & (t > 0), lv, level)
+    return b, l, pos, K, level

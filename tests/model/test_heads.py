@@ -58,3 +58,25 @@ def test_prior_logits_and_their_checks():
     heads = MultiDomainHeads(8, 3, 2, HeadConfig(trunk=(4,), tower=(4,)), priors=(0.01, 0.3))
     for tower in heads.towers:
         torch.testing.assert_close(tower[-1].bias, prior_logits((0.01, 0.3), 2))
+
+
+@pytest.mark.parametrize("n_experts", [0, 2])
+def test_a_one_surface_batch_in_eval_runs_its_tower_alone_with_the_same_logits(n_experts):
+    torch.manual_seed(0)
+    heads = MultiDomainHeads(8, 3, 2, HeadConfig(trunk=(6,), tower=(5,), n_experts=n_experts))
+    with torch.no_grad():
+        for t in heads.towers:
+            t[-1].bias.normal_()  # towers that differ
+    h = torch.randn(7, 8)
+    for s in range(3):
+        idx = torch.full((7,), s)
+        heads.train()
+        want = heads(h, idx)  # every tower, gathered
+        heads.eval()
+        got = heads(h, idx)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    mixed = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    heads.eval()
+    torch.testing.assert_close(heads(h, mixed), torch.stack([heads(h[i:i + 1], mixed[i:i + 1])[0] for i in range(7)]))
+    with pytest.raises(IndexError):
+        heads(h, torch.full((7,), 3))

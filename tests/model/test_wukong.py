@@ -34,3 +34,22 @@ def test_extra_inputs_widen_layer_inputs():
     cfg = WukongConfig(n_layers=3, n_fm=2, n_lcb=2, rank=2)
     arch = WukongArch(5, 4, cfg, extra=(3, 3))
     assert arch.n_in == (8, 7, 4)
+
+
+def test_the_fused_cpu_layer_equals_its_blocks_in_values_and_gradients():
+    """WukongLayer's PyTorch path mixes x once for the FM, the LCB and the residual; it must
+    equal the blocks composed as the docstring defines them (n_in == n_out: identity residual, too)."""
+    from opengem.model.wukong import WukongLayer
+
+    torch.manual_seed(0)
+    for n_in in (9, 7):  # a learned residual (9 -> 7) and the identity (7 -> 7)
+        layer = WukongLayer(n_in, 6, WukongConfig(n_fm=3, n_lcb=4, rank=5))
+        x = torch.randn(5, n_in, 6, requires_grad=True)
+        got = layer(x)
+        y = torch.cat([layer.fmb(x), layer.lcb(x)], dim=1)
+        want = layer.norm(y + (x if layer.res is None else torch.einsum("mn,bnd->bmd", layer.res, x)))
+        torch.testing.assert_close(got, want)
+        g1 = torch.autograd.grad(got.square().sum(), [x] + list(layer.parameters()))
+        g2 = torch.autograd.grad(want.square().sum(), [x] + list(layer.parameters()))
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
