@@ -189,14 +189,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and args.metrics_port < 0:
         changed["metrics_port"] = None
     tcfg = dataclasses.replace(cfg.train, **changed)
-    if args.student:
-        tcfg = dataclasses.replace(tcfg, student=dataclasses.replace(tcfg.student, surface=args.student))
-    if tcfg.student.surface and tcfg.student.surface not in cfg.surfaces:
-        raise ValueError(f"--student {tcfg.student.surface!r}: not a surface of this deployment {list(cfg.surfaces)}")
+    if args.student is not None and args.student not in cfg.surfaces:
+        raise ValueError(f"--student {args.student!r}: not a surface of this deployment {list(cfg.surfaces)}")
     bootstrap, _ = resolve_bootstrap(cfg.kafka.bootstrap, cfg.data_dir)
     stop = Stop()
     stats = run_trainer(cfg, tcfg, bootstrap, stop=lambda: bool(stop), fresh=args.fresh,
-                        max_examples=args.max_examples, idle_exit_s=args.idle_exit)
+                        max_examples=args.max_examples, idle_exit_s=args.idle_exit, student=args.student)
     sampled = f" (+{stats.sampled_out:,} negatives sampled out)" if stats.sampled_out else ""
     print(f"trainer stopped: {stats.steps:,} steps, {stats.examples:,} examples{sampled}, version "
           f"{stats.published or '-'}, checkpoint {stats.checkpoint or '-'}", flush=True)

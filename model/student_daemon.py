@@ -68,14 +68,14 @@ class StudentModeError(ValueError):
     """A student mode that cannot run as configured (a clear message, no traceback needed)."""
 
 
-def student_paths(cfg: Config, tcfg: TrainConfig) -> dict[str, Path]:
-    """Where the student of ``tcfg.student.surface`` reads its teacher and writes everything else."""
+def student_paths(cfg: Config, tcfg: TrainConfig, surface: str) -> dict[str, Path]:
+    """Where the student of ``surface`` reads its teacher and writes everything else."""
     st, root = tcfg.student, Path(cfg.data_dir)
     return {
         "teacher": Path(st.teacher_dir or tcfg.models_dir or root / "models"),
-        "models": Path(st.models_dir or root / "students" / st.surface),
-        "representations": Path(st.representations_dir or root / "representations" / st.surface),
-        "checkpoints": Path(st.checkpoint_dir or root / "train" / "students" / st.surface / "checkpoints"),
+        "models": Path(st.models_dir or root / "students" / surface),
+        "representations": Path(st.representations_dir or root / "representations" / surface),
+        "checkpoints": Path(st.checkpoint_dir or root / "train" / "students" / surface / "checkpoints"),
     }
 
 
@@ -218,27 +218,24 @@ class StudentDaemonLearner:
 class StudentTrainer(Trainer):
     """:class:`Trainer` with a student learner: same loop, checkpoints, publication and metrics."""
 
-    def __init__(self, cfg: Config, tcfg: TrainConfig, bootstrap: str, info: DistInfo, *, fresh: bool = False,
-                 echo: Callable[[str], None] = print, stop: Callable[[], bool] = lambda: False):
-        st = tcfg.student
-        if not st.surface:
-            raise StudentModeError("student mode needs a surface (--student SURFACE or [train.student] surface)")
-        if st.surface not in cfg.surfaces:
-            raise StudentModeError(f"unknown surface {st.surface!r}; the deployment has {list(cfg.surfaces)}")
+    def __init__(self, cfg: Config, tcfg: TrainConfig, surface: str, bootstrap: str, info: DistInfo, *,
+                 fresh: bool = False, echo: Callable[[str], None] = print, stop: Callable[[], bool] = lambda: False):
+        if surface not in cfg.surfaces:
+            raise StudentModeError(f"unknown surface {surface!r}; the deployment has {list(cfg.surfaces)}")
         if info.world_size > 1:
             raise StudentModeError("the student daemon runs in one process (students are small): not under torchrun")
-        self.paths = student_paths(cfg, tcfg)
+        self.paths = student_paths(cfg, tcfg, surface)
         if self.paths["models"].resolve() == self.paths["teacher"].resolve():
             raise StudentModeError(f"the student's models dir is the teacher's ({self.paths['models']}): "
                                    "students publish elsewhere ([train.student] models_dir)")
-        self.surface, self._stop = st.surface, stop
-        self.teacher = TeacherWatch(self.paths["teacher"], st.teacher_poll_s, echo)
+        self.surface, self._stop = surface, stop
+        self.teacher = TeacherWatch(self.paths["teacher"], tcfg.student.teacher_poll_s, echo)
         self.store: Any = None
         self.teacher_seconds = 0.0
         self.teacher_ahead = 0  # batches distilled from a teacher that had trained past them
         own = dataclasses.replace(tcfg, checkpoint_dir=str(self.paths["checkpoints"]),
                                   models_dir=str(self.paths["models"]),
-                                  group_id=f"{tcfg.group_id}-student-{st.surface}")
+                                  group_id=f"{tcfg.group_id}-student-{surface}")
         # No read thread: the teacher's read and the representation refresh use the same store
         # reader on this thread.
         super().__init__(cfg, own, bootstrap, info, fresh=fresh, echo=echo, prefetch=False)
@@ -373,10 +370,11 @@ class StudentTrainer(Trainer):
             self.store = None
 
 
-def run_student(cfg: Config, tcfg: TrainConfig, bootstrap: str, info: DistInfo, *,
+def run_student(cfg: Config, tcfg: TrainConfig, surface: str, bootstrap: str, info: DistInfo, *,
                 stop: Callable[[], bool] = lambda: False, fresh: bool = False, max_examples: int | None = None,
                 idle_exit_s: float | None = None) -> Any:
-    trainer = StudentTrainer(cfg, tcfg, bootstrap, info, fresh=fresh, echo=lambda s: print(s, flush=True), stop=stop)
+    trainer = StudentTrainer(cfg, tcfg, surface, bootstrap, info, fresh=fresh, echo=lambda s: print(s, flush=True),
+                             stop=stop)
     return trainer.run(stop, max_examples=max_examples, idle_exit_s=idle_exit_s)
 
 

@@ -12,10 +12,9 @@ MAX_STUDENT_HISTORY = 256
 
 @dataclass(frozen=True)
 class StudentTrainConfig:
-    """``[train.student]``: the student mode of the daemon (``opengem train --student SURFACE``)."""
+    """``[train.student]``: how ``opengem train --student SURFACE`` trains a student. The surface
+    is the command line's only, so one file configures the GEM trainer and all its students."""
 
-    # The surface the student trains on and serves (``--student``); empty: not in student mode.
-    surface: str = ""
     # Last events read (mean-pooled + the most recent one); bench/transfer.py's size.
     history: int = 32
     hidden: tuple[int, ...] = (128, 64)
@@ -125,7 +124,7 @@ class TrainConfig:
     # (its cache under <data_dir>/train/compile-cache survives restarts).
     bf16: bool = True
     compile: bool = False
-    # Student mode (``opengem train --student SURFACE``); ignored by the GEM trainer.
+    # Student mode (``opengem train --student SURFACE``); unused by the GEM trainer.
     student: StudentTrainConfig = field(default_factory=StudentTrainConfig)
 
     def __post_init__(self) -> None:

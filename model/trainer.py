@@ -573,8 +573,10 @@ def _jsonable(v: Any) -> Any:
 
 
 def run_trainer(cfg: Config, tcfg: TrainConfig, bootstrap: str, *, stop: Callable[[], bool] = lambda: False,
-                fresh: bool = False, max_examples: int | None = None, idle_exit_s: float | None = None) -> TrainStats:
-    """Set up (or join torchrun's) process group, serve metrics, run the daemon, tear down."""
+                fresh: bool = False, max_examples: int | None = None, idle_exit_s: float | None = None,
+                student: str | None = None) -> TrainStats:
+    """Set up (or join torchrun's) process group, serve metrics, run the daemon, tear down.
+    ``student``: a surface -- run the student daemon of that surface instead (model/student_daemon.py)."""
     from opengem.model.distributed import init_distributed, shutdown_distributed
     from opengem.ops import metrics as m
 
@@ -586,11 +588,11 @@ def run_trainer(cfg: Config, tcfg: TrainConfig, bootstrap: str, *, stop: Callabl
             port = m.serve(tcfg.metrics_port + info.rank if tcfg.metrics_port else 0)
             if info.rank == 0:
                 print(f"metrics at http://127.0.0.1:{port}/metrics", flush=True)
-        if tcfg.student.surface:  # `opengem train --student SURFACE`: model/student_daemon.py
+        if student:  # `opengem train --student SURFACE`
             from opengem.model.student_daemon import run_student
 
-            return run_student(cfg, tcfg, bootstrap, info, stop=stop, fresh=fresh, max_examples=max_examples,
-                               idle_exit_s=idle_exit_s)
+            return run_student(cfg, tcfg, student, bootstrap, info, stop=stop, fresh=fresh,
+                               max_examples=max_examples, idle_exit_s=idle_exit_s)
         trainer = Trainer(cfg, tcfg, bootstrap, info, fresh=fresh, echo=lambda s: print(s, flush=True))
         return trainer.run(stop, max_examples=max_examples, idle_exit_s=idle_exit_s)
     finally:

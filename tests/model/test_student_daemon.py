@@ -93,11 +93,11 @@ def test_cli_refuses_an_unknown_student_surface(tmp_path, capsys):
 # --------------------------------------------------------------------------- the daemon
 
 
-def _trainer(s, tcfg, info, **kw):
+def _trainer(s, tcfg, surface, info, **kw):
     from opengem.model.student_daemon import StudentTrainer
 
     log: list[str] = []
-    return StudentTrainer(s.cfg, tcfg, s.bootstrap, info, echo=log.append, **kw), log
+    return StudentTrainer(s.cfg, tcfg, surface, s.bootstrap, info, echo=log.append, **kw), log
 
 
 @pytest.mark.integration
@@ -110,9 +110,9 @@ def test_student_daemon_publishes_reloads_its_teacher_and_refreshes_representati
     data = Path(s.cfg.data_dir)
     v1 = _publish_teacher(data / "models", 1, s.cfg.surfaces)
     tcfg = dataclasses.replace(TINY, batch_size=8, publish_every_steps=3, checkpoint_every_steps=4,
-                               student=_student(surface=surface, representations=True, refresh_every_s=120.0,
+                               student=_student(representations=True, refresh_every_s=120.0,
                                                 share_tables="finetune"))
-    tr, log = _trainer(s, tcfg, dist_group)
+    tr, log = _trainer(s, tcfg, surface, dist_group)
     assert tr.teacher.version == v1 and tr.student_cfg.repr_dim > 0 and tr.student_cfg.d == preset("tiny").d
     # Parameter sharing: the student starts from the teacher's tables.
     torch.testing.assert_close(tr.learner.student.model.sparse.ebc.state_dict(),
@@ -197,9 +197,9 @@ def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
     data = Path(s.cfg.data_dir)
     _publish_teacher(data / "models", 1, s.cfg.surfaces)
     tcfg = dataclasses.replace(TINY, batch_size=16, checkpoint_every_steps=4, publish_every_steps=5,
-                               student=_student(surface=surface))
+                               student=_student())
 
-    first, _ = _trainer(s, tcfg, dist_group)
+    first, _ = _trainer(s, tcfg, surface, dist_group)
     first._finish = lambda: None  # a crash: no final checkpoint
     ids1: list[str] = []
     step1 = first._learn
@@ -210,7 +210,7 @@ def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
     assert man["model"] == "student" and man["surface"] == surface
     assert state["learner"]["student"]["adapter"]["fits"] >= 0
 
-    second, log = _trainer(s, tcfg, dist_group)
+    second, log = _trainer(s, tcfg, surface, dist_group)
     assert any(f"resumed from checkpoint {saved.name}" in line for line in log)
     assert second.stats.examples == state["examples"] < len(ids1) < len(mine)
     ids2: list[str] = []
@@ -229,7 +229,7 @@ def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
     # A checkpoint of another student configuration is refused with a clear message.
     other = dataclasses.replace(tcfg, student=dataclasses.replace(tcfg.student, hidden=(32,)))
     with pytest.raises(ckpt.CheckpointError, match="another model configuration"):
-        _trainer(s, other, dist_group)
+        _trainer(s, other, surface, dist_group)
 
 
 @pytest.mark.integration
