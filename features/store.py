@@ -144,6 +144,10 @@ class StoreConfig:
     sync: bool = True
     # Keep item attributes and counters (one head write per distinct item per commit).
     item_features: bool = True
+    # Format 2: a chunk whose events carry their items' first-seen category / advertiser_id
+    # takes them from the shard's item attribute table (``A`` pages, codec.py) instead of
+    # storing them: ~1 byte per event less on the simulator's data, the table costs ~0.3.
+    item_attr_table: bool = True
     # The writer keeps the fixed-size user / item heads it wrote in memory (~200 B each with
     # the dict) so that a commit reads them from RocksDB only on a miss; cleared when full.
     writer_cache_users: int = 1_000_000
@@ -330,6 +334,8 @@ class SequenceStore(SequenceStoreBase):
         self._wopts.sync = cfg.sync
         self._get = self._db.get
         self.surfaces = self._check_meta()
+        self._attrs = codec.AttrTable()
+        self._load_attrs()
         if not self.read_only:  # an empty store: the caches hold every head the writer will write
             self._user_cache.complete = not _has_prefix(self._db, b"H")
             self._item_cache.complete = not _has_prefix(self._items, b"I")
@@ -365,9 +371,17 @@ class SequenceStore(SequenceStoreBase):
                 self._db.put(codec.META_KEY, json.dumps(want).encode(), self._wopts)
             return tuple(cfg.surfaces)
         have = json.loads(raw)
-        for k in ("format", "chunk_events", "kinds"):
+        if have["format"] not in codec.READ_FORMATS:
+            raise ValueError(f"store at {self.path} has format={have['format']!r}; this code reads formats "
+                             f"{list(codec.READ_FORMATS)}")
+        for k in ("chunk_events", "kinds"):
             if have[k] != want[k]:
                 raise ValueError(f"store at {self.path} has {k}={have[k]!r}, config wants {want[k]!r}")
+        if not self.read_only and have["format"] != codec.FORMAT_VERSION:
+            # A format-1 store written on from now on: its new chunks may use the item attribute
+            # table, so code that reads only format 1 must refuse it (its format check does).
+            have["format"] = codec.FORMAT_VERSION
+            self._db.put(codec.META_KEY, json.dumps(have).encode(), self._wopts)
         stored = tuple(have["surfaces"])
         if self.read_only:
             return stored
@@ -376,6 +390,63 @@ class SequenceStore(SequenceStoreBase):
         if len(cfg.surfaces) > len(stored):
             self._db.put(codec.META_KEY, json.dumps(want).encode(), self._wopts)
         return tuple(cfg.surfaces)
+
+    # ------------------------------------------------------------------ item attribute table
+
+    def _load_attrs(self) -> None:
+        """Read the whole item attribute table (the ``A`` keys) into memory."""
+        self._attrs = codec.AttrTable()
+        self._fetch_attrs()
+
+    def _fetch_attrs(self) -> None:
+        """Add the ``A`` keys after the last one read (a reader meets items that the
+        writer added after this reader's last look)."""
+        t = self._attrs
+        it = self._db.iter()
+        it.seek(codec.attr_key(t.last_seq + 1))
+        while it.valid():
+            k = bytes(it.key())
+            if k[:1] != codec.ATTR_PREFIX:
+                break
+            t.add_key(int.from_bytes(k[1:9], "big"), bytes(it.value()))
+            it.next()
+        del it
+
+    def _decode_groups(self, blobs: list[bytes]) -> tuple | None:
+        """codec.decode_chunk_groups with this store's attribute table; None if the
+        chunks name items that the table lacks even after reading its new keys
+        (the read raced a catch-up: read again)."""
+        for attempt in range(2):
+            try:
+                return codec.decode_chunk_groups(blobs, self._attrs)
+            except codec.MissingAttrs:
+                if attempt:
+                    return None
+                self._fetch_attrs()
+        return None
+
+    def _add_attrs(self, wb: WriteBatch, cols: EventColumns) -> None:
+        """Enter the items of ``cols`` that the table lacks, with their first values in
+        arrival order, as one new ``A`` key in ``wb`` (the chunks that use them go in
+        the same batch); merge the small keys when there are too many."""
+        t = self._attrs
+        items, first = np.unique(cols.item_id, return_index=True)
+        new = t.add(items, cols.category[first], cols.advertiser_id[first])
+        if not len(new[0]):
+            return
+        if len(t.small) >= t.MERGE_KEYS:
+            old = [codec.attr_key(q) for q in t.small]
+            parts = [codec.decode_attrs(v) for v in self._get(old)]
+            merged = [np.concatenate([p[j] for p in parts]) for j in range(3)]
+            o = np.argsort(merged[0], kind="stable")
+            t.last_seq += 1
+            wb.put(codec.attr_key(t.last_seq), codec.encode_attrs(*(m[o] for m in merged)))
+            for k in old:
+                wb.delete(k)
+            t.small = [t.last_seq] if len(o) < t.SMALL else []
+        t.last_seq += 1
+        wb.put(codec.attr_key(t.last_seq), codec.encode_attrs(*new))
+        t.small.append(t.last_seq)
 
     # ------------------------------------------------------------------ offsets
 
@@ -397,16 +468,20 @@ class SequenceStore(SequenceStoreBase):
     def _commit(self, cols: EventColumns, offsets: dict[int, int]) -> None:
         wb = WriteBatch(raw_mode=True)
         cached: list[tuple[_HeadCache, np.ndarray, np.ndarray]] = []
-        if len(cols):
-            cached = self._write_events(wb, cols)
-        for p, o in offsets.items():
-            wb.put(codec.offset_key(p), _OFF.pack(o))
         try:
+            if len(cols):
+                if self.config.item_attr_table:
+                    self._add_attrs(wb, cols)
+                cached = self._write_events(wb, cols)
+            for p, o in offsets.items():
+                wb.put(codec.offset_key(p), _OFF.pack(o))
             self._db.write(wb, self._wopts)
         except BaseException:
-            # Nothing was written; the caches may not hold heads of this batch.
+            # Nothing was written; the caches may not hold heads of this batch, and the
+            # attribute table may hold entries that are not in the DB.
             self._user_cache.clear()
             self._item_cache.clear()
+            self._load_attrs()
             raise
         for cache, ids, heads in cached:
             cache.store(ids, heads)
@@ -531,12 +606,13 @@ class SequenceStore(SequenceStoreBase):
             pos += b - a
         dirvals = vals[pos:]
         put, delete = wb.put, wb.delete
+        enc_attrs = self._attrs if cfg.item_attr_table else None
         for j, i in enumerate(ri.tolist()):
             u = ukeys[j]
             h = heads[i]
             if any(v is None for v in segvals[j]):
                 raise RuntimeError(f"store corrupt: user {u} is missing tail segments")
-            tail = np.concatenate([codec.decode_segment(v) for v in segvals[j]] + [rec[starts[i] : ends[i]]])
+            tail = np.concatenate([codec.decode_segment(v, self._attrs) for v in segvals[j]] + [rec[starts[i] : ends[i]]])
             old_dir = np.frombuffer(dirvals[j], DIR) if dirvals[j] else np.empty(0, DIR)
             nseal = len(tail) // C
             rem = tail[nseal * C :]
@@ -549,7 +625,7 @@ class SequenceStore(SequenceStoreBase):
             for c in range(nseal):
                 seq = chunk_hi + c
                 if seq - chunk_lo >= drop:  # a chunk that retention would drop at once is never written
-                    blob, mn, mx = codec.encode_chunk(tail[c * C : (c + 1) * C])
+                    blob, mn, mx = codec.encode_chunk(tail[c * C : (c + 1) * C], enc_attrs)
                     put(codec.user_key(b"C", u, seq), blob)
                     new_dir[c] = (mn, mx)
             for seq in range(chunk_lo, min(chunk_lo + drop, chunk_hi)):
@@ -564,7 +640,7 @@ class SequenceStore(SequenceStoreBase):
             for seq in range(seg_lo, seg_hi):
                 delete(codec.user_key(b"T", u, seq))
             if tail_n:  # the merged remainder, encoded like a chunk
-                put(codec.user_key(b"T", u, seg_hi), codec.SEG_CHUNK + codec.encode_chunk(rem)[0])
+                put(codec.user_key(b"T", u, seg_hi), codec.SEG_CHUNK + codec.encode_chunk(rem, enc_attrs)[0])
             h["seg_lo"] = seg_hi
             h["seg_hi"] = seg_hi + (1 if tail_n else 0)
             h["chunk_lo"] = chunk_lo + drop
@@ -655,7 +731,10 @@ class SequenceStore(SequenceStoreBase):
                 else:
                     raw[i].append(np.frombuffer(v, REC, offset=1))
             pos += ns
-        groups, group, start, lens = codec.decode_chunk_groups(blobs)
+        decoded = self._decode_groups(blobs)
+        if decoded is None:
+            return None
+        groups, group, start, lens = decoded
         gl, sl, nl = group.tolist(), start.tolist(), lens.tolist()
         out = []
         k = 0
@@ -771,7 +850,8 @@ class SequenceStore(SequenceStoreBase):
             db.compact_range(None, None, opts)
 
     def disk_bytes(self) -> dict[str, int]:
-        """Bytes of live SST files: ``sequences`` (sequences, user heads, offsets) and ``items``."""
+        """Bytes of live SST files: ``sequences`` (sequences, user heads, item attribute
+        table, offsets) and ``items``."""
         prop = "rocksdb.total-sst-files-size"
         return {"sequences": self._db.property_int_value(prop), "items": self._items.property_int_value(prop)}
 

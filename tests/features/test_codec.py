@@ -78,3 +78,69 @@ def test_keys_sort_by_user_then_sequence() -> None:
     assert keys == sorted(keys)
     assert keys[0] == codec.user_key(b"C", 1, 1)
     assert codec.head_keys(uids)[3] == b"H" + (2**63 - 1).to_bytes(8, "big")
+
+
+# --------------------------------------------------------------------------- item attribute table (format 2)
+
+
+def table_of(rec: np.ndarray) -> codec.AttrTable:
+    t = codec.AttrTable()
+    items, first = np.unique(rec["item_id"], return_index=True)
+    t.add(items, rec["category"][first], rec["advertiser_id"][first])
+    return t
+
+
+@pytest.mark.parametrize("n", [1, 17, 256])
+def test_chunks_take_item_attributes_from_the_table(n: int) -> None:
+    rng = np.random.default_rng(n)
+    rec = records(n, rng, ad_only=True)  # category and advertiser_id: functions of the item
+    rec["item_id"][0], rec["advertiser_id"][0] = 2**63 - 1, 2**63 - 1
+    rec["item_id"][-1] = -5  # negative ids are ids too
+    t = table_of(rec)
+    blob = encode_chunk(rec, t)[0]
+    assert blob[2] & codec._ATTRS_TABLE and len(blob) < len(encode_chunk(rec)[0])
+    cols, _ = decode_chunks([blob], t)
+    for f, c in zip(FIELDS, cols):
+        np.testing.assert_array_equal(c, expected(rec)[f], err_msg=f)
+    assert [c.dtype for c in cols] == [np.int64, np.int64, np.int8, np.int8, np.int32, np.int64]
+    with pytest.raises(codec.MissingAttrs):
+        decode_chunks([blob])
+    with pytest.raises(codec.MissingAttrs) as e:
+        decode_chunks([blob], codec.AttrTable())
+    assert set(e.value.args[0].tolist()) == set(rec["item_id"].tolist())
+    # decoded together with format-1 chunks and chunks that store their own attributes
+    other = records(n, rng, extreme=True)
+    cols, lengths = decode_chunks([encode_chunk(other, t)[0], blob, encode_chunk(rec)[0]], t)
+    exp = np.concatenate([expected(other), expected(rec), expected(rec)])
+    for f, c in zip(FIELDS, cols):
+        np.testing.assert_array_equal(c, exp[f], err_msg=f)
+
+
+def test_a_changed_or_unknown_item_keeps_its_own_attributes() -> None:
+    rng = np.random.default_rng(5)
+    rec = records(40, rng, ad_only=True)
+    t = table_of(rec)
+    changed = rec.copy()
+    changed["category"][changed["item_id"] == changed["item_id"][3]] += 1  # the item's category changed since
+    unknown = rec.copy()
+    unknown["item_id"][7] = 123_456_789  # not in the table
+    for r in (changed, unknown):
+        blob = encode_chunk(r, t)[0]
+        assert not blob[2] & codec._ATTRS_TABLE
+        np.testing.assert_array_equal(decode_chunks([blob])[0][4], expected(r)["category"])
+
+
+def test_table_keys_round_trip_and_keep_first_values() -> None:
+    ids = np.array([-2**63, -7, 0, 5, 1_000_000_000, 2**63 - 1], np.int64)
+    cat = np.array([-1, 2**31 - 1, 0, 3, -1, 7], np.int32)
+    adv = np.array([2**63 - 1, -1, 0, -1, 999, -2**63 + 1], np.int64)
+    got = codec.decode_attrs(codec.encode_attrs(ids, cat, adv))
+    for a, b in zip(got, (ids, cat, adv)):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    t = codec.AttrTable()
+    t.add_key(3, codec.encode_attrs(ids, cat, adv))
+    new = t.add(np.array([5, 6]), np.array([9, 9]), np.array([9, 9]))  # 5 is known: first values win
+    assert new[0].tolist() == [6] and t.last_seq == 3 and len(t) == 7
+    found, c, a = t.lookup(np.array([5, 6, 8]))
+    assert found.tolist() == [True, True, False] and c.tolist() == [3, 9, -1] and a.tolist() == [-1, 9, -1]

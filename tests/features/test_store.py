@@ -543,7 +543,7 @@ def test_full_tails_merge_raw_segments_by_concatenation(tmp_path: Path, max_tail
                 assert kinds.count(codec.SEG_CHUNK) <= 1 and kinds[1:].count(codec.SEG_CHUNK) == 0
                 raw = sum((len(v) - 1) // codec.REC.itemsize for v in segs if v[:1] == codec.SEG_RAW)
                 assert raw == int(h["raw_n"][u]) <= cfg.max_raw_tail
-                assert int(h["tail_n"][u]) == raw + sum(len(codec.decode_segment(v)) for v in segs
+                assert int(h["tail_n"][u]) == raw + sum(len(codec.decode_segment(v, s._attrs)) for v in segs
                                                         if v[:1] == codec.SEG_CHUNK)
                 kinds_seen.add((hi - lo, tuple(kinds)))
                 if u == 0:  # one event per commit: a raw segment of several is a merge by concatenation
@@ -556,3 +556,89 @@ def test_full_tails_merge_raw_segments_by_concatenation(tmp_path: Path, max_tail
     assert merged_raw > max_tail_segments
     if max_tail_segments >= 2:  # the merge with an encoded first segment happened
         assert any(k[:1] == (codec.SEG_CHUNK,) and k.count(codec.SEG_RAW) == 1 for _, k in kinds_seen)
+
+
+# --------------------------------------------------------------------------- format 2: item attribute table
+
+
+def test_item_attribute_table_keeps_reads_point_in_time_exact(tmp_path: Path) -> None:
+    """Chunks take category / advertiser_id from the table where the events carry the
+    item's first values; an item whose attributes changed later keeps its own."""
+    cfg = StoreConfig(max_events=64, chunk_events=8, max_tail_segments=3, max_raw_tail=5, sync=False)
+    rng = np.random.default_rng(11)
+    ref = Reference(cfg)
+    s = SequenceStore(tmp_path / "db", cfg)
+    reader = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", cfg)
+    for off in range(40):
+        ev = make_events(rng, 23, users=3, t0=T0 + off * 10**6)
+        ev["category"] = np.where(ev["item_id"] % 11 == 0, ev["item_id"] % 7 + off // 10, ev["item_id"] % 7)  # a few change
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+        reader.catch_up()  # the reader's table lags and catches up on a miss
+        for u in range(3):
+            assert rows(reader.read(u)) == rows(s.read(u)) == ref.read(u, None, None)
+    chunks = [v for k, v in s._db.items(from_key=b"C") if k[:1] == b"C"]
+    flagged = sum(bool(v[2] & codec._ATTRS_TABLE) for v in chunks)
+    assert 0 < flagged < len(chunks)
+    s.close()
+    reader.close()
+    again = SequenceStore(tmp_path / "db", cfg)  # the table is read back
+    for u in range(3):
+        assert rows(again.read(u)) == ref.read(u, None, None)
+    again.close()
+
+
+def test_small_table_keys_are_merged(tmp_path: Path) -> None:
+    s = SequenceStore(tmp_path / "db", SMALL)
+    rng = np.random.default_rng(2)
+    ref = Reference(SMALL)
+    seen: set[int] = set()
+    for off in range(3 * codec.AttrTable.MERGE_KEYS):
+        ev = make_events(rng, 5, t0=T0 + off * 10**6)
+        ev["item_id"] = ev["item_id"] * 1000 + off  # new items in every commit
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+        seen.update(ev["item_id"].tolist())
+    keys = [k for k in s._db.keys(from_key=codec.ATTR_PREFIX) if k[:1] == codec.ATTR_PREFIX]
+    assert len(keys) <= codec.AttrTable.MERGE_KEYS + 1
+    s.close()
+    s = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", SMALL)
+    assert len(s._attrs) == len(seen)
+    for u in range(4):
+        assert rows(s.read(u)) == ref.read(u, None, None)
+    s.close()
+
+
+def test_format_1_store_is_read_and_written_on(tmp_path: Path) -> None:
+    """A store written before the attribute table (format 1) reads as it did; the writer
+    marks it format 2 (code that reads only format 1 then refuses it); unknown formats are refused."""
+    import json
+    from dataclasses import replace
+
+    rng = np.random.default_rng(4)
+    ref = Reference(SMALL)
+    s = SequenceStore(tmp_path / "db", replace(SMALL, item_attr_table=False))  # writes format-1 chunks only
+    for off in range(15):
+        ev = make_events(rng, 17, t0=T0 + off * 10**6)
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+    assert not any(k[:1] == codec.ATTR_PREFIX for k in s._db.keys())
+    meta = json.loads(s._get(codec.META_KEY))
+    s._db.put(codec.META_KEY, json.dumps(dict(meta, format=1)).encode())
+    s.close()
+    r = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", SMALL)
+    assert all(rows(r.read(u)) == ref.read(u, None, None) for u in range(4))
+    r.close()
+    s = SequenceStore(tmp_path / "db", SMALL)
+    assert json.loads(s._get(codec.META_KEY))["format"] == codec.FORMAT_VERSION
+    for off in range(15, 30):
+        ev = make_events(rng, 17, t0=T0 + off * 10**6)
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+    assert all(rows(s.read(u)) == ref.read(u, None, None) for u in range(4))
+    s.compact()
+    assert all(rows(s.read(u)) == ref.read(u, None, None) for u in range(4))
+    s._db.put(codec.META_KEY, json.dumps(dict(meta, format=99)).encode())
+    s.close()
+    with pytest.raises(ValueError, match="format=99"):
+        SequenceStore(tmp_path / "db", SMALL)
