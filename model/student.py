@@ -172,23 +172,29 @@ class StudentModel(FunnelRanker):
 
     # -- forward ---------------------------------------------------------------------
 
-    def _hidden(self, x: GemBatch | StudentInputs) -> torch.Tensor:
-        si = _inputs(x)
-        b = si.batch
+    def _sparse(self, b: GemBatch, max_len: int) -> tuple[torch.Tensor, Any, Any]:
         if self._frozen_tables:
             with torch.no_grad():
-                nonseq, events, mask = self.sparse(b, self.cfg.history)
-        else:
-            nonseq, events, mask = self.sparse(b, self.cfg.history)
+                return self.sparse(b, max_len)
+        return self.sparse(b, max_len)
+
+    def _pool_history(self, nonseq: torch.Tensor, events: torch.Tensor | None, mask: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """(B, 2d): the mean of each row's last ``history`` events and the most recent one (zeros if none)."""
+        B = nonseq.shape[0]
+        if events is None or events.shape[1] == 0:  # no event in the whole batch
+            return nonseq.new_zeros(B, 2 * self.cfg.d)
+        m = mask.unsqueeze(-1).to(events.dtype)  # (B, L, 1)
+        mean = (events * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        return torch.cat([mean, events[:, -1]], 1)  # right-aligned: the most recent event (zeros if none)
+
+    def _bottom(self, si: StudentInputs, nonseq: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
+        """The shared bottom MLP over [non-seq ids, dense, pooled history (B, 2d), representation]."""
+        b = si.batch
         B = len(b)
         parts = [nonseq.reshape(B, -1), self.dense_proj(b.dense)]
         if self.cfg.history:
-            if events is None or events.shape[1] == 0:  # no event in the whole batch
-                parts += [nonseq.new_zeros(B, 2 * self.cfg.d)]
-            else:
-                m = mask.unsqueeze(-1).to(events.dtype)  # (B, L, 1)
-                mean = (events * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
-                parts += [mean, events[:, -1]]  # right-aligned: the most recent event (zeros if none)
+            parts.append(hist)
         if self.cfg.repr_dim:
             if si.reps is None:
                 reps, has = nonseq.new_zeros(B, self.cfg.repr_dim), torch.zeros(B, dtype=torch.bool)
@@ -199,6 +205,27 @@ class StudentModel(FunnelRanker):
             hf = has.to(nonseq.dtype).unsqueeze(1)
             parts += [self.repr_proj(self.repr_norm(reps)) * hf, hf]
         return self.bottom(torch.cat(parts, dim=1))
+
+    def _hidden(self, x: GemBatch | StudentInputs) -> torch.Tensor:
+        si = _inputs(x)
+        nonseq, events, mask = self._sparse(si.batch, self.cfg.history)
+        return self._bottom(si, nonseq, self._pool_history(nonseq, events, mask) if self.cfg.history else None)
+
+    # -- serving split: the history is the user's, the same for every candidate ---------
+
+    def encode_user(self, user: GemBatch) -> torch.Tensor:
+        """(1, 2d) the pooled history of a one-row user batch ((1, 0) for a student without history)."""
+        if not self.cfg.history:
+            return user.dense.new_zeros(len(user), 0)
+        nonseq, events, mask = self._sparse(user, self.cfg.history)
+        return self._pool_history(nonseq, events, mask)
+
+    def candidate_raw_logits(self, user: torch.Tensor, cands: GemBatch | StudentInputs) -> torch.Tensor:
+        """Serving-head stage logits (B, T) of B candidates (their rows carry no history) against
+        one user's :meth:`encode_user`; equal to ``raw_logits`` of the rows with the history replicated."""
+        si = _inputs(cands)
+        nonseq, _, _ = self._sparse(si.batch, 0)
+        return self.serve_head(self._bottom(si, nonseq, user.expand(len(si.batch), -1) if self.cfg.history else None))
 
     def raw_logits(self, x: GemBatch | StudentInputs) -> torch.Tensor:  # noqa: D102 - FunnelRanker
         return self.serve_head(self._hidden(x))

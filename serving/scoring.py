@@ -348,16 +348,21 @@ def scoring_request(q: RankQuery) -> Iterator[None]:
 
 
 class StudentScorer(Scorer):
-    """A student version (kind "student", model/student.py), scored through its serving head on
-    the trainer's batch for it: the candidates' rows each with the user's last ``history`` events
-    (what ``StudentModel`` reads of the history; the dense counters are featurize's, over the
-    whole read) and, when the student reads representations, the user's GEM representation as
-    of the request time from the :class:`~opengem.features.representations.RepresentationStore`
-    (``reps``: a secondary reader; caught up at most every ``catch_up_s``). Outside a
-    :func:`scoring_request` (the canary) the representation is "absent", a valid input."""
+    """A student version (kind "student", model/student.py), scored through its serving head.
+
+    The history part of a student is the user's alone (the mean of the last ``history`` events
+    and the most recent one), so it is pooled once per request (``StudentModel.encode_user`` on
+    the 1-row user batch) and shared by all candidates (``candidate_raw_logits``), the student's
+    counterpart of GEM's split; :meth:`batch` is the trainer's B-row batch for the same request,
+    which :func:`canary_check` holds the split to (and falls back to). When the student reads
+    representations, the user's GEM representation as of the request time comes from the
+    :class:`~opengem.features.representations.RepresentationStore` (``reps``: a secondary reader,
+    caught up at most every ``catch_up_s``). Outside a :func:`scoring_request` (the canary) the
+    representation is "absent", a valid input."""
 
     def __init__(self, loaded: LoadedModel, reps: Any = None, catch_up_s: float = 0.5):
         super().__init__(loaded)
+        self.shared = True  # cleared by canary_check if the split disagrees with predict
         cfg = loaded.model.cfg
         self.history, self.repr_dim = int(cfg.history), int(cfg.repr_dim)
         if self.repr_dim and reps is None:
@@ -394,14 +399,17 @@ class StudentScorer(Scorer):
     def probs(self, rb: RequestBatch) -> torch.Tensor:
         from opengem.model.student import StudentInputs
 
-        b = self.batch(rb)
+        m = self.loaded.model
+        b = rb.cands if self.shared else self.batch(rb)
         x: Any = b
         if self.repr_dim:
             vec, present = self.representation(_REQUEST.get())
             B = len(b)
             x = StudentInputs(b, vec.expand(B, -1), present.expand(B))
         with torch.inference_mode():
-            return self.loaded.model.predict(x)
+            if self.shared:
+                return funnel_probs(m.candidate_raw_logits(m.encode_user(rb.user), x))
+            return m.predict(x)
 
 
 def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:

@@ -130,6 +130,7 @@ def test_served_student_scores_equal_its_own_predictions_and_name_the_version(wo
                                              age_bucket=anchor.age_bucket) for e in mine[:30] + [new_ad]]
                 resp = client.rank_request(_request(cands))
                 assert resp.model_kind == "student" and resp.model_version == world["version"]
+                assert svc.students[SURFACE].current.shared  # the history pooled once per request
                 b = examples_batch(cands, reader, student.cfg)  # the student trainer's batch
                 x = student_inputs(b, [e.user_id for e in cands], [e.ts for e in cands], store)
                 with torch.inference_mode():
@@ -252,28 +253,41 @@ def test_student_hot_swap_under_load_fails_no_request_and_refuses_bad_versions(w
         svc.stop()
 
 
-def test_student_scorer_cuts_the_history_like_the_model():
-    """Unit check of the serving batch: the last ``history`` events of the user, replicated."""
+def test_student_scorer_shares_the_users_history_and_equals_the_trainers_batch():
+    """The serving split (history pooled once per request) and the trainer's B-row batch (the
+    user's last ``history`` events replicated) give the model's own ``predict`` on the trainer's
+    replicated batch, for students with and without history, a user with a long history and one
+    never seen; the canary keeps the split."""
     from opengem.features.memory import MemorySequenceStore
     from opengem.model.registry import LoadedModel
-    from opengem.serving.scoring import AdCandidate, RankQuery, StudentScorer, featurize
+    from opengem.serving.scoring import AdCandidate, RankQuery, StudentScorer, canary_check, featurize
 
     s = MemorySequenceStore()
     events = [e for b in Simulator(SimConfig(seed=9, n_users=5)).batches(3_000) for e in b]
     s.apply(events, (0, 0))
     fc = preset("tiny").features
+    heavy = Counter(e.user_id for e in events).most_common(1)[0][0]
     for hist in (0, 1, 7, 256):
-        torch.manual_seed(0)
-        m = StudentLearner(StudentConfig(features=fc, surface="feed", history=hist, hidden=(16,)), seed=0).model.eval()
+        m = StudentLearner(StudentConfig(features=fc, surface="feed", history=hist, hidden=(16,)), seed=hist).model
+        m.eval()
         sc = StudentScorer(LoadedModel(version="t", kind="student", model=m, meta={}, path=None))
-        user = Counter(e.user_id for e in events).most_common(1)[0][0]
-        q = RankQuery(user_id=user, surface="feed", candidates=tuple(AdCandidate(ad_id=a) for a in range(1, 9)),
-                      ts_ms=max(e.ts for e in events) + 1)
-        rb = featurize(q, s, m.cfg)
-        b = sc.batch(rb)
-        assert b.seq_lengths.tolist() == [min(hist, rb.history_events)] * 8
-        with torch.inference_mode():
-            torch.testing.assert_close(sc.probs(rb), m.predict(rb.replicated()), atol=ATOL, rtol=0)
+        canary_check(sc)
+        assert sc.shared
+        for user in (heavy, 10**12):
+            q = RankQuery(user_id=user, surface="feed", candidates=tuple(AdCandidate(ad_id=a) for a in range(1, 9)),
+                          ts_ms=max(e.ts for e in events) + 1)
+            rb = featurize(q, s, m.cfg)
+            assert (rb.history_events > 0) == (user == heavy)
+            assert sc.batch(rb).seq_lengths.tolist() == [min(hist, rb.history_events)] * 8
+            with torch.inference_mode():
+                want = m.predict(rb.replicated())
+            got = sc.probs(rb)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            sc.shared = False
+            torch.testing.assert_close(sc.probs(rb), want, atol=ATOL, rtol=0)
+            sc.shared = True
+            if hist and user == heavy:
+                assert got[:, 0].std() > 0
     with_reps = StudentLearner(StudentConfig(features=fc, repr_dim=4, hidden=(8,)), seed=0).model
     with pytest.raises(ValueError, match="representation store"):
         StudentScorer(LoadedModel(version="t", kind="student", model=with_reps, meta={}, path=None))
