@@ -178,6 +178,13 @@ class SimConfig:
     # Std of the categories' additive click-logit effects gamma_k (how much the category of an ad
     # matters to everyone, a population-level interest).
     category_effect_std: float = 0.3
+    # Market drift: one click-logit offset m(t) for all traffic, an Ornstein-Uhlenbeck walk in
+    # event time (stationary std market_drift_std, correlation time market_drift_tau_s, on a
+    # 60 s grid): auction pressure / seasonality that no feature explains, so a model's
+    # calibration ages with it -- what a stale teacher suffers from and the Student Adapter
+    # corrects (bench/transfer.py). 0: off (the default).
+    market_drift_std: float = 0.0
+    market_drift_tau_s: float = 3600.0
     # The interest that drives ad response is correlated with the organic one.
     cross_domain: bool = True
     # rho in [0, 1]: u_ad = rho * u + sqrt(1 - rho^2) * v (v independent of organic behaviour).
@@ -235,6 +242,8 @@ class SimConfig:
             "interest_shift_at_s": self.interest_shift_at_s >= 0,
             "interest_shift_strength": 0 <= self.interest_shift_strength <= 1,
             "category_effect_std": self.category_effect_std >= 0,
+            "market_drift_std": self.market_drift_std >= 0,
+            "market_drift_tau_s": self.market_drift_tau_s > 0,
             "delayed_conversions_strength": self.delayed_conversions_strength > 0,
             "cold_start_strength": self.cold_start_strength >= 0,
             "heavy_tail_strength": self.heavy_tail_strength >= 0,
@@ -244,6 +253,9 @@ class SimConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"SimConfig: invalid value(s) for {bad}")
+
+
+_MARKET_STEP_MS = 60_000  # the market drift's grid
 
 
 def _expit(z: np.ndarray) -> np.ndarray:
@@ -485,6 +497,33 @@ class Simulator:
         self.v = keep * self.v + s * r.standard_normal(self.v.shape)
         self.cat_effect = keep * self.cat_effect + s * r.normal(0, cfg.category_effect_std, len(self.cat_effect))
 
+    def market_offset(self, ts: np.ndarray) -> np.ndarray:
+        """m(ts): the market drift's click-logit offset at event times ``ts`` (ms), 0 when off.
+
+        A function of time alone (its own seeded walk, extended on demand), so it does not
+        depend on how events are cut into blocks."""
+        cfg = self.cfg
+        ts = np.asarray(ts, np.int64)
+        if cfg.market_drift_std == 0 or not ts.size:
+            return np.zeros(ts.shape)
+        k = np.maximum((ts - cfg.start_ts_ms) // _MARKET_STEP_MS, 0)
+        need = int(k.max()) + 1
+        walk = getattr(self, "_market", None)
+        if walk is None:
+            self._market_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, 0x6D6B74])))
+            walk = np.array([self._market_rng.normal(0.0, cfg.market_drift_std)])
+        if need > len(walk):
+            a = math.exp(-_MARKET_STEP_MS / 1000 / cfg.market_drift_tau_s)
+            e = self._market_rng.standard_normal(need - len(walk)) * cfg.market_drift_std * math.sqrt(1 - a * a)
+            ext = np.empty(len(e))
+            prev = walk[-1]
+            for i, x in enumerate(e):  # one step per simulated minute: ~1.4k a day
+                prev = a * prev + x
+                ext[i] = prev
+            walk = np.concatenate([walk, ext])
+        self._market = walk
+        return walk[k]
+
     def _drift(self, users: np.ndarray, now_ms: int) -> None:
         cfg = self.cfg
         if not cfg.drift or cfg.drift_strength == 0:
@@ -636,6 +675,8 @@ class Simulator:
             self.surf_ctr[sa] + self.surf_fmt[sa, afmt] + HOUR_EFFECT[hour] + AGE_EFFECT[age]
             + DEVICE_EFFECT[dev] + self.cat_effect[acat] + a.bias[pick] + cfg.affinity_scale * aaff
         )
+        if cfg.market_drift_std:
+            zc = zc + self.market_offset(ts[adi])
         zv = self.surf_cvr[sa] + self.adv_cvr[aadv] + cfg.cvr_affinity_scale * aaff
         if cfg.interactions:
             s = cfg.interactions_strength

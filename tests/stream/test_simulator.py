@@ -371,3 +371,36 @@ def test_interest_shift_of_strength_zero_leaves_the_stream_unchanged_and_bad_val
                 dict(interest_shift_at_s=-1.0)):
         with pytest.raises(ValueError):
             SimConfig(**bad)
+
+
+def test_market_drift_is_an_ornstein_uhlenbeck_offset_of_every_click_logit():
+    tau = 1800.0
+    cfg = dataclasses.replace(SMALL, n_users=500, market_drift_std=0.5, market_drift_tau_s=tau)
+    sim = Simulator(cfg)
+    t = cfg.start_ts_ms + np.arange(0, 200 * 3600, 60) * 1000  # 200 h, one value per minute
+    m = sim.market_offset(t)
+    assert m.std() == pytest.approx(0.5, rel=0.15)  # the stationary law N(0, std^2)
+    lag = int(tau // 60)
+    corr = float(np.corrcoef(m[:-lag], m[lag:])[0, 1])
+    assert corr == pytest.approx(math.exp(-1), abs=0.12)  # corr(m(t), m(t + tau)) = 1/e
+    # a function of time alone: another simulator asked in another order agrees
+    other = Simulator(cfg)
+    assert np.array_equal(other.market_offset(t[:100]), m[:100])  # the walk grows on demand ...
+    assert np.array_equal(other.market_offset(t[::-1]), m[::-1])  # ... to the same values
+    # on the stream: the first events are the same with and without it (its own generator), and
+    # each impression's click logit moved by exactly m(ts)
+    _, on = columns(cfg, 3_000)
+    _, off = columns(dataclasses.replace(cfg, market_drift_std=0.0), 3_000)
+    imp = (on["kind"] == "impression") & (off["kind"] == "impression") & (on["ts"] == off["ts"]) \
+        & (on["item_id"] == off["item_id"])
+    sel = np.flatnonzero(imp)
+    assert len(sel) > 20
+    d = logit(on["p_click"][sel].astype(np.float64)) - logit(off["p_click"][sel].astype(np.float64))
+    np.testing.assert_allclose(d, sim.market_offset(on["ts"][sel]), atol=1e-3)
+    assert np.abs(d).max() > 0.01
+    assert not sim.market_offset(np.array([], np.int64)).size
+    assert np.array_equal(Simulator(SMALL).market_offset(t[:10]), np.zeros(10))
+    with pytest.raises(ValueError):
+        SimConfig(market_drift_tau_s=0.0)
+    with pytest.raises(ValueError):
+        SimConfig(market_drift_std=-1.0)
