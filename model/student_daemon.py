@@ -238,7 +238,12 @@ class StudentTrainer(Trainer):
                                   group_id=f"{tcfg.group_id}-student-{surface}")
         # No read thread: the teacher's read and the representation refresh use the same store
         # reader on this thread.
-        super().__init__(cfg, own, bootstrap, info, fresh=fresh, echo=echo, prefetch=False)
+        try:
+            super().__init__(cfg, own, bootstrap, info, fresh=fresh, echo=echo, prefetch=False)
+        except BaseException:
+            if self.store is not None:  # opened by _make_learner: free the RocksDB lock
+                self.store.close()
+            raise
         self._batch_start = dict(self.source.cursors)
 
     # -- hooks -----------------------------------------------------------------------------
@@ -315,7 +320,7 @@ class StudentTrainer(Trainer):
                 "adapter": a.state() if a is not None else None,
                 "representations_dir": str(self.paths["representations"]) if r is not None else None,
                 "representation_refreshes": r.refreshes if r is not None else 0,
-                "teacher_ahead_batches": self.teacher_ahead}
+                "teacher_ahead_batches": self.teacher_ahead, "teacher_forward_s": round(self.teacher_seconds, 3)}
 
     def _teacher_is_ahead(self, unit: _Unit) -> bool:
         """Whether the teacher's version may have trained on this batch: its cursors (same topic)

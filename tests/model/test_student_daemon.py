@@ -197,7 +197,7 @@ def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
     data = Path(s.cfg.data_dir)
     _publish_teacher(data / "models", 1, s.cfg.surfaces)
     tcfg = dataclasses.replace(TINY, batch_size=16, checkpoint_every_steps=4, publish_every_steps=5,
-                               student=_student())
+                               student=_student(representations=True, refresh_every_s=60.0))
 
     first, _ = _trainer(s, tcfg, surface, dist_group)
     first._finish = lambda: None  # a crash: no final checkpoint
@@ -210,8 +210,12 @@ def test_student_daemon_resumes_from_its_checkpoint(make_stream, dist_group):
     assert man["model"] == "student" and man["surface"] == surface
     assert state["learner"]["student"]["adapter"]["fits"] >= 0
 
+    assert state["learner"]["refresh"]["refreshes"] > 0
     second, log = _trainer(s, tcfg, surface, dist_group)
     assert any(f"resumed from checkpoint {saved.name}" in line for line in log)
+    r1, r2 = state["learner"]["refresh"], second.learner.refresher.state()
+    assert r2["last_ts"] == r1["last_ts"] and r2["refreshes"] == r1["refreshes"]
+    assert {d["user_id"] for d in r2["recent"]} == {d["user_id"] for d in r1["recent"]}
     assert second.stats.examples == state["examples"] < len(ids1) < len(mine)
     ids2: list[str] = []
     step2 = second._learn
