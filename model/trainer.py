@@ -42,6 +42,11 @@ on the kept examples with the same weights (an unbiased estimate of the
 full-stream figures). With ``max_delay_s`` the rate follows the trainer's
 delay; it is exported as ``opengem_train_negative_rate``.
 
+Student mode (``opengem train --student SURFACE``, :mod:`opengem.model.student_daemon`)
+is this daemon with another learner: it overrides the hooks ``_make_learner``,
+``_learn``, ``_source_weigh``, ``_facts``, ``_publish_meta``, ``_readers_dir``
+and ``_model_name``, whose defaults here are the GEM trainer's behaviour.
+
 The daemon binds its checkpoints to the examples topic's id, like the stream
 worker binds its shards: a topic created again (a restarted embedded broker)
 makes old cursors meaningless, and the trainer refuses them unless started
