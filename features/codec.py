@@ -31,7 +31,8 @@ RocksDB to the SST blocks) sees long runs of similar bytes:
 
 * ts: the first ts in the header, then the deltas (non-negative: sorted);
 * item ids: a dictionary -- the distinct ids sorted and delta-encoded --
-  plus a dictionary index per event (1 byte; 2 if a chunk has > 256 events);
+  plus a dictionary index per event (1 byte; 2 if a chunk has > 256 events;
+  format 2: ``bit_length(n - 1)`` bits, packed, e.g. 5 bits in a tail of 29);
 * surface and kind packed into one byte, ``surface * len(KINDS) + kind``;
 * category and advertiser_id stored as value + 1 (so -1, none, is 0), per
   dictionary entry when a function of the item in this chunk (the norm),
@@ -193,6 +194,7 @@ _SIG = 7
 _CAT_PER_ITEM = 1  # category stored per dictionary entry (a function of the item in this chunk)
 _ADV_PER_ITEM = 2  # advertiser_id likewise
 _ATTRS_TABLE = 4  # format 2: category and advertiser_id are the items' entries in the attribute table
+_IDX_BITS = 8  # format 2: dictionary indices packed in idx_bits(n) bits each
 _PLANE_VIEW = {2: "<u2", 4: "<u4", 8: "<u8"}
 # surface * N_KINDS + kind -> surface, kind
 _SK_SURFACE = (np.arange(256) // N_KINDS).astype(np.int8)
@@ -208,6 +210,17 @@ def _width(x: np.ndarray) -> int:
     """Bytes per value (0, 1, 2, 4 or 8) for non-negative integers ``x``."""
     m = int(x.max()) if len(x) else 0
     return 0 if m == 0 else 1 if m < 1 << 8 else 2 if m < 1 << 16 else 4 if m < 1 << 32 else 8
+
+
+def idx_bits(n: int) -> int:
+    """Bits per dictionary index of a format-2 chunk of n events (indices < n)."""
+    return max(1, (n - 1).bit_length())
+
+
+def _pack_bits(x: np.ndarray, b: int) -> bytes:
+    """Non-negative integers (N,) < 2**b -> N * b bits, little-endian within and across values."""
+    bits = (np.asarray(x, np.uint64)[:, None] >> np.arange(b, dtype=np.uint64)) & np.uint64(1)
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
 
 
 def _planes(x: np.ndarray, w: int) -> bytes:
@@ -260,9 +273,11 @@ def encode_chunk(rec: np.ndarray, attrs: "AttrTable | None" = None) -> tuple[byt
                 and np.array_equal((tadv + 1).astype(np.uint64), cols[1][:nu]):
             flags |= _ATTRS_TABLE
             cols = [np.zeros(0, np.uint64), np.zeros(0, np.uint64)]
+    flags |= _IDX_BITS
     w = [_width(dt), _width(du), _width(cols[0]), _width(cols[1])]
     hdr = np.array([(n, flags, *w, nu, ts[0], uniq[0])], CHUNK_HDR).tobytes()
-    body = [hdr, _planes(dt, w[0]), sk.astype(np.uint8).tobytes(), _planes(inv, 1 if n <= 256 else 2),
+    ib = idx_bits(n)
+    body = [hdr, _planes(dt, w[0]), sk.astype(np.uint8).tobytes(), _planes(inv, 1) if ib == 8 else _pack_bits(inv, ib),
             _planes(du, w[1]), _planes(cols[0], w[2]), _planes(cols[1], w[3])]
     return b"".join(body), int(ts[0]), int(ts[-1])
 
@@ -335,7 +350,14 @@ def _decode_group(blobs: list[bytes], table: "AttrTable | None" = None) -> list[
 
     dt = section(int(h0["w_dt"]))
     sk = section(1).reshape(-1)
-    idx = section(1 if n <= 256 else 2)
+    if int(h0["flags"]) & _IDX_BITS and idx_bits(n) != 8:  # one signature, one flags byte
+        b = idx_bits(n)
+        nb = (n * b + 7) // 8
+        bits = np.unpackbits(A[:, off : off + nb], axis=1, bitorder="little")[:, : n * b].reshape(K, n, b)
+        off += nb
+        idx = bits.astype(np.int64) @ (np.int64(1) << np.arange(b, dtype=np.int64))  # (K, n)
+    else:
+        idx = section(1 if n <= 256 else 2)
     du = section(int(h0["w_du"]))
     cat = section(int(h0["w_cat"]))
     adv = section(int(h0["w_adv"]))
@@ -456,14 +478,17 @@ class AttrTable:
     when they grow, so a reader thread never sees a half-updated table.
     """
 
-    # The writer merges keys of fewer entries than this once there are more than MERGE_KEYS of them.
+    # The writer merges the keys once MERGE_KEYS of them hold fewer than SMALL entries each:
+    # all keys while the table holds at most MERGE_ALL entries (one sorted key compresses best:
+    # its id deltas are tiny), else the small ones only (bounded rewrites of a big table).
     SMALL = 8192
     MERGE_KEYS = 32
+    MERGE_ALL = 1 << 20
 
     def __init__(self) -> None:
         self._t = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
         self.last_seq = -1
-        self.small: list[int] = []  # seqs of the small keys (the writer's merge bookkeeping)
+        self.keys: dict[int, int] = {}  # seq -> entries of every key read (the writer's merge bookkeeping)
 
     def __len__(self) -> int:
         return len(self._t[0])
@@ -495,5 +520,11 @@ class AttrTable:
     def add_key(self, seq: int, v: bytes) -> None:
         self.add(*decode_attrs(v))
         self.last_seq = max(self.last_seq, seq)
-        if int.from_bytes(v[:4], "little") < self.SMALL:
-            self.small.append(seq)
+        self.keys[seq] = int.from_bytes(v[:4], "little")
+
+    def to_merge(self) -> list[int]:
+        """Seqs of the keys the writer should merge now (none: not yet)."""
+        small = [q for q, m in self.keys.items() if m < self.SMALL]
+        if len(small) < self.MERGE_KEYS:
+            return []
+        return sorted(self.keys) if len(self) <= self.MERGE_ALL else small

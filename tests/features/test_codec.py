@@ -144,3 +144,55 @@ def test_table_keys_round_trip_and_keep_first_values() -> None:
     assert new[0].tolist() == [6] and t.last_seq == 3 and len(t) == 7
     found, c, a = t.lookup(np.array([5, 6, 8]))
     assert found.tolist() == [True, True, False] and c.tolist() == [3, 9, -1] and a.tolist() == [-1, 9, -1]
+
+
+# Chunks written by format 1 (byte-wide dictionary indices, own category / advertiser
+# sections): records(n, default_rng(n)) for n = 17 and 300, zlib + base64.
+FORMAT1_CHUNKS = {
+    17: (
+    "eNoTZGBmYWFk5Ge4pOJ/vpuRgUGXAQrWSAQzih5Knz4hc8mxttA3DAzumnELj3A38ngvaHec9uAaA8N0oHIGRrBiRgZsQIZB"
+    "mI9BipuFTYaPQYhRRECIkYebl4GZm4mVi5uPg42dhZOBhU2fjVmYhVc1lEWYhQlZ80l002ahC1hDKD4hCXZeAWZ2EUk+IVZO"
+    "bgYGPQaG9FyGZoYpOxkYVBm0GRgArYUZXQ=="
+    ),
+    300: (
+    "eNrtVntQFPcd//12b28fd3u3d7u3t3e3d4d3qKAEuISqgAgSIWh5iaQ8RGg0mIgGQXxhjZgIF8KBIlAIDyMPH1ggqUZtmpp0"
+    "amRUOim0pJixtThxEqeaR9tJ24g2dPc48bSdafpXpzN85/a738fn+/l+f7/Z/e2FQKhQQPgGmBxLHfZA8ECeGCg/U/lepWd0"
+    "Ivo3d9dl9bvGKnamnOkOaDBcTI7fV31BuNrWf8sUOHKlPShqMGpTacW7qgWHPvppvnnlnz93KzPjdsWqJz9zXp730tW+e9d2"
+    "698d3mMsbu8mHF117O/XXQqNHUodevWIs/Hs2oqyW38t+Pp1x+13xj6Gns1zqYKtYtT1mi+/+Crs7cEA5+Lth/NOHEkY4keu"
+    "/7ymqqb7D/kEMz9qd1zulzmNR09cnVh7VAx70Rl9QVj0xamMTXW/qh46HCpemExbnJ4c+nXh5YW3rixvdCCf/Oxc/FvHro3U"
+    "3rg7K+/sNx+kZUWPBy5qzxiIqHts/+SYM7g2ZlVY+N/rq7dZb07yb55OaLp69sTQh6MxG5oG+0aTj46u/wxbZV8Bezzjq9Gu"
+    "wc6ez2v5soH49zbYQz4FoPv2B1hVfPZNwhUYezz8qwNn7r2/bkNS54Il8QmX9pxvCDo7O5CAdw4OGHd9bIq45nS8kbul4uWR"
+    "ZXjk8shjpvl5nyS95kKD7+Sz6C/FQx22+Q2rx8lfU8rWwNQx07Ayf3DTucK/5Ie2jjIw3n7Hnb3noyUn4/5W/YuSnzCqAFVK"
+    "Vv24p9F6oO/ZZmGFnWigfhfa6Awf/u3We6Hnzs8ZX1nEfnrKWdd0MFHzVMjIbWK3Qz22UYgL+VNsMdrmTHs+jrdmC8EFSYVJ"
+    "yW3FS0My2wqGi2Kd4ydT4sqCSnXnekyJvPHpDx1Puoa+OfWPoo4rd3LS1oTnIuo/ejqZ1Dc17e7e0LX5ND7vHW2gZ+K6aseh"
+    "0oQu442lucvu3r34wo30idk32ePdc1x2Hk68cj0xBIBmACGQHjQoyfTDBn1B4FX+xv2wFw7vl4JHBPpiEDzQD1v/xoP3yac5"
+    "HsVC8KDZ9Mi+AfyqIfRjfLi/b+LplF8W+q/WvwrCfx12Rv6D0CTN0lpcqWE4GlNjlA1AyiBA3EYzGlyrsJkIpWA3c5xSo2IU"
+    "HGmjrHpEFDkbQSptPIZymFpFiJTAAAa3cyiFQFLQ4TQ02eyilRBInUZlUGC4SGkFjEcpPWI1C4JV0AGrkeUIAy6QahTqCcRs"
+    "p+x6C09aEcJiN/BGBNHacRKhLRajRRAVKo0oGkQe1Zp1LMWRPGUgaQOuEM0CYtOzCC0arDhj1KoxkbIxLGXWsGYjNOJ2g5Ul"
+    "VFALlAzANATC2FFWhbBAw9hwg1lJinrAkHZaIXLQgCuteiioWQZFdaLJBpQUh7GQ5gRCWqhVz4kabN2+1pXffywLO/zy6vqq"
+    "IHZB4fc8z7rCWhuEcjbnCbVxb11BNMG3b23Vb/4ufVSxJ7nllcSNLSk1mueeYeZ0LArf/Z3XGtwJScmJhi7LsbnZ6pbtVXvd"
+    "LxrElWt6gyNKnn4cfT7Qkc/oasqCl+1cimceIDczJQQVg1RGHFm4a2NlT/EB7ERQuwW2VTwX6nTHl693b+mv35xb15G58CXd"
+    "wUV99qgdTzWnzw9pDNuhytVXFpWkP+nanlfX3FlmpVJmh7na9/9gVZo5IwPb9Lo7yRRd3dCSUbBkYZcqdbnW01vn2ZDXHNDZ"
+    "Pqu4PGdb/JKOY4tjlT9as/3gPK5lRfqWzBeadGLlD23HO0tjDq3vqEV6i5AQd3l/CZs6kKefFVeRNffVBfXdyeTOoqb+yLVK"
+    "sH/mzfovBEISotKRh0IUQSCUf9Il31FEAX2mdGEyCvFCvYJ449JfEcTnK6cKpwumlMzjF/HLoF422Yt8NAsf5rnPi86cr+Dy"
+    "zBZ8a2mb2YJvLdH/L8cVgqppRqdneaNZtNkDEFShJEhKRWu0ek4wWUSrLUDCYEqVWsvoWM4omMxy0A4RBabECZLWytWcwSgB"
+    "pWI5RqnUU1Hp4y+hp1gxXKZV0xovnDcKFqmdTIwTUG7qS/vYeLnPVBvfQFKlTv8/3qxLvvtFr14DasnDIFOQzDnegKoFsMDs"
+    "NW0AnAc8KOuVnZ4HLw4Ktu0tC3bIpsifRgZRACLcsjfgyVH7MCdBqaRraB44BliwfuqUloj6aAASzY8jJtAD4gB4G6A/9uLF"
+    "GkkxBV7b4DftQBXIBo1S6KTXzTarQTUI840hCw9aQL40yw5ATlUslqbvA/VvSZzBhXLgNEiWUNIw0sIiIBfpRXXL6jiaDoAL"
+    "gH1Shxjwvnc7wF4ZC56R1T8BHZnL3Q=="
+    ),
+}
+
+
+@pytest.mark.parametrize("n", sorted(FORMAT1_CHUNKS))
+def test_format_1_chunks_still_decode(n: int) -> None:
+    import base64
+    import zlib
+
+    blob = zlib.decompress(base64.b64decode(FORMAT1_CHUNKS[n]))
+    rec = records(n, np.random.default_rng(n))
+    assert not blob[2] & (codec._ATTRS_TABLE | codec._IDX_BITS)
+    cols, _ = decode_chunks([blob, encode_chunk(rec)[0]], table_of(rec))
+    exp = np.concatenate([expected(rec), expected(rec)])
+    for f, c in zip(FIELDS, cols):
+        np.testing.assert_array_equal(c, exp[f], err_msg=f)
