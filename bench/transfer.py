@@ -2,7 +2,10 @@
 
 Data: one simulator stream (all signals on; faster interest drift than the
 default so that a teacher's staleness matters: ``drift_strength`` 3 / day over
-a ~6 h window) materialized once by :func:`opengem.model.evaluate.materialize`
+a ~6 h window; and a market drift, ``market_drift_std`` 0.4 with a 30 min
+correlation time: one click-logit offset for all traffic that no feature
+explains, so a teacher published D ago is miscalibrated by m(t) - m(t - D) --
+the case the Student Adapter is for; ``--market-drift-std 0`` turns it off) materialized once by :func:`opengem.model.evaluate.materialize`
 -- the stream worker's ingest + joiner, the point-in-time read -- into a train
 and a test window in event time.
 
@@ -78,6 +81,10 @@ def main() -> None:
     ap.add_argument("--delays", default="0,600,3600", help="staleness sweep, seconds")
     ap.add_argument("--snapshot-s", type=float, default=300.0, help="teacher snapshot interval (event time)")
     ap.add_argument("--hours", type=float, default=6.0, help="event time the stream spans")
+    ap.add_argument("--market-drift-std", type=float, default=0.4,
+                    help="SimConfig.market_drift_std: a global click-logit walk no feature explains, what ages a "
+                         "teacher's calibration (0: off, the simulator's default)")
+    ap.add_argument("--market-drift-tau-s", type=float, default=1800.0, help="its correlation time (s of event time)")
     ap.add_argument("--student-frac", type=float, default=0.25,
                     help="students train on the last this fraction of the train window (the teacher on all of it)")
     ap.add_argument("--seed", type=int, default=0)
@@ -93,7 +100,8 @@ def main() -> None:
     # ---------------------------------------------------------------- data
     features = FeatureConfig()
     gem_cfg = dataclasses.replace(preset(preset_name), features=features)
-    sim = SimConfig(seed=args.seed, events_per_second=n_events / (args.hours * 3600), drift_strength=3.0)
+    sim = SimConfig(seed=args.seed, events_per_second=n_events / (args.hours * 3600), drift_strength=3.0,
+                    market_drift_std=args.market_drift_std, market_drift_tau_s=args.market_drift_tau_s)
     dcfg = DatasetConfig(events=n_events, test_events=n_events // 5, sim_seed=args.seed,
                          max_len=max(256, gem_cfg.pyramid.max_len), negative_rate=0.25, batch_size=256)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-transfer-"))
