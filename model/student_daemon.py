@@ -39,6 +39,12 @@ the student trains on exactly what the server featurizes for it (the dense
 history counters are counted over the read history), the teacher predicts on
 its own read.
 
+Hierarchical transfer: ``[train.student] teacher_dir`` may name another
+student's versions (a per-domain intermediate trained by this daemon from
+GEM); it then teaches through distillation and the adapter (representations
+and shared tables need a GEM teacher; an intermediate that itself reads
+representations is refused).
+
 Single process (students are small); under torchrun it refuses to start.
 """
 
@@ -267,11 +273,15 @@ class StudentTrainer(Trainer):
                                          share_tables=st.share_tables)
 
         def fits(lm: registry.LoadedModel) -> None:
+            if getattr(lm.model.cfg, "repr_dim", 0):
+                raise StudentModeError("a teacher that reads GEM representations itself (a student with "
+                                       "repr_dim) cannot be fed here; use an intermediate without them")
             if lm.model.cfg.features != self.student_cfg.features:
                 raise StudentModeError("its FeatureConfig differs from the student's (tables, hashing, surfaces)")
             if reps and (not hasattr(lm.model, "represent") or representation_dim(lm.model) != reps):
                 raise StudentModeError(f"its user representation is not {reps} wide like the student's input")
 
+        fits(t)
         self.teacher.check = fits
         self.model_cfg = self.student_cfg  # the batch read: what the server featurizes for a student
         self.surfaces = tuple(self.student_cfg.features.surfaces)
@@ -314,7 +324,9 @@ class StudentTrainer(Trainer):
     def _publish_meta(self) -> dict[str, Any]:
         r = self.learner.refresher
         a = self.learner.student.adapter
-        return {"surface": self.surface, "teacher_version": self.teacher.version, "teacher_dir": str(self.paths["teacher"]),
+        return {"surface": self.surface, "teacher_version": self.teacher.version,
+                "teacher_kind": self.teacher.current.kind if self.teacher.current else None,
+                "teacher_dir": str(self.paths["teacher"]),
                 "teacher_reloads": self.teacher.reloads,
                 "student": dataclasses.asdict(self.tcfg.student),
                 "adapter": a.state() if a is not None else None,

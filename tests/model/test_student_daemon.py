@@ -274,3 +274,38 @@ def test_opengem_train_student_as_a_process(make_stream, tmp_path):
                           s.bootstrap, "--metrics-port", "-1", "--student", surface, "--idle-exit", "1",
                           "--data-dir", str(tmp_path / "empty")], capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 2 and "no usable published teacher" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.integration
+def test_hierarchical_transfer_a_student_teaches_a_student(make_stream, dist_group, tmp_path):
+    """GEM -> a per-domain intermediate (this daemon) -> a final student taught by the intermediate's
+    published versions; an intermediate that reads representations is refused with the reason."""
+    s = make_stream(n_events=5_000)
+    surface = Counter(e.surface for e in s.examples).most_common(1)[0][0]
+    n = sum(e.surface == surface for e in s.examples)
+    data = Path(s.cfg.data_dir)
+    _publish_teacher(data / "models", 1, s.cfg.surfaces)
+    mid_cfg = dataclasses.replace(TINY, batch_size=16, publish_every_steps=5, student=_student(hidden=(32, 16)))
+    mid, _ = _trainer(s, mid_cfg, surface, dist_group)
+    mid.run(idle_exit_s=1.5)
+    mid_dir = data / "students" / surface
+    mid_version = registry.latest_version(mid_dir)
+    final_cfg = dataclasses.replace(TINY, batch_size=16, publish_every_steps=5, group_id="final",
+                                    student=_student(teacher_dir=str(mid_dir), models_dir=str(tmp_path / "final"),
+                                                     checkpoint_dir=str(tmp_path / "final-ckpt")))
+    final, _ = _trainer(s, final_cfg, surface, dist_group)
+    assert final.teacher.current.kind == "student"
+    stats = final.run(idle_exit_s=1.5)
+    assert stats.examples == n
+    meta = registry.load(tmp_path / "final").meta
+    assert (meta["teacher_kind"], meta["teacher_version"]) == ("student", mid_version)
+    assert meta["adapter"]["fits"] > 0  # the intermediate's targets went through the adapter
+
+    from opengem.model.student_daemon import StudentModeError
+
+    reads_reps = StudentLearner(dataclasses.replace(registry.load(mid_dir).model.cfg, repr_dim=8), seed=0).model
+    registry.publish(tmp_path / "mid-reps", reads_reps, {"surface": surface})
+    bad = dataclasses.replace(final_cfg, student=dataclasses.replace(final_cfg.student,
+                                                                     teacher_dir=str(tmp_path / "mid-reps")))
+    with pytest.raises(StudentModeError, match="reads GEM representations"):
+        _trainer(s, bad, surface, dist_group)
