@@ -166,6 +166,13 @@ def test_served_student_scores_equal_its_own_predictions_and_name_the_version(wo
 
             health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ends.http_port}/healthz").read())
             assert health["students"] == {SURFACE: world["version"]}
+            from prometheus_client import generate_latest
+
+            from opengem.ops import metrics
+
+            text = generate_latest(metrics.REGISTRY).decode()  # both served models are listed
+            assert f'opengem_serve_model_info{{kind="student",version="{world["version"]}"}} 1.0' in text
+            assert f'opengem_serve_model_info{{kind="gem",version="{feed.model_version}"}} 1.0' in text
     finally:
         svc.stop()
 
@@ -291,3 +298,36 @@ def test_student_scorer_shares_the_users_history_and_equals_the_trainers_batch()
     with_reps = StudentLearner(StudentConfig(features=fc, repr_dim=4, hidden=(8,)), seed=0).model
     with pytest.raises(ValueError, match="representation store"):
         StudentScorer(LoadedModel(version="t", kind="student", model=with_reps, meta={}, path=None))
+
+
+def test_opengem_serve_student_command(world, tmp_path):
+    """``opengem serve --student SURFACE`` as a process: the surface answers with the student."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    conf = tmp_path / "serve.toml"
+    conf.write_text(f'data_dir = "{world["data"]}"\n[kafka]\npartitions = {P}\n[serve]\nport = 0\n'
+                    "metrics_port = -1\npoll_s = 0.2\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENGEM_BOOTSTRAP"}
+    env["PYTHONUNBUFFERED"] = "1"
+    p = subprocess.Popen([sys.executable, "-m", "opengem.cli", "serve", "--config", str(conf), "--student", SURFACE],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        deadline = time.monotonic() + 120
+        while "gRPC" not in line and time.monotonic() < deadline and p.poll() is None:
+            line = p.stdout.readline()
+        port = re.search(r"on 127\.0\.0\.1:(\d+)", line)
+        assert port, line
+        assert f"{SURFACE}: student {world['version']}" in line
+        with RankClient(f"127.0.0.1:{port.group(1)}") as c:
+            c.wait_ready(30)
+            r = c.rank(1, SURFACE, [1, 2])
+            assert (r.model_kind, r.model_version) == ("student", world["version"])
+            assert c.rank(1, "feed", [1]).model_kind == "gem"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
