@@ -259,10 +259,10 @@ class StudentTrainer(Trainer):
         st = self.tcfg.student
         t = self.teacher.wait(st.teacher_wait_s, self._stop)
         tcfg_t = t.model.cfg
+        if (st.representations or st.share_tables != "none") and t.kind != "gem":
+            raise StudentModeError(f"teacher {t.version} is a {t.kind!r} model: representations and shared "
+                                   "tables need a GEM teacher")
         reps = representation_dim(t.model) if st.representations else 0
-        if st.representations and not hasattr(t.model, "represent"):
-            raise StudentModeError(f"teacher {t.version} ({t.kind}) has no user representation; "
-                                   "representations need a GEM teacher")
         if tuple(tcfg_t.features.surfaces) != tuple(self.cfg.surfaces):
             raise StudentModeError(f"teacher {t.version} serves surfaces {list(tcfg_t.features.surfaces)}, "
                                    f"the deployment {list(self.cfg.surfaces)}")
@@ -278,7 +278,7 @@ class StudentTrainer(Trainer):
                                        "repr_dim) cannot be fed here; use an intermediate without them")
             if lm.model.cfg.features != self.student_cfg.features:
                 raise StudentModeError("its FeatureConfig differs from the student's (tables, hashing, surfaces)")
-            if reps and (not hasattr(lm.model, "represent") or representation_dim(lm.model) != reps):
+            if reps and (lm.kind != "gem" or representation_dim(lm.model) != reps):
                 raise StudentModeError(f"its user representation is not {reps} wide like the student's input")
 
         fits(t)

@@ -309,3 +309,6 @@ def test_hierarchical_transfer_a_student_teaches_a_student(make_stream, dist_gro
                                                                      teacher_dir=str(tmp_path / "mid-reps")))
     with pytest.raises(StudentModeError, match="reads GEM representations"):
         _trainer(s, bad, surface, dist_group)
+    no_gem = dataclasses.replace(final_cfg, student=dataclasses.replace(final_cfg.student, representations=True))
+    with pytest.raises(StudentModeError, match="need a GEM teacher"):
+        _trainer(s, no_gem, surface, dist_group)
