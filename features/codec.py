@@ -30,6 +30,10 @@ columnar, each column as *byte planes* (all low bytes, then all second bytes,
 RocksDB to the SST blocks) sees long runs of similar bytes:
 
 * ts: the first ts in the header, then the deltas (non-negative: sorted);
+  format 2: when one delta alone needs a wider width than all the others (a
+  gap between sessions), it is stored after the header (EXC: position,
+  value) and as 0 in the section; likewise the largest dictionary id delta
+  (the gap between organic and ad ids);
 * item ids: a dictionary -- the distinct ids sorted and delta-encoded --
   plus a dictionary index per event (1 byte; 2 if a chunk has > 256 events;
   format 2: ``bit_length(n - 1)`` bits, packed, e.g. 5 bits in a tail of 29);
@@ -195,6 +199,9 @@ _CAT_PER_ITEM = 1  # category stored per dictionary entry (a function of the ite
 _ADV_PER_ITEM = 2  # advertiser_id likewise
 _ATTRS_TABLE = 4  # format 2: category and advertiser_id are the items' entries in the attribute table
 _IDX_BITS = 8  # format 2: dictionary indices packed in idx_bits(n) bits each
+_DT_EXC = 16  # format 2: the largest ts delta is an exception (EXC after the header), stored as 0
+_DU_EXC = 32  # format 2: the largest dictionary id delta likewise (the gap between organic and ad ids)
+EXC = np.dtype([("pos", "<u2"), ("val", "<u8")])
 _PLANE_VIEW = {2: "<u2", 4: "<u4", 8: "<u8"}
 # surface * N_KINDS + kind -> surface, kind
 _SK_SURFACE = (np.arange(256) // N_KINDS).astype(np.int8)
@@ -274,8 +281,19 @@ def encode_chunk(rec: np.ndarray, attrs: "AttrTable | None" = None) -> tuple[byt
             flags |= _ATTRS_TABLE
             cols = [np.zeros(0, np.uint64), np.zeros(0, np.uint64)]
     flags |= _IDX_BITS
+    exc = []
+    for x, flag in ((dt, _DT_EXC), (du, _DU_EXC)):
+        # One delta much larger than the rest (a gap between sessions, between id ranges)
+        # would widen every value of the section: store it on its own.
+        j = int(np.argmax(x))
+        rest = x.copy()
+        rest[j] = 0
+        if (_width(x) - _width(rest)) * n > EXC.itemsize:
+            flags |= flag
+            exc.append(np.array([(j, x[j])], EXC).tobytes())
+            x[j] = 0
     w = [_width(dt), _width(du), _width(cols[0]), _width(cols[1])]
-    hdr = np.array([(n, flags, *w, nu, ts[0], uniq[0])], CHUNK_HDR).tobytes()
+    hdr = np.array([(n, flags, *w, nu, ts[0], uniq[0])], CHUNK_HDR).tobytes() + b"".join(exc)
     ib = idx_bits(n)
     body = [hdr, _planes(dt, w[0]), sk.astype(np.uint8).tobytes(), _planes(inv, 1) if ib == 8 else _pack_bits(inv, ib),
             _planes(du, w[1]), _planes(cols[0], w[2]), _planes(cols[1], w[3])]
@@ -335,6 +353,15 @@ def _decode_group(blobs: list[bytes], table: "AttrTable | None" = None) -> list[
     h0 = hdr[0]
     n = int(h0["n"])
     off = _HS
+    excs = []  # (positions (K,), values (K,) uint64) of the dt, du exceptions, or None
+    for flag in (_DT_EXC, _DU_EXC):
+        if int(h0["flags"]) & flag:
+            e = np.ascontiguousarray(A[:, off : off + EXC.itemsize]).view(EXC).reshape(K)
+            off += EXC.itemsize
+            excs.append((e["pos"].astype(np.int64), e["val"]))
+        else:
+            excs.append(None)
+    cols_n = np.arange(n)[None, :]
 
     def section(w: int) -> np.ndarray | None:  # (K, n) unsigned, or None when w == 0
         nonlocal off
@@ -363,10 +390,14 @@ def _decode_group(blobs: list[bytes], table: "AttrTable | None" = None) -> list[
     adv = section(int(h0["w_adv"]))
     ts = np.cumsum(dt, axis=1, dtype=np.int64) if dt is not None else np.zeros((K, n), np.int64)
     ts += hdr["ts0"][:, None]
+    if excs[0] is not None:  # the delta at pos was stored as 0: every later ts is val larger
+        ts += np.where(cols_n >= excs[0][0][:, None], excs[0][1].view(np.int64)[:, None], 0)
     flat = idx + (np.arange(K, dtype=np.int64) * n)[:, None]  # (K, n) positions of each event's dictionary entry
-    if du is not None:
-        uniq = np.cumsum(du, axis=1, dtype=np.uint64).view(np.int64)
+    if du is not None or excs[1] is not None:
+        uniq = np.cumsum(du, axis=1, dtype=np.uint64).view(np.int64) if du is not None else np.zeros((K, n), np.int64)
         uniq += hdr["item0"][:, None]
+        if excs[1] is not None:  # likewise for the dictionary ids
+            uniq += np.where(cols_n >= excs[1][0][:, None], excs[1][1].view(np.int64)[:, None], 0)
         item = uniq.reshape(-1)[flat]
     else:
         item = np.repeat(hdr["item0"], n).reshape(K, n)
