@@ -133,6 +133,59 @@ def parse_fixed(values: list[bytes | None], dtype: np.dtype, empty: bytes) -> np
     return np.frombuffer(buf, dtype).copy()
 
 
+# Format 2 stores a user head as HEAD bytes with fields replaced by differences that
+# are mostly 0 or small (tail_max: last_ts - tail_max, tail_min: tail_max - tail_min,
+# kept: kept - tail_n, total: total - kept, seg_lo: seg_hi - seg_lo, chunk_lo:
+# chunk_hi - chunk_lo; wrap-around arithmetic, so exact for any values), then this
+# marker byte: a head of HEAD.itemsize bytes is format 1 and read as it is.
+HEAD_V2 = 2
+
+
+def _head_diffs(h: np.ndarray) -> np.ndarray:
+    d = h.copy()
+    d["tail_max"] = h["last_ts"] - h["tail_max"]
+    d["tail_min"] = h["tail_max"] - h["tail_min"]
+    d["kept"] = h["kept"] - h["tail_n"]
+    d["total"] = h["total"] - h["kept"].astype(np.uint64)
+    d["seg_lo"] = h["seg_hi"] - h["seg_lo"]
+    d["chunk_lo"] = h["chunk_hi"] - h["chunk_lo"]
+    return d
+
+
+def _head_undiff(d: np.ndarray) -> np.ndarray:
+    h = d.copy()
+    h["tail_max"] = d["last_ts"] - d["tail_max"]
+    h["tail_min"] = h["tail_max"] - d["tail_min"]
+    h["kept"] = d["kept"] + d["tail_n"]
+    h["total"] = d["total"] + h["kept"].astype(np.uint64)
+    h["seg_lo"] = d["seg_hi"] - d["seg_lo"]
+    h["chunk_lo"] = d["chunk_hi"] - d["chunk_lo"]
+    return h
+
+
+def parse_heads(values: list[bytes | None]) -> np.ndarray:
+    """User head values from a multi-get (None: no head) -> writable HEAD array;
+    format-1 heads (HEAD.itemsize bytes) and format-2 heads (one byte more) alike."""
+    H = HEAD.itemsize
+    v2 = np.fromiter((v is not None and len(v) == H + 1 for v in values), bool, len(values))
+    if not v2.any():
+        return parse_fixed(values, HEAD, EMPTY_HEAD)
+    h = np.frombuffer(b"".join([EMPTY_HEAD if v is None else v[:H] for v in values]), HEAD).copy()
+    h[v2] = _head_undiff(h[v2])
+    return h
+
+
+def head_values(heads: np.ndarray) -> list[bytes]:
+    """HEAD array -> format-2 head values."""
+    H = HEAD.itemsize
+    n = len(heads)
+    a = np.empty((n, H + 1), np.uint8)
+    a[:, :H] = _head_diffs(heads).view(np.uint8).reshape(n, H)
+    a[:, H] = HEAD_V2
+    b = a.tobytes()
+    return [b[i : i + H + 1] for i in range(0, n * (H + 1), H + 1)]
+
+
 # --------------------------------------------------------------------------- keys
 
 

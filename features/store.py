@@ -215,8 +215,10 @@ class _HeadCache:
     quarter of it): no Python per id.
     """
 
-    def __init__(self, dtype: np.dtype, empty: bytes, capacity: int):
+    def __init__(self, dtype: np.dtype, empty: bytes, capacity: int, parse: Any = None):
         self.dtype, self.empty, self.capacity = dtype, empty, capacity
+        # multi-get values -> heads (user heads have two on-disk formats: codec.parse_heads)
+        self.parse = parse or (lambda vals: parse_fixed(vals, dtype, empty))
         self.clear()
 
     def clear(self) -> None:
@@ -247,10 +249,10 @@ class _HeadCache:
         if self.complete:
             get = lambda ks: [None] * len(ks)  # noqa: E731
         if len(miss) == len(ids):
-            return parse_fixed(get(keys), self.dtype, self.empty)
+            return self.parse(get(keys))
         heads = self.table[np.maximum(rows, 0)]
         if len(miss):
-            heads[miss] = parse_fixed(get([keys[i] for i in miss.tolist()]), self.dtype, self.empty)
+            heads[miss] = self.parse(get([keys[i] for i in miss.tolist()]))
         return heads
 
     def store(self, ids: np.ndarray, heads: np.ndarray) -> None:
@@ -336,7 +338,7 @@ class SequenceStore(SequenceStoreBase):
         # (hot, tiny, fixed-size) and their own size accounting.
         self._items = self._db.get_column_family(ITEMS_CF)
         self._items_cf = self._db.get_column_family_handle(ITEMS_CF)
-        self._user_cache = _HeadCache(HEAD, EMPTY_HEAD, cfg.writer_cache_users)
+        self._user_cache = _HeadCache(HEAD, EMPTY_HEAD, cfg.writer_cache_users, codec.parse_heads)
         self._item_cache = _HeadCache(ITEM_HEAD, EMPTY_ITEM_HEAD, cfg.writer_cache_items)
         self._wopts = WriteOptions()
         self._wopts.sync = cfg.sync
@@ -578,11 +580,9 @@ class SequenceStore(SequenceStoreBase):
         if len(ri):
             self._rebuild_tails(wb, uids, heads, ri, rec, starts, ends)
 
-        hbuf = heads.tobytes()
-        H = HEAD.itemsize
         put = wb.put
-        for i, k in enumerate(hkeys):
-            put(k, hbuf[i * H : (i + 1) * H])
+        for k, v in zip(hkeys, codec.head_values(heads)):
+            put(k, v)
         out = [(self._user_cache, uids, heads)]
         if cfg.item_features:
             out.append(self._write_items(wb, cols))
@@ -719,7 +719,7 @@ class SequenceStore(SequenceStoreBase):
         C = self.config.chunk_events
         B = len(uids)
         vals = self._get(codec.head_keys(uids) + codec.dir_keys(uids))
-        heads = parse_fixed(vals[:B], HEAD, EMPTY_HEAD)
+        heads = codec.parse_heads(vals[:B])
         dirvals = vals[B:]
         keys: list[bytes] = []
         plan: list[tuple[int, int]] = []  # per user: (chunks fetched, segments fetched)
@@ -793,7 +793,7 @@ class SequenceStore(SequenceStoreBase):
 
     def user_features(self, user_ids: Sequence[int] | np.ndarray) -> UserFeatures:
         uids = np.asarray(user_ids, np.int64).reshape(-1)
-        h = parse_fixed(self._get(codec.head_keys(uids)), HEAD, EMPTY_HEAD)
+        h = codec.parse_heads(self._get(codec.head_keys(uids)))
         return UserFeatures(
             age_bucket=h["age_bucket"].copy(), country=h["country"].copy(), device=h["device"].copy(),
             counts=h["counts"].astype(np.int64), n_events=h["total"].astype(np.int64),
@@ -856,10 +856,9 @@ class SequenceStore(SequenceStoreBase):
             wb = WriteBatch(raw_mode=True)
             zero = np.zeros(len(ids), np.int64)
             self._rebuild_tails(wb, ids, heads, sel, np.empty(0, REC), zero, zero)
-            H = HEAD.itemsize
-            hbuf = heads.tobytes()
-            for i in sel.tolist():
-                wb.put(hkeys[i], hbuf[i * H:(i + 1) * H])
+            hvals = codec.head_values(heads[sel])
+            for i, v in zip(sel.tolist(), hvals):
+                wb.put(hkeys[i], v)
             try:
                 self._db.write(wb, self._wopts)
             except BaseException:

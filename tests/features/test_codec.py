@@ -196,3 +196,23 @@ def test_format_1_chunks_still_decode(n: int) -> None:
     exp = np.concatenate([expected(rec), expected(rec)])
     for f, c in zip(FIELDS, cols):
         np.testing.assert_array_equal(c, exp[f], err_msg=f)
+
+
+def test_heads_round_trip_in_both_formats() -> None:
+    rng = np.random.default_rng(9)
+    h = codec.empty_heads(6)  # empty heads: sentinel ts, never-appended users
+    for f in ("kept", "tail_n", "raw_n", "seg_lo", "seg_hi", "chunk_lo", "chunk_hi"):
+        h[f][2:] = rng.integers(0, 2**32, 4)
+    h["total"][2:] = rng.integers(0, 2**63, 4)
+    h["tail_min"][2:], h["tail_max"][2:] = [-2**63, 5, 1, 2**63 - 1], [2**63 - 1, -2**63, 1, 7]
+    h["last_ts"][2:] = [0, 2**63 - 1, -2**63, 1_767_225_600_000]
+    h["counts"][3] = 2**32 - 1
+    h["country"][4], h["age_bucket"][4], h["device"][4] = 21843, 5, 0
+    vals = codec.head_values(h)
+    assert all(len(v) == codec.HEAD.itemsize + 1 for v in vals)
+    mixed = [vals[0], None, h[2:3].tobytes(), vals[3], vals[4], h[5:6].tobytes()]  # format 1 heads are bytes as they are
+    got = codec.parse_heads(mixed)
+    exp = h.copy()
+    exp[1] = codec.empty_heads(1)[0]
+    assert got.tobytes() == exp.tobytes()
+    assert codec.parse_heads(vals).tobytes() == h.tobytes()

@@ -532,7 +532,7 @@ def test_full_tails_merge_raw_segments_by_concatenation(tmp_path: Path, max_tail
                            rng.integers(0, len(KINDS), n).tolist())
             assert s.apply(cols, (0, off)) == n
             ref.append(cols)
-            h = codec.parse_fixed(s._get(codec.head_keys(np.array([0, 1]))), codec.HEAD, codec.EMPTY_HEAD)
+            h = codec.parse_heads(s._get(codec.head_keys(np.array([0, 1]))))
             for u in (0, 1):
                 assert rows(s.read(u)) == ref.read(u, None, None)
                 lo, hi = int(h["seg_lo"][u]), int(h["seg_hi"][u])
