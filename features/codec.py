@@ -291,8 +291,13 @@ def _planes(x: np.ndarray, w: int) -> bytes:
     return b[:, :w].T.tobytes()
 
 
-def encode_chunk(rec: np.ndarray, attrs: "AttrTable | None" = None) -> tuple[bytes, int, int]:
+def encode_chunk(rec: np.ndarray, attrs: "AttrTable | None" = None, exceptions: bool = True) -> tuple[bytes, int, int]:
     """Events (REC, arrival order, 1..65535) -> (chunk bytes, min ts, max ts).
+
+    ``exceptions``: may store the largest ts / id delta apart (``_DT_EXC``,
+    ``_DU_EXC``). The store passes False for sealed chunks: their widths then
+    depend on the whole section, so a user's chunks mostly share one layout
+    signature and decode in one pass (exceptions split them into several).
 
     ``attrs``: the shard's item attribute table; when every event's category
     and advertiser_id are its item's entries there, neither is stored
@@ -335,7 +340,7 @@ def encode_chunk(rec: np.ndarray, attrs: "AttrTable | None" = None) -> tuple[byt
             cols = [np.zeros(0, np.uint64), np.zeros(0, np.uint64)]
     flags |= _IDX_BITS
     exc = []
-    for x, flag in ((dt, _DT_EXC), (du, _DU_EXC)):
+    for x, flag in ((dt, _DT_EXC), (du, _DU_EXC)) if exceptions else ():
         # One delta much larger than the rest (a gap between sessions, between id ranges)
         # would widen every value of the section: store it on its own.
         j = int(np.argmax(x))
@@ -458,10 +463,16 @@ def _decode_group(blobs: list[bytes], table: "AttrTable | None" = None) -> list[
     if int(h0["flags"]) & _ATTRS_TABLE:  # one signature, one flags byte
         if table is None:
             raise MissingAttrs(np.unique(item), "chunk takes category / advertiser_id from the item attribute table; none given")
-        found, tcat, tadv = table.lookup(item.reshape(-1))
+        # the dictionaries (rows sorted, padded with their last id): sorted runs search fast
+        keys = uniq.reshape(-1) if du is not None or excs[1] is not None else hdr["item0"]
+        found, tcat, tadv = table.lookup(keys)
         if not found.all():
-            missing = np.unique(item.reshape(-1)[~found])
+            missing = np.unique(keys[~found])
             raise MissingAttrs(missing, f"{len(missing)} items not in the attribute table")
+        if du is not None or excs[1] is not None:
+            tcat, tadv = tcat[flat.reshape(-1)], tadv[flat.reshape(-1)]
+        else:  # one item per chunk
+            tcat, tadv = np.repeat(tcat, n), np.repeat(tadv, n)
         return [ts.reshape(-1), item.reshape(-1), _SK_SURFACE.take(sk), _SK_KIND.take(sk), tcat, tadv]
     attrs = []
     for v, flag, dt_out in ((cat, _CAT_PER_ITEM, np.int32), (adv, _ADV_PER_ITEM, np.int64)):
@@ -570,24 +581,71 @@ class AttrTable:
     MERGE_ALL = 1 << 20
 
     def __init__(self) -> None:
-        self._t = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
+        empty = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
+        # (main, recent): two sorted (ids, category, advertiser_id) tables, replaced together
+        # as one tuple. New entries go into the small recent one (a commit copies that, not the
+        # whole table); it is merged into main when it passes an eighth of it.
+        self._t = (empty, empty)
+        self._dense = None  # (pages, rows) direct map of main, when its ids are dense enough
         self.last_seq = -1
         self.keys: dict[int, int] = {}  # seq -> entries of every key read (the writer's merge bookkeeping)
 
     def __len__(self) -> int:
-        return len(self._t[0])
+        return sum(len(t[0]) for t in self._t)
+
+    @staticmethod
+    def _find(t: tuple, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = t[0]
+        if not len(ids):
+            return np.zeros(len(items), bool), np.zeros(len(items), np.int64)
+        pos = np.searchsorted(ids, items)
+        np.minimum(pos, len(ids) - 1, out=pos)
+        return ids[pos] == items, pos
+
+    PAGE_BITS = 12
+
+    @classmethod
+    def _dense_map(cls, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(pages, rows): rows[k << PAGE_BITS | id & mask] = row of id in page pages[k], -1 if none;
+        None when the ids are too sparse for that (it would take over 16 rows per id)."""
+        if len(ids) < 1024:
+            return None
+        pages = np.unique(ids >> cls.PAGE_BITS)
+        if len(pages) << cls.PAGE_BITS > 16 * len(ids):
+            return None
+        rows = np.full(len(pages) << cls.PAGE_BITS, -1, np.int32)
+        k = np.searchsorted(pages, ids >> cls.PAGE_BITS)
+        rows[k << cls.PAGE_BITS | ids & ((1 << cls.PAGE_BITS) - 1)] = np.arange(len(ids), dtype=np.int32)
+        return pages, rows
+
+    def _find_main(self, main: tuple, dense: tuple | None, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if dense is None or dense[0] is not main:
+            return self._find(main, items)
+        pages, rows = dense[1]
+        hi = items >> self.PAGE_BITS
+        k = np.searchsorted(pages, hi)  # a few hundred pages: stays in cache
+        np.minimum(k, len(pages) - 1, out=k)
+        pos = rows[k << self.PAGE_BITS | items & ((1 << self.PAGE_BITS) - 1)].astype(np.int64)
+        found = (pages[k] == hi) & (pos >= 0)
+        return found, np.maximum(pos, 0)
 
     def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (found (N,) bool, category (N,) int32, advertiser_id (N,) int64); -1 where not found."""
-        ids, cat, adv = self._t
+        """-> (found (N,) bool, category (N,) int32, advertiser_id (N,) int64); -1 where not found.
+        Fastest with ``items`` sorted (or sorted runs: a chunk's dictionary)."""
+        main, recent = self._t
         items = np.asarray(items, np.int64)
-        if not len(ids):
-            return np.zeros(len(items), bool), np.full(len(items), -1, np.int32), np.full(len(items), -1, np.int64)
-        pos = np.minimum(np.searchsorted(ids, items), len(ids) - 1)
-        found = ids[pos] == items
+        found, pos = self._find_main(main, self._dense, items)
         if found.all():
-            return found, cat[pos], adv[pos]
-        return found, np.where(found, cat[pos], -1).astype(np.int32), np.where(found, adv[pos], -1)
+            return found, main[1][pos], main[2][pos]
+        cat = np.where(found, main[1][pos] if len(main[0]) else -1, -1).astype(np.int32)
+        adv = np.where(found, main[2][pos] if len(main[0]) else -1, -1).astype(np.int64)
+        rest = np.flatnonzero(~found)
+        f2, p2 = self._find(recent, items[rest])
+        hit = rest[f2]
+        found[hit] = True
+        cat[hit] = recent[1][p2[f2]]
+        adv[hit] = recent[2][p2[f2]]
+        return found, cat, adv
 
     def add(self, items: np.ndarray, cat: np.ndarray, adv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Add the entries of ``items`` (distinct) that the table lacks; return them, sorted by id."""
@@ -596,9 +654,16 @@ class AttrTable:
         o = np.flatnonzero(new)[np.argsort(items[new], kind="stable")]
         add = (items[o], np.asarray(cat, np.int32)[o], np.asarray(adv, np.int64)[o])
         if len(o):
-            ids, c, a = self._t
-            at = np.searchsorted(ids, add[0])  # usually a few new items: insert, do not re-sort
-            self._t = (np.insert(ids, at, add[0]), np.insert(c, at, add[1]), np.insert(a, at, add[2]))
+            main, recent = self._t
+            at = np.searchsorted(recent[0], add[0])
+            recent = tuple(np.insert(r, at, x) for r, x in zip(recent, add))
+            if len(recent[0]) > max(4096, len(main[0]) // 8):
+                at = np.searchsorted(main[0], recent[0])
+                main = tuple(np.insert(m, at, x) for m, x in zip(main, recent))
+                recent = tuple(x[:0] for x in recent)
+                dm = self._dense_map(main[0])
+                self._dense = None if dm is None else (main, dm)  # tagged with the main it maps
+            self._t = (main, recent)
         return add
 
     def add_key(self, seq: int, v: bytes) -> None:

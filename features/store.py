@@ -658,7 +658,7 @@ class SequenceStore(SequenceStoreBase):
             for c in range(nseal):
                 seq = chunk_hi + c
                 if seq - chunk_lo >= drop:  # a chunk that retention would drop at once is never written
-                    blob, mn, mx = codec.encode_chunk(tail[c * C : (c + 1) * C], enc_attrs)
+                    blob, mn, mx = codec.encode_chunk(tail[c * C : (c + 1) * C], enc_attrs, exceptions=False)
                     put(codec.user_key(b"C", u, seq), blob)
                     new_dir[c] = (mn, mx)
             for seq in range(chunk_lo, min(chunk_lo + drop, chunk_hi)):
