@@ -152,14 +152,18 @@ def _head_diffs(h: np.ndarray) -> np.ndarray:
     return d
 
 
-def _head_undiff(d: np.ndarray) -> np.ndarray:
-    h = d.copy()
-    h["tail_max"] = d["last_ts"] - d["tail_max"]
-    h["tail_min"] = h["tail_max"] - d["tail_min"]
-    h["kept"] = d["kept"] + d["tail_n"]
-    h["total"] = d["total"] + h["kept"].astype(np.uint64)
-    h["seg_lo"] = d["seg_hi"] - d["seg_lo"]
-    h["chunk_lo"] = d["chunk_hi"] - d["chunk_lo"]
+def _head_undiff(h: np.ndarray) -> np.ndarray:
+    """In place (a read parses every head it needs: few NumPy calls)."""
+    tmax, tmin = h["tail_max"], h["tail_min"]
+    np.subtract(h["last_ts"], tmax, out=tmax)
+    np.subtract(tmax, tmin, out=tmin)
+    kept = h["kept"]
+    kept += h["tail_n"]
+    h["total"] += kept
+    lo = h["seg_lo"]
+    np.subtract(h["seg_hi"], lo, out=lo)
+    lo = h["chunk_lo"]
+    np.subtract(h["chunk_hi"], lo, out=lo)
     return h
 
 
@@ -167,9 +171,13 @@ def parse_heads(values: list[bytes | None]) -> np.ndarray:
     """User head values from a multi-get (None: no head) -> writable HEAD array;
     format-1 heads (HEAD.itemsize bytes) and format-2 heads (one byte more) alike."""
     H = HEAD.itemsize
-    v2 = np.fromiter((v is not None and len(v) == H + 1 for v in values), bool, len(values))
-    if not v2.any():
+    lens = [0 if v is None else len(v) for v in values]
+    if H + 1 not in lens:
         return parse_fixed(values, HEAD, EMPTY_HEAD)
+    if H not in lens and 0 not in lens:  # the usual case: format-2 heads only
+        a = np.frombuffer(b"".join(values), np.uint8).reshape(len(values), H + 1)
+        return _head_undiff(np.array(a[:, :H]).view(HEAD).reshape(len(values)))
+    v2 = np.array(lens) == H + 1
     h = np.frombuffer(b"".join([EMPTY_HEAD if v is None else v[:H] for v in values]), HEAD).copy()
     h[v2] = _head_undiff(h[v2])
     return h
@@ -616,17 +624,24 @@ class AttrTable:
         rows = np.full(len(pages) << cls.PAGE_BITS, -1, np.int32)
         k = np.searchsorted(pages, ids >> cls.PAGE_BITS)
         rows[k << cls.PAGE_BITS | ids & ((1 << cls.PAGE_BITS) - 1)] = np.arange(len(ids), dtype=np.int32)
-        return pages, rows
+        return pages, rows, pages[0] if pages[-1] - pages[0] == len(pages) - 1 else None
 
     def _find_main(self, main: tuple, dense: tuple | None, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if dense is None or dense[0] is not main:
             return self._find(main, items)
-        pages, rows = dense[1]
+        pages, rows, p0 = dense[1]
         hi = items >> self.PAGE_BITS
-        k = np.searchsorted(pages, hi)  # a few hundred pages: stays in cache
-        np.minimum(k, len(pages) - 1, out=k)
-        pos = rows[k << self.PAGE_BITS | items & ((1 << self.PAGE_BITS) - 1)].astype(np.int64)
-        found = (pages[k] == hi) & (pos >= 0)
+        if p0 is not None:  # consecutive pages: the page index is a subtraction
+            k = hi - p0
+            np.clip(k, 0, len(pages) - 1, out=k)
+        else:
+            k = np.searchsorted(pages, hi)  # a few hundred pages: stays in cache
+            np.minimum(k, len(pages) - 1, out=k)
+        k <<= self.PAGE_BITS
+        k |= items & ((1 << self.PAGE_BITS) - 1)
+        pos = rows[k]
+        found = pos >= 0
+        found &= pages[k >> self.PAGE_BITS] == hi
         return found, np.maximum(pos, 0)
 
     def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
