@@ -681,6 +681,16 @@ class AttrTable:
             self._t = (main, recent)
         return add
 
+    def fold(self) -> None:
+        """Merge the recent part into the main one (reads then search one table)."""
+        main, recent = self._t
+        if len(recent[0]):
+            at = np.searchsorted(main[0], recent[0])
+            main = tuple(np.insert(m, at, x) for m, x in zip(main, recent))
+            dm = self._dense_map(main[0])
+            self._dense = None if dm is None else (main, dm)
+            self._t = (main, tuple(x[:0] for x in recent))
+
     def add_key(self, seq: int, v: bytes) -> None:
         self.add(*decode_attrs(v))
         self.last_seq = max(self.last_seq, seq)

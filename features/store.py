@@ -417,6 +417,7 @@ class SequenceStore(SequenceStoreBase):
         """Read the whole item attribute table (the ``A`` keys) into memory."""
         self._attrs = codec.AttrTable()
         self._fetch_attrs()
+        self._attrs.fold()
 
     def _fetch_attrs(self) -> None:
         """Add the ``A`` keys after the last one read (a reader meets items that the
@@ -483,6 +484,7 @@ class SequenceStore(SequenceStoreBase):
         :meth:`compact`): one sorted key is the smallest form of the table."""
         if self.read_only:
             raise RuntimeError("merge_attr_table on a read-only store")
+        self._attrs.fold()
         if len(self._attrs.keys) < 2:
             return
         wb = WriteBatch(raw_mode=True)
