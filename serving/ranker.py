@@ -42,11 +42,14 @@ class RankResult:
 
 
 class Ranker:
-    """``reader``: the store read API (ShardedReader in production)."""
+    """``reader``: the store read API (ShardedReader in production); ``slots``: the semaphore that
+    bounds forward passes at once (rankers of one server share one; default: its own of
+    ``cfg.inference_slots``)."""
 
-    def __init__(self, reader: Any, models: ModelManager, cfg: ServeConfig = ServeConfig()):
+    def __init__(self, reader: Any, models: ModelManager, cfg: ServeConfig = ServeConfig(),
+                 slots: threading.BoundedSemaphore | None = None):
         self.reader, self.models, self.cfg = reader, models, cfg
-        self._slots = threading.BoundedSemaphore(cfg.inference_slots)
+        self._slots = slots if slots is not None else threading.BoundedSemaphore(cfg.inference_slots)
 
     def rank(self, q: RankQuery, deadline: float | None = None) -> RankResult:
         """``deadline``: time.monotonic() by which to answer (None: now + cfg.timeout_s)."""

@@ -31,15 +31,13 @@ a version where they disagree is served through ``predict`` instead.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import threading
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -225,6 +223,9 @@ class RequestBatch:
 
     user: GemBatch
     cands: GemBatch
+    # The request it was built from (a student reads its user representation by user id and
+    # request time); None for batches built otherwise.
+    query: RankQuery | None = None
 
     @property
     def history_events(self) -> int:
@@ -279,7 +280,7 @@ def featurize(q: RankQuery, reader: Any, cfg: Any, attrs: Attributes | None = No
         seq={k: v[:0] for k, v in user.seq.items()}, surface_idx=user.surface_idx.repeat(B),
         labels=torch.zeros(B, user.labels.shape[1]),
     )
-    return RequestBatch(user=user, cands=cands)
+    return RequestBatch(user=user, cands=cands, query=q)
 
 
 # --------------------------------------------------------------------------- score
@@ -332,21 +333,6 @@ class Scorer:
 
 # --------------------------------------------------------------------------- students
 
-# The request being scored, for what a RequestBatch does not carry: a student's user
-# representation is read by user id and request time. Set around Ranker.rank by the server's
-# router (serving/server.py); each request runs on one thread, so the variable is per request.
-_REQUEST: ContextVar[RankQuery | None] = ContextVar("opengem_rank_request", default=None)
-
-
-@contextlib.contextmanager
-def scoring_request(q: RankQuery) -> Iterator[None]:
-    token = _REQUEST.set(q)
-    try:
-        yield
-    finally:
-        _REQUEST.reset(token)
-
-
 class StudentScorer(Scorer):
     """A student version (kind "student", model/student.py), scored through its serving head.
 
@@ -357,8 +343,8 @@ class StudentScorer(Scorer):
     which :func:`canary_check` holds the split to (and falls back to). When the student reads
     representations, the user's GEM representation as of the request time comes from the
     :class:`~opengem.features.representations.RepresentationStore` (``reps``: a secondary reader,
-    caught up at most every ``catch_up_s``). Outside a :func:`scoring_request` (the canary) the
-    representation is "absent", a valid input."""
+    caught up at most every ``catch_up_s``), by the user and time of ``RequestBatch.query``;
+    without a query (a batch built by hand) the representation is "absent", a valid input."""
 
     def __init__(self, loaded: LoadedModel, reps: Any = None, catch_up_s: float = 0.5):
         super().__init__(loaded)
@@ -403,7 +389,7 @@ class StudentScorer(Scorer):
         b = rb.cands if self.shared else self.batch(rb)
         x: Any = b
         if self.repr_dim:
-            vec, present = self.representation(_REQUEST.get())
+            vec, present = self.representation(rb.query)
             B = len(b)
             x = StudentInputs(b, vec.expand(B, -1), present.expand(B))
         with torch.inference_mode():
@@ -434,7 +420,7 @@ def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:
                   for a in range(12))
     for user in (1, 2):  # 2: never seen
         q = RankQuery(user_id=user, surface=surfaces[0], candidates=cands, ts_ms=t0 + 1000 * n, hour=12)
-        rb = featurize(q, store, cfg)
+        rb = dataclasses.replace(featurize(q, store, cfg), query=None)  # no representation read: "absent"
         try:
             p = scorer.probs(rb)
         except Exception as e:  # noqa: BLE001 - the shared path may not know a new model part

@@ -43,7 +43,7 @@ from opengem.serving import ranking_pb2_grpc as pb_grpc
 from opengem.serving.config import ServeConfig
 from opengem.serving.models import ModelManager, student_manager
 from opengem.serving.ranker import DeadlineExceeded, NoModel, Ranker, RankResult
-from opengem.serving.scoring import AdCandidate, RankQuery, RequestError, scoring_request
+from opengem.serving.scoring import AdCandidate, RankQuery, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +118,18 @@ def rank_proto(ranker: Ranker, msg: pb.RankRequest, deadline: float | None) -> t
 class SurfaceRouter:
     """The ranker of a request's surface: ``students[surface]`` where ``[serve] models`` names a
     student, else ``default`` (GEM). Has the Ranker's interface (``rank``, ``models`` -- the GEM
-    manager, which health reports --, ``cfg``). The rankers share one set of inference slots, and
-    every request is scored inside :func:`~opengem.serving.scoring.scoring_request` (a student
-    reads its user representation by the request's user and time)."""
+    manager, which health reports --, ``cfg``). Build the rankers with one ``slots`` semaphore:
+    ``inference_slots`` bounds forward passes server-wide."""
 
     def __init__(self, default: Ranker, students: dict[str, Ranker] | None = None):
         self.default, self.students = default, dict(students or {})
         self.models, self.cfg = default.models, default.cfg
-        for r in self.students.values():
-            r._slots = default._slots  # noqa: SLF001 - inference_slots bounds forward passes server-wide
 
     def ranker_for(self, surface: str) -> Ranker:
         return self.students.get(surface, self.default)
 
     def rank(self, q: RankQuery, deadline: float | None = None) -> RankResult:
-        with scoring_request(q):
-            return self.ranker_for(q.surface).rank(q, deadline)
+        return self.ranker_for(q.surface).rank(q, deadline)
 
     def served(self) -> dict[str, Any]:
         """What serves what: {"gem": version | None, "students": {surface: version | None}}."""
@@ -335,8 +331,9 @@ class Service:
                                secondary_root=self._secondaries,
                                on_change=lambda *a, s=s: self._on_model_change(f"student:{s}", *a))
             for s in sc.student_surfaces()}
-        self.ranker = SurfaceRouter(Ranker(self.reader, self.models, sc),
-                                    {s: Ranker(self.reader, m, sc) for s, m in self.students.items()})
+        slots = threading.BoundedSemaphore(sc.inference_slots)
+        self.ranker = SurfaceRouter(Ranker(self.reader, self.models, sc, slots=slots),
+                                    {s: Ranker(self.reader, m, sc, slots=slots) for s, m in self.students.items()})
         self.server = RankServer(self.ranker, sc, token=token, tls=tls)
         self.metrics_port: int | None = None
 

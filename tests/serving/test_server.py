@@ -215,19 +215,30 @@ def test_hot_swap_under_load_fails_no_request_and_skips_a_broken_version(world, 
         for t in threads:
             t.start()
         published = [registry.latest_version(models)]
+
+        def until(cond, what: str, timeout_s: float = 60.0) -> None:
+            # each swap is waited for (not slept for): on a loaded machine the watcher may be slow
+            deadline = time.monotonic() + timeout_s
+            while not cond():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.05)
+
         for i in range(3):
-            time.sleep(0.6)
+            time.sleep(0.3)  # requests on the current version meanwhile
             m = GemModel(preset("tiny"))
             m.load_state_dict(world["model"].state_dict())
             with torch.no_grad():
                 for prm in m.heads.parameters():
                     prm.add_(0.05 * (i + 1))
             published.append(registry.publish(models, m).name)
+            until(lambda: svc.models.current.loaded.version == published[-1], f"{published[-1]} served")
         broken = GemModel(preset("tiny"))
         with torch.no_grad():
             broken.heads.towers[0][0].weight.fill_(float("nan"))
         bad = registry.publish(models, broken).name
-        time.sleep(1.0)
+        until(lambda: bad in svc.models.rejected, f"{bad} rejected")
+        n = sum(seen.values())
+        until(lambda: sum(seen.values()) > n + 3, "requests after the rejection")
     finally:
         stop.set()
         for t in threads:
