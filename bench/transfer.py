@@ -27,8 +27,15 @@ Protocol (what a new student of an established foundation model sees):
    targets); + Student Adapter (targets recalibrated on fresh labels);
    + representations (GEM's user vectors as inputs); + parameter sharing
    (GEM's tables from the snapshot at the students' start − D, fine-tuned);
-   all together. Then every model is frozen and scored on the surface's test
-   window (NE as :mod:`opengem.model.metrics`).
+   all together. Then every model is scored on the surface's test window (NE
+   as :mod:`opengem.model.metrics`): by default progressively -- each model,
+   the teacher included, predicts every test example and then trains on it,
+   the online regime of the daemons (labels count as known at once, for every
+   model alike) -- or, with ``--eval frozen``, frozen at the end of the train
+   window (under the market drift every frozen model's calibration ages over
+   the window, which then dominates the NE). The adapter is fitted on the
+   freshest ``--adapter-window`` labelled examples (1024, ~10 min of the
+   student's traffic here).
 3. ``transfer_ratio`` of a technique = (NE_alone − NE_technique) /
    (NE_alone − NE_teacher), click task (conversion NE reported alongside; too
    few conversions per surface in a short window to carry a ratio);
@@ -85,6 +92,13 @@ def main() -> None:
                     help="SimConfig.market_drift_std: a global click-logit walk no feature explains, what ages a "
                          "teacher's calibration (0: off, the simulator's default)")
     ap.add_argument("--market-drift-tau-s", type=float, default=1800.0, help="its correlation time (s of event time)")
+    ap.add_argument("--eval", choices=("progressive", "frozen"), default="progressive",
+                    help="test window: every model (teacher included) predicts each example, then trains on it "
+                         "(progressive, the online regime the daemons run in), or all frozen at the end of the "
+                         "train window (under market drift that measures how fast calibration ages)")
+    ap.add_argument("--adapter-window", type=int, default=1024,
+                    help="Student Adapter: fitted on the freshest this many labelled examples")
+    ap.add_argument("--adapter-refit", type=int, default=256, help="Student Adapter: refitted every this many")
     ap.add_argument("--student-frac", type=float, default=0.25,
                     help="students train on the last this fraction of the train window (the teacher on all of it)")
     ap.add_argument("--seed", type=int, default=0)
@@ -164,7 +178,9 @@ def main() -> None:
     last = t0
     n_done = 0
     n_train = sum(len(b) for b, _ in train)
-    for bi, (b, ex) in enumerate(train):
+    progressive = args.eval == "progressive"
+    teacher_test_parts: list[np.ndarray] = []  # progressive: the live teacher's test predictions
+    for bi, (b, ex) in enumerate(train + (test if progressive else [])):
         ts = ex["ts"]
         bt = int(ts.min())
         tt = time.monotonic()
@@ -177,7 +193,13 @@ def main() -> None:
         tt = time.monotonic()
         mine = b.surface_idx == s_idx
         in_students = bool((ts >= t_mid).any())
-        if in_students:
+        if bi >= len(train):  # progressive test window: outputs before the teacher trains on it
+            sb, sts = select_rows(b, mine), ts[mine]
+            now_p, now_r = teacher_outputs(live, sb)
+            teacher_test_parts.append(now_p)
+            for d in delays:
+                out[d]["test"].append((bi - len(train), *((now_p, now_r) if d == 0 else stale_outputs(sb, sts, d))))
+        elif in_students:
             sb, sts = select_rows(b, mine), ts[mine]
             for d in delays:
                 if d == 0:
@@ -200,13 +222,14 @@ def main() -> None:
     final = copy_teacher(teacher.unsharded())
     snaps.append((t_hi + 1, final))
     teacher_s = time.monotonic() - t0
-    # Test window: teacher outputs from its snapshot at ts - D (the final one, mostly: it stops at the
-    # end of the train window like every model here).
-    for bi, (b, ex) in enumerate(test):
-        mine = b.surface_idx == s_idx
-        sb, sts = select_rows(b, mine), ex["ts"][mine]
-        for d in delays:
-            out[d]["test"].append((bi, *stale_outputs(sb, sts, d)))
+    if not progressive:
+        # Test window: teacher outputs from its snapshot at ts - D (the final one, mostly: it stops at the
+        # end of the train window like every model here).
+        for bi, (b, ex) in enumerate(test):
+            mine = b.surface_idx == s_idx
+            sb, sts = select_rows(b, mine), ex["ts"][mine]
+            for d in delays:
+                out[d]["test"].append((bi, *stale_outputs(sb, sts, d)))
     print(f"teacher: {n_train:,} examples in {teacher_s:.0f}s ("
           + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) + f"); R = {R}", flush=True)
 
@@ -224,14 +247,17 @@ def main() -> None:
     def score(p: np.ndarray) -> dict:
         return window_metrics(p, y_test, w_test, zeros, ("s",), tasks)["s"]
 
-    teacher_test = np.concatenate([teacher_outputs(final, sb)[0] for _, sb, _ in test_sel])
+    teacher_test = np.concatenate(teacher_test_parts) if progressive else \
+        np.concatenate([teacher_outputs(final, sb)[0] for _, sb, _ in test_sel])
     teacher_score = score(teacher_test)
 
     def run_student(name: str, d: float, *, distill=False, adapter=False, reps=False, share="none") -> dict:
         scfg = StudentConfig(features=features, surface=args.surface, d=gem_cfg.d, history=32, hidden=(128, 64),
                              distill=distill, repr_dim=R if reps else 0, share_tables=share)
         lr = StudentLearner(scfg, teacher=share_src.get(d) if share != "none" else None,
-                            adapter=StudentAdapter(len(tasks)) if adapter else None, seed=args.seed)
+                            adapter=StudentAdapter(len(tasks), window=args.adapter_window,
+                                                   refit_every=args.adapter_refit) if adapter else None,
+                            seed=args.seed)
         by_bi = {bi: (p, r) for bi, p, r in out[d]["train"]}
         t1 = time.monotonic()
         n = 0
@@ -250,10 +276,12 @@ def main() -> None:
             n += len(sb)
         by_test = {bi: (p, r) for bi, p, r in out[d]["test"]}
         ps = []
-        for bi, sb, _ in test_sel:
+        for bi, sb, w in test_sel:
             x = StudentInputs(sb, torch.from_numpy(by_test[bi][1].astype(np.float32)),
                               torch.ones(len(sb), dtype=torch.bool)) if reps else sb
             ps.append(lr.predict(x).numpy())
+            if progressive and len(sb):  # predict, then train on it
+                lr.step(x, w, by_test[bi][0] if distill else None)
         res = score(np.concatenate(ps))
         print(f"  {name:<24} D={d:>6.0f}s  NE click {res['click']['ne']:.4f}  conversion "
               f"{res['conversion']['ne']:.4f}  ({n:,} examples, {time.monotonic() - t1:.0f}s)", flush=True)
@@ -333,7 +361,8 @@ def main() -> None:
     config = {"preset": preset_name, "events": n_events, "surface": args.surface, "delay_s": D,
               "delays_s": delays, "snapshot_s": args.snapshot_s, "hours": args.hours, "seed": args.seed,
               "sim": dataclasses.asdict(sim), "dataset": dataclasses.asdict(dcfg), "quick": q,
-              "student_frac": args.student_frac,
+              "student_frac": args.student_frac, "eval": args.eval,
+              "adapter": {"window": args.adapter_window, "refit_every": args.adapter_refit},
               "student": {"history": 32, "hidden": [128, 64], "d": gem_cfg.d}}
     write(args.out, "transfer", config, figures)
     if not args.work:
