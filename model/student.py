@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -250,9 +251,17 @@ class StudentAdapter:
     first is the level and the sharpness of its scores, not their order.
     """
 
+    A_RANGE = (0.2, 5.0)  # sharpness: a recalibration, not a new model
+    B_MAX = 5.0  # level shift, in logits
+
     def __init__(self, n_tasks: int, window: int = 20_000, refit_every: int = 1024, l2: float = 1.0,
-                 iters: int = 8):
+                 iters: int = 20, min_labels: int = 20):
         self.n_tasks, self.window, self.refit_every, self.l2, self.iters = n_tasks, window, refit_every, l2, iters
+        # A task is refitted only when its window holds >= min_labels positives and as many
+        # negatives: a short window of a rare label (conversions) is often (nearly) separable,
+        # and the Newton steps then run off to a step function (measured: a = 5898, b = -1020
+        # for conversions with a 1024-example window). The fit is also kept within A_RANGE / B_MAX.
+        self.min_labels = min_labels
         self.a = np.ones(n_tasks)
         self.b = np.zeros(n_tasks)
         self._z = np.zeros((0, n_tasks))
@@ -292,18 +301,34 @@ class StudentAdapter:
         w = self._w
         for t in range(self.n_tasks):
             z, y = self._z[:, t], self._y[:, t]
+            if min(int((y > 0.5).sum()), int((y <= 0.5).sum())) < self.min_labels:
+                continue  # too few of one class to say anything: keep the last fit
             theta = np.array([self.a[t], self.b[t]])
             prior = np.array([1.0, 0.0])
             X = np.stack([z, np.ones_like(z)], 1)  # (N, 2)
+            # start at the right level (Newton from far away overshoots on a logistic loss)
+            ybar = float(np.clip(w @ y / w.sum(), 1e-6, 1 - 1e-6))
+            pbar = float(np.clip(w @ (1.0 / (1.0 + np.exp(-(X @ theta)))) / w.sum(), 1e-6, 1 - 1e-6))
+            theta[1] += math.log(ybar / (1 - ybar)) - math.log(pbar / (1 - pbar))
             for _ in range(self.iters):
                 p = 1.0 / (1.0 + np.exp(-(X @ theta)))
                 g = X.T @ (w * (p - y)) + self.l2 * (theta - prior)
                 H = (X * (w * p * (1 - p))[:, None]).T @ X + self.l2 * np.eye(2)
                 step = np.linalg.solve(H, g)
+                step *= min(1.0, 1.0 / max(float(np.abs(step).max()), 1e-12))  # damped: at most 1 a step
                 theta = theta - step
                 if np.abs(step).max() < 1e-8:
                     break
-            self.a[t], self.b[t] = theta
+            a = float(np.clip(theta[0], *self.A_RANGE))
+            b = float(theta[1])
+            if a != theta[0]:  # the sharpness at its bound: refit the level for it (1-D Newton)
+                for _ in range(self.iters):
+                    p = 1.0 / (1.0 + np.exp(-(a * z + b)))
+                    step = (float(w @ (p - y)) + self.l2 * b) / (float(w @ (p * (1 - p))) + self.l2)
+                    b -= step
+                    if abs(step) < 1e-8:
+                        break
+            self.a[t], self.b[t] = a, float(np.clip(b, -self.B_MAX, self.B_MAX))
         self.fits += 1
 
     def state(self) -> dict[str, Any]:

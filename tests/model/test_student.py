@@ -95,8 +95,28 @@ def test_adapter_recalibrates_a_biased_teacher_on_fresh_labels():
     assert ad.a[0] == pytest.approx(0.5, abs=0.1) and ad.b[0] == pytest.approx(-1.25, abs=0.3)  # inverts 2z + 2.5
 
 
+def test_adapter_keeps_its_fit_on_a_window_with_too_few_positives_and_stays_in_range():
+    rng = np.random.default_rng(1)
+    n = 1024
+    p = 1 / (1 + np.exp(-rng.normal(-5.0, 1.0, (n, 2))))
+    y = np.zeros((n, 2))
+    y[:200, 0] = 1  # task 0: enough positives; task 1: 3 positives, all where the teacher is lowest
+    y[np.argsort(p[:, 1])[:3], 1] = 1
+    ad = StudentAdapter(2, window=n, refit_every=n)
+    ad.update(p, y, np.full(n, 4.0))
+    assert ad.fits == 1
+    assert (ad.a[1], ad.b[1]) == (1.0, 0.0)  # untouched: 3 < min_labels positives
+    assert StudentAdapter.A_RANGE[0] <= ad.a[0] <= StudentAdapter.A_RANGE[1]
+    assert np.average(ad.transform(p)[:, 0], weights=np.full(n, 4.0)) == pytest.approx(200 / n, abs=0.03)  # level
+    assert abs(ad.b[0]) <= StudentAdapter.B_MAX
+    sep = StudentAdapter(1, window=n, refit_every=n, min_labels=1)  # a separable window: clamped, finite
+    z = np.linspace(-6, -1, n)[:, None]
+    sep.update(1 / (1 + np.exp(-z)), (z > -1.5).astype(float))
+    assert np.isfinite(sep.a).all() and sep.a[0] <= StudentAdapter.A_RANGE[1] and abs(sep.b[0]) <= StudentAdapter.B_MAX
+
+
 def test_adapted_targets_are_computed_before_the_adapter_sees_the_batch():
-    lr = StudentLearner(_cfg(distill=True), adapter=StudentAdapter(2, refit_every=1))
+    lr = StudentLearner(_cfg(distill=True), adapter=StudentAdapter(2, refit_every=1, min_labels=1))
     b = synthetic_batch(TINY, [3] * 64, seed=4)
     tp = np.full((64, 2), 0.5)
     before = lr.adapter.transform(tp)
