@@ -25,11 +25,9 @@ from opengem.model.gem import GemModel
 from opengem.serving import ranking_pb2 as pb
 from opengem.serving.client import RankClient, build_request
 from opengem.serving.server import Service
-from opengem.stream.codec import encode_json
-from opengem.stream.ingest import IngestConfig, Ingestor, Record
-from opengem.stream.joiner import JoinerConfig
-from opengem.stream.producer import partition_of
 from opengem.stream.simulator import SimConfig, Simulator
+
+from ingest_testing import ingest_json
 
 P = 2
 ATOL = 1e-6  # float32 forward passes over differently shaped batches
@@ -40,18 +38,7 @@ def world(tmp_path_factory):
     """Shards written by the stream worker's ingest path, the examples its joiner closed, a published model."""
     root = tmp_path_factory.mktemp("serve")
     events = [e for b in Simulator(SimConfig(seed=11, n_users=200)).batches(20_000) for e in b]
-    joiner = JoinerConfig(click_window_ms=60_000, conversion_window_ms=300_000, sync=False)
-    ing = Ingestor(root / "data", cfg=IngestConfig(joiner=joiner))  # short windows: examples close soon
-    offsets: Counter[int] = Counter()
-    records = []
-    for e in events:
-        p = partition_of(e.user_id, P)
-        records.append(Record(p, offsets[p], encode_json([e])))
-        offsets[p] += 1
-    examples = []
-    for i in range(0, len(records), 4000):
-        examples += [ex for _, ex in ing.process(records[i:i + 4000], now_ms=2**62)[1]]
-    ing.close()
+    examples = ingest_json(root / "data", events, P)  # short windows: examples close soon
     torch.manual_seed(1)
     model = GemModel(preset("tiny")).eval()
     registry.publish(root / "data" / "models", model)

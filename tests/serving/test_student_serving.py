@@ -25,11 +25,9 @@ from opengem.model.student import (
 )
 from opengem.serving.client import RankClient, build_request
 from opengem.serving.server import Service
-from opengem.stream.codec import encode_json
-from opengem.stream.ingest import IngestConfig, Ingestor, Record
-from opengem.stream.joiner import JoinerConfig
-from opengem.stream.producer import partition_of
 from opengem.stream.simulator import SimConfig, Simulator
+
+from ingest_testing import ingest_json
 
 P = 2
 SURFACE = "reels"
@@ -44,18 +42,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-student")
     data = root / "data"
     events = [e for b in Simulator(SimConfig(seed=5, n_users=150, events_per_second=10.0)).batches(12_000) for e in b]
-    ing = Ingestor(data, cfg=IngestConfig(joiner=JoinerConfig(click_window_ms=60_000, conversion_window_ms=300_000,
-                                                                 sync=False)))
-    offsets: Counter[int] = Counter()
-    records = []
-    for e in events:
-        p = partition_of(e.user_id, P)
-        records.append(Record(p, offsets[p], encode_json([e])))
-        offsets[p] += 1
-    examples = []
-    for i in range(0, len(records), 4000):
-        examples += [ex for _, ex in ing.process(records[i:i + 4000], now_ms=2**62)[1]]
-    ing.close()
+    examples = ingest_json(data, events, P)  # short windows: examples close soon
     torch.manual_seed(1)
     gem = GemModel(preset("tiny")).eval()
     registry.publish(data / "models", gem)
