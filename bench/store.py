@@ -35,6 +35,22 @@ Figures (JSON keys):
   ``before_ts`` in the last 30 days (the trainer's point-in-time read);
   ``baseline_read_*`` -- np.load of the baseline's key + sort by ts.
 * ``read_batch_256_ms`` -- ``read_batch`` of 256 random users, max_len 4096.
+
+``--size`` (on its own: a few minutes for 1M events) measures only the bytes:
+``--size-events`` (default 1M, quick 200k) simulator events
+(``opengem.stream.simulator``, the stream bench/ingest.py's full run sends,
+``SimConfig(seed=1)`` at n / 10,000 s), split into ``--partitions`` (4) shards
+by the producer's partitioner, appended through the store's own path
+(``--size-commit`` records of 8192 events per durable commit), then
+``compact()``. JSON (``bench/results/store-size.json``): ``bytes_per_event`` =
+SST bytes of the sequence column family (everything in it: chunks,
+directories, tails, user heads, the item attribute table, meta / offsets) /
+stored events -- the figure bench/ingest.py's ``store_size`` reports -- and
+``breakdown``: bytes per stored event of each key kind, measured by copying
+that kind's keys into a store of their own with the same options and
+compacting it (the kinds are contiguous key ranges in the real store: the
+first key byte is the kind, so this is its SST share up to block boundaries);
+``*_per_own_event`` for chunks (events in sealed chunks) and tails.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -240,12 +257,172 @@ class Baseline:
         return h[np.argsort(h["ts"], kind="stable")]
 
 
+# --------------------------------------------------------------------------- --size
+
+KEY_KINDS = {b"C": "chunks", b"D": "directories", b"T": "tails", b"H": "heads", b"P": "packed_users",
+             b"A": "attributes", b"\x00": "meta_offsets"}
+
+
+def simulator_shards(n: int, partitions: int, batch_size: int = 8192):
+    """(partition, RecordBatch) of the simulator's stream as the Arrow producer splits it."""
+    import pyarrow as pa
+
+    from opengem.stream.producer import partition_of
+    from opengem.stream.simulator import SimConfig, Simulator
+
+    part: dict[int, int] = {}
+    for rb in Simulator(SimConfig(seed=1, events_per_second=n / 10_000.0)).record_batches(n, batch_size=batch_size):
+        users = rb.column(rb.schema.get_field_index("user_id")).to_numpy(zero_copy_only=False)
+        uniq, inv = np.unique(users, return_inverse=True)
+        for u in uniq.tolist():
+            if u not in part:
+                part[u] = partition_of(u, partitions)
+        parts = np.fromiter((part[u] for u in uniq.tolist()), np.int32, len(uniq))[inv]
+        for p in range(partitions):
+            idx = np.flatnonzero(parts == p)
+            if len(idx):
+                yield p, rb.take(pa.array(idx))
+
+
+def kind_bytes(store: SequenceStore, scratch: Path) -> dict[str, int]:
+    """SST bytes of each key kind of ``store``'s sequence column family, each kind copied
+    into a DB of its own (the store's options) and compacted."""
+    from rocksdict import BottommostLevelCompaction, Cache, CompactOptions, Rdict, WriteBatch
+
+    from opengem.features.store import _options
+
+    dbs: dict[str, Rdict] = {}
+    batches: dict[str, WriteBatch] = {}
+    cache = Cache(8 << 20)
+    it = store._db.iter()
+    it.seek_to_first()
+    while it.valid():
+        k = bytes(it.key())
+        name = KEY_KINDS.get(k[:1], f"other_{k[:1].hex()}")
+        if name not in dbs:
+            dbs[name] = Rdict(str(scratch / name), _options(store.config, secondary=False, cache=cache))
+            batches[name] = WriteBatch(raw_mode=True)
+        batches[name].put(k, bytes(it.value()))
+        if len(batches[name]) >= 10_000:
+            dbs[name].write(batches[name])
+            batches[name] = WriteBatch(raw_mode=True)
+        it.next()
+    del it
+    out = {}
+    opts = CompactOptions()
+    opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+    for name, db in dbs.items():
+        db.write(batches[name])
+        db.flush(True)
+        db.compact_range(None, None, opts)
+        out[name] = db.property_int_value("rocksdb.total-sst-files-size")
+        db.close()
+    return out
+
+
+def size_run(args, root: Path) -> None:
+    n = args.size_events or (200_000 if args.quick else 1_000_000)
+    P, per_commit = args.partitions, args.size_commit
+    cfg = StoreConfig()
+    stores = [SequenceStore(root / f"p{p}", cfg) for p in range(P)]
+    print(f"appending {n:,} simulator events into {P} shards ({per_commit} records of 8192 per commit)…", flush=True)
+    t0 = time.perf_counter()
+    pending: dict[int, list] = {p: [] for p in range(P)}
+    offsets = [0] * P
+    append_s = 0.0
+
+    def flush(p: int) -> None:
+        nonlocal append_s
+        t = time.perf_counter()
+        with stores[p].batch() as b:
+            for rb in pending[p]:
+                b.add(rb, p, offsets[p])
+                offsets[p] += 1
+        append_s += time.perf_counter() - t
+        pending[p] = []
+
+    for p, rb in simulator_shards(n, P):
+        pending[p].append(rb)
+        if len(pending[p]) >= per_commit:
+            flush(p)
+    for p in range(P):
+        if pending[p]:
+            flush(p)
+    gen_append_s = time.perf_counter() - t0
+    print("compacting…", flush=True)
+    t = time.perf_counter()
+    seq = items = stored = chunk_ev = tail_ev = users = 0
+    kinds: dict[str, int] = {}
+    from opengem.features import codec
+
+    for p, s in enumerate(stores):
+        s.compact()
+        sz = s.disk_bytes()
+        seq += sz["sequences"]
+        items += sz["items"]
+        uids = []
+        it = s._db.iter()
+        it.seek(b"H")
+        while it.valid() and bytes(it.key())[:1] == b"H":
+            uids.append(int.from_bytes(bytes(it.key())[1:9], "big"))
+            it.next()
+        del it
+        uids = np.asarray(uids, np.int64)
+        h = codec.parse_heads(s._get(codec.head_keys(uids))) if len(uids) else codec.empty_heads(0)
+        stored += int(h["kept"].sum())
+        tail_ev += int(h["tail_n"].sum())
+        chunk_ev += int((h["kept"] - h["tail_n"]).sum())
+        users += len(uids)
+        scratch = root / f"kinds{p}"
+        for k, v in kind_bytes(s, scratch).items():
+            kinds[k] = kinds.get(k, 0) + v
+        shutil.rmtree(scratch, ignore_errors=True)
+        s.close()
+    compact_s = time.perf_counter() - t
+    bpe = seq / stored
+    breakdown = {k: v / stored for k, v in sorted(kinds.items())}
+    figures = {
+        "bytes_per_event": bpe, "sequence_bytes": seq, "stored_events": stored, "users": users,
+        "events_in_chunks": chunk_ev, "events_in_tails": tail_ev, "item_cf_bytes": items,
+        "breakdown": breakdown, "breakdown_sum_per_event": sum(kinds.values()) / stored,
+        "chunks_per_own_event": kinds.get("chunks", 0) / max(chunk_ev, 1),
+        "tails_per_own_event": kinds.get("tails", 0) / max(tail_ev, 1),
+        "raw_bytes_per_event": RAW_BYTES, "append_s": append_s, "generate_and_append_s": gen_append_s,
+        "compact_and_measure_s": compact_s,
+    }
+    rows = [["bytes per stored event (sequence CF, compacted)", bpe, seq]]
+    rows += [[f"  {k}", v, kinds[k]] for k, v in breakdown.items()]
+    rows += [["  (sum of the kinds, each compacted alone)", figures["breakdown_sum_per_event"], sum(kinds.values())],
+             ["chunks, per event in a chunk", figures["chunks_per_own_event"], chunk_ev],
+             ["tails, per event in a tail", figures["tails_per_own_event"], tail_ev]]
+    print()
+    print(table(rows, ["measure", "bytes/event", "bytes | events"]))
+    print(f"\n{n:,} events, {P} shards, {users:,} users, {stored:,} stored; item CF {items:,} B (not in the figure); "
+          f"append {append_s:.1f} s, compact + measure {compact_s:.1f} s")
+    config = {"store": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+              "events": n, "partitions": P, "records_per_commit": per_commit, "record_events": 8192,
+              "simulator": "SimConfig(seed=1, events_per_second=n / 10000)", "quick": args.quick}
+    out = args.out if args.out != "bench/results/store.json" else "bench/results/store-size.json"
+    write(out, "store-size", config, figures)
+
+
 def main() -> None:
     ap = parser("store", __doc__)
+    ap.add_argument("--size", action="store_true", help="only bytes per stored event on simulator events (see above)")
+    ap.add_argument("--size-events", type=int, default=0, help="--size: events (default 1M, quick 200k)")
+    ap.add_argument("--partitions", type=int, default=4, help="--size: shards (bench/ingest.py: 4)")
+    ap.add_argument("--size-commit", type=int, default=4, help="--size: records per durable commit")
     ap.add_argument("--users", type=int, default=0, help="users with capped histories (default 2000, quick 1000)")
     ap.add_argument("--per-user", type=int, default=4600, help="events per capped user (> max_events)")
     ap.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     args = ap.parse_args()
+    if args.size:
+        root = Path(tempfile.mkdtemp(prefix="bench-store-size-", dir=args.dir))
+        try:
+            size_run(args, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     q = args.quick
     n_users, per_user = args.users or (1000 if q else 2000), args.per_user
     timed_records = 40 if q else 150  # the steady-state records at the end of the stream
