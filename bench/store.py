@@ -259,7 +259,7 @@ class Baseline:
 
 # --------------------------------------------------------------------------- --size
 
-KEY_KINDS = {b"C": "chunks", b"D": "directories", b"T": "tails", b"H": "heads", b"P": "packed_users",
+KEY_KINDS = {b"C": "chunks", b"D": "directories", b"T": "tails", b"H": "heads", b"P": "tail_packs",
              b"A": "attributes", b"\x00": "meta_offsets"}
 
 
@@ -323,7 +323,7 @@ def kind_bytes(store: SequenceStore, scratch: Path) -> dict[str, int]:
 def size_run(args, root: Path) -> None:
     n = args.size_events or (200_000 if args.quick else 1_000_000)
     P, per_commit = args.partitions, args.size_commit
-    cfg = StoreConfig()
+    cfg = StoreConfig(**({"pack_events": args.pack_events} if args.pack_events >= 0 else {}))
     stores = [SequenceStore(root / f"p{p}", cfg) for p in range(P)]
     print(f"appending {n:,} simulator events into {P} shards ({per_commit} records of 8192 per commit)…", flush=True)
     t0 = time.perf_counter()
@@ -353,6 +353,7 @@ def size_run(args, root: Path) -> None:
     t = time.perf_counter()
     seq = items = stored = chunk_ev = tail_ev = users = 0
     kinds: dict[str, int] = {}
+    reads: dict[str, float] = {}
     from opengem.features import codec
 
     for p, s in enumerate(stores):
@@ -373,6 +374,19 @@ def size_run(args, root: Path) -> None:
         tail_ev += int(h["tail_n"].sum())
         chunk_ev += int((h["kept"] - h["tail_n"]).sum())
         users += len(uids)
+        if p == 0:  # reads of shard 0's users after the compaction (mostly packed tails), warm cache
+            rng = np.random.default_rng(5)
+            pick = rng.choice(uids, 3000)
+            timeit_each(lambda u: s.read(int(u), None, 4096), pick[:500])
+            lat = timeit_each(lambda u: s.read(int(u), None, 4096), pick)
+            tb = []
+            for _ in range(20):
+                us = rng.choice(uids, 256, replace=False)
+                t1 = time.perf_counter()
+                s.read_batch(us, None, 4096)
+                tb.append(time.perf_counter() - t1)
+            reads = {"read_p50_ms": float(np.percentile(lat, 50) * 1e3), "read_p99_ms": float(np.percentile(lat, 99) * 1e3),
+                     "read_batch_256_ms": float(np.median(tb) * 1e3)}
         scratch = root / f"kinds{p}"
         for k, v in kind_bytes(s, scratch).items():
             kinds[k] = kinds.get(k, 0) + v
@@ -386,15 +400,18 @@ def size_run(args, root: Path) -> None:
         "events_in_chunks": chunk_ev, "events_in_tails": tail_ev, "item_cf_bytes": items,
         "breakdown": breakdown, "breakdown_sum_per_event": sum(kinds.values()) / stored,
         "chunks_per_own_event": kinds.get("chunks", 0) / max(chunk_ev, 1),
-        "tails_per_own_event": kinds.get("tails", 0) / max(tail_ev, 1),
+        "tails_per_own_event": (kinds.get("tails", 0) + kinds.get("tail_packs", 0)) / max(tail_ev, 1),
         "raw_bytes_per_event": RAW_BYTES, "append_s": append_s, "generate_and_append_s": gen_append_s,
-        "compact_and_measure_s": compact_s,
+        "compact_and_measure_s": compact_s, **reads,
     }
     rows = [["bytes per stored event (sequence CF, compacted)", bpe, seq]]
     rows += [[f"  {k}", v, kinds[k]] for k, v in breakdown.items()]
     rows += [["  (sum of the kinds, each compacted alone)", figures["breakdown_sum_per_event"], sum(kinds.values())],
              ["chunks, per event in a chunk", figures["chunks_per_own_event"], chunk_ev],
-             ["tails, per event in a tail", figures["tails_per_own_event"], tail_ev]]
+             ["tails and tail packs, per event in a tail", figures["tails_per_own_event"], tail_ev],
+             ["read (shard 0, random user, max_len 4096) p50 ms", reads["read_p50_ms"], ""],
+             ["  p99 ms", reads["read_p99_ms"], ""],
+             ["read_batch 256 users, ms", reads["read_batch_256_ms"], ""]]
     print()
     print(table(rows, ["measure", "bytes/event", "bytes | events"]))
     print(f"\n{n:,} events, {P} shards, {users:,} users, {stored:,} stored; item CF {items:,} B (not in the figure); "
@@ -411,6 +428,7 @@ def main() -> None:
     ap.add_argument("--size", action="store_true", help="only bytes per stored event on simulator events (see above)")
     ap.add_argument("--size-events", type=int, default=0, help="--size: events (default 1M, quick 200k)")
     ap.add_argument("--partitions", type=int, default=4, help="--size: shards (bench/ingest.py: 4)")
+    ap.add_argument("--pack-events", type=int, default=-1, help="--size: StoreConfig.pack_events (default: its default)")
     ap.add_argument("--size-commit", type=int, default=4, help="--size: records per durable commit")
     ap.add_argument("--users", type=int, default=0, help="users with capped histories (default 2000, quick 1000)")
     ap.add_argument("--per-user", type=int, default=4600, help="events per capped user (> max_events)")

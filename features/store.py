@@ -11,15 +11,22 @@ family): latest ad format, advertiser, category and per-kind counters
 request_id, hour, p_click / p_conversion (the label joiner's business).
 Byte layouts: :mod:`opengem.features.codec`.
 
-On-disk format 2 (``codec.FORMAT_VERSION``): a shard-wide *item attribute
+On-disk format 2: a shard-wide *item attribute
 table* (the first-seen category and advertiser_id of every item, immutable
 entries, ``A`` keys written in the same batch as the chunks that use them)
 lets a chunk whose events carry those values omit them; heads are stored as
-differences, dictionary indices bit-packed. Format-1 stores are read as they
-are; a writer that opens one marks it format 2 (its new chunks may use the
-table), after which code that reads only format 1 refuses it with a clear
+differences, dictionary indices bit-packed. Format 3 adds *tail packs*: :meth:`SequenceStore.compact` moves the tails of
+users without sealed chunks (most users of a store of short histories) into
+shared values of ~``pack_events`` events, columnar across users with one item
+dictionary (``codec.encode_pack``); the user head names the pack and slot
+(``pack``, ``slot``). Appends after that add raw segments behind the packed
+part; the next merge or seal of that user takes it out of the pack into the
+user's own keys; the next compaction rebuilds every pack and deletes the old
+ones. Format-1 and format-2 stores are read as they are; a writer that opens
+one marks it format 3, after which older code refuses it with a clear
 message. On bench/ingest.py's 1M simulator events (mostly short histories)
-the sequence column family went from 7.37 to ~6.2 bytes per stored event.
+the sequence column family went from 7.37 (format 1) to ~6.2 (format 2) to
+~5.9 bytes per stored event (``bench/store.py --size``).
 
 Writes (the stream worker of the shard, the only writer)::
 
@@ -163,6 +170,11 @@ class StoreConfig:
     # takes them from the shard's item attribute table (``A`` pages, codec.py) instead of
     # storing them: ~1 byte per event less on the simulator's data, the table costs ~0.3.
     item_attr_table: bool = True
+    # Format 3: compact() packs the tails of users without sealed chunks into shared tail
+    # packs of about this many events (codec.encode_pack; 0: no packs). Larger packs share
+    # more (one item dictionary) but a read of one user fetches the whole pack value:
+    # 8192 events is ~30 KiB, 1M simulator events 6.24 -> ~5.9 bytes per stored event.
+    pack_events: int = 8192
     # The writer keeps the fixed-size user / item heads it wrote in memory (~200 B each with
     # the dict) so that a commit reads them from RocksDB only on a miss; cleared when full.
     writer_cache_users: int = 1_000_000
@@ -356,6 +368,7 @@ class SequenceStore(SequenceStoreBase):
         self.surfaces = self._check_meta()
         self._attrs = codec.AttrTable()
         self._load_attrs()
+        self._pack_seq = self._last_pack_seq() + 1  # the writer's next tail pack
         if not self.read_only:  # an empty store: the caches hold every head the writer will write
             self._user_cache.complete = not _has_prefix(self._db, b"H")
             self._item_cache.complete = not _has_prefix(self._items, b"I")
@@ -410,6 +423,167 @@ class SequenceStore(SequenceStoreBase):
         if len(cfg.surfaces) > len(stored):
             self._db.put(codec.META_KEY, json.dumps(want).encode(), self._wopts)
         return tuple(cfg.surfaces)
+
+    # ------------------------------------------------------------------ tail packs
+
+    def _last_pack_seq(self) -> int:
+        it = self._db.iter()
+        it.seek_for_prev(codec.PACK_PREFIX + b"\xff" * 8)
+        k = bytes(it.key()) if it.valid() else b""
+        del it
+        return int.from_bytes(k[1:9], "big") if k[:1] == codec.PACK_PREFIX else -1
+
+    def _pack_seqs(self) -> list[int]:
+        out = []
+        it = self._db.iter()
+        it.seek(codec.PACK_PREFIX)
+        while it.valid():
+            k = bytes(it.key())
+            if k[:1] != codec.PACK_PREFIX:
+                break
+            out.append(int.from_bytes(k[1:9], "big"))
+            it.next()
+        del it
+        return out
+
+    def _fetch_packs(self, seqs: Any) -> dict[int, bytes] | None:
+        """Tail packs by seq -> {seq: value}; None if one is missing (a read raced a compaction)."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return {}
+        vals = self._get([codec.pack_key(q) for q in seqs])
+        if any(v is None for v in vals):
+            return None
+        return dict(zip(seqs, vals))
+
+    def _decode_packed(self, refs: list[tuple[int, int, int]], packs: dict[int, bytes]) -> dict[int, list[np.ndarray]] | None:
+        """refs (owner, pack seq, slot) -> owner -> the six columns of its packed tail;
+        None if the packs name items the attribute table lacks even after a fetch."""
+        by_pack: dict[int, list[tuple[int, int]]] = {}
+        for owner, q, slot in refs:
+            by_pack.setdefault(q, []).append((owner, slot))
+        out: dict[int, list[np.ndarray]] = {}
+        for q, members in by_pack.items():
+            slots = np.array([m[1] for m in members], np.int64)
+            for attempt in range(2):
+                try:
+                    cols, lens = codec.decode_pack(packs[q], slots, self._attrs)
+                    break
+                except codec.MissingAttrs:
+                    if attempt:
+                        return None
+                    self._fetch_attrs()
+            ends = np.cumsum(lens).tolist()
+            a = 0
+            for (owner, _), b in zip(members, ends):
+                out[owner] = [c[a:b] for c in cols]
+                a = b
+        return out
+
+    def pack_tails(self, users_per_batch: int = 4096) -> int:
+        """Move the tails of users without sealed chunks into tail packs (writer only,
+        between commits; run by :meth:`compact` after :meth:`merge_tails`).
+
+        A user qualifies when its tail is one encoded segment (or a pack slot) whose every
+        event carries its item's entries in the attribute table. Each batch of users
+        writes its packs, deletes the users' encoded segments and writes their heads (which
+        name pack and slot) in one WriteBatch; the packs that held the old slots are
+        deleted at the end (a reader that read a head before that reads again).
+        Returns the number of users packed."""
+        if self.read_only:
+            raise RuntimeError("pack_tails on a read-only store")
+        G = self.config.pack_events
+        if G <= 0 or not self.config.item_attr_table:
+            return 0
+        old = set(self._pack_seqs())
+        keep: set[int] = set()
+        uids = self._all_uids()
+        done = 0
+        for a in range(0, len(uids), users_per_batch):
+            ids = np.asarray(uids[a : a + users_per_batch], np.int64)
+            hkeys = codec.head_keys(ids)
+            heads = self._user_cache.fetch(ids, hkeys, self._get)
+            nseg = heads["seg_hi"] - heads["seg_lo"]
+            packed = heads["pack"] > 0
+            cand = np.flatnonzero((heads["raw_n"] == 0) & (heads["tail_n"] > 0) & (heads["chunk_hi"] == heads["chunk_lo"])
+                                  & (((nseg == 1) & ~packed) | ((nseg == 0) & packed)))
+            if not len(cand):
+                continue
+            zc = cand[~packed[cand]]  # tails in one encoded segment
+            skeys = codec.seg_keys(ids[zc], heads["seg_lo"][zc])
+            vals = self._get(skeys)
+            if any(v is None or v[:1] != codec.SEG_CHUNK for v in vals):
+                raise RuntimeError("store corrupt: a tail segment is missing")
+            tails = [None] * len(cand)
+            skey_of = {}
+            for j, v, k in zip(np.flatnonzero(~packed[cand]).tolist(), vals, skeys):
+                tails[j] = codec.decode_segment(v, self._attrs)
+                skey_of[j] = k
+            pj = np.flatnonzero(packed[cand])
+            if len(pj):
+                pseq = heads["pack"][cand[pj]].astype(np.int64) - 1
+                packs = self._fetch_packs(pseq.tolist())
+                if packs is None:
+                    raise RuntimeError("store corrupt: a tail pack is missing")
+                refs = [(int(j), int(q), int(sl)) for j, q, sl in zip(pj, pseq, heads["slot"][cand[pj]])]
+                got = self._decode_packed(refs, packs)
+                if got is None:
+                    raise RuntimeError("store corrupt: a tail pack names items the attribute table lacks")
+                for j, cols in got.items():
+                    tails[j] = codec.columns_to_rec(cols)
+            # only tails whose category / advertiser_id are their items' table entries
+            cat_adv = np.concatenate(tails)
+            found, tcat, tadv = self._attrs.lookup(cat_adv["item_id"])
+            ok_ev = found & (tcat == cat_adv["category"]) & (tadv == cat_adv["advertiser_id"])
+            lens = np.array([len(t) for t in tails])
+            ok = np.logical_and.reduceat(ok_ev, np.concatenate([[0], np.cumsum(lens)[:-1]]))
+            for j in np.flatnonzero(~ok).tolist():
+                if packed[cand[j]]:
+                    keep.add(int(heads["pack"][cand[j]]) - 1)
+            sel = np.flatnonzero(ok)
+            if not len(sel):
+                continue
+            wb = WriteBatch(raw_mode=True)
+            # consecutive users (key order) into packs of about G events
+            groups, cur, ev = [], [], 0
+            for j in sel.tolist():
+                if cur and (ev + lens[j] > G or len(cur) >= codec.PACK_MAX_SLOTS):
+                    groups.append(cur)
+                    cur, ev = [], 0
+                cur.append(j)
+                ev += int(lens[j])
+            groups.append(cur)
+            for grp in groups:
+                q = self._pack_seq
+                if q >= (1 << 32) - 1:
+                    raise RuntimeError("store has used every tail pack number")
+                self._pack_seq += 1
+                blob, slot = codec.encode_pack([tails[j] for j in grp])
+                wb.put(codec.pack_key(q), blob)
+                for j, sl in zip(grp, slot.tolist()):
+                    i = int(cand[j])
+                    if j in skey_of:
+                        wb.delete(skey_of[j])
+                    heads["seg_lo"][i] = heads["seg_hi"][i]
+                    heads["pack"][i] = q + 1
+                    heads["slot"][i] = sl
+            rows = cand[sel]
+            for i, v in zip(rows.tolist(), codec.head_values(heads[rows])):
+                wb.put(hkeys[i], v)
+            try:
+                self._db.write(wb, self._wopts)
+            except BaseException:
+                self._user_cache.clear()
+                raise
+            self._user_cache.store(ids, heads)
+            done += len(sel)
+        gone = sorted(old - keep)
+        if gone:
+            wb = WriteBatch(raw_mode=True)
+            for q in gone:
+                wb.delete(codec.pack_key(q))
+            self._db.write(wb, self._wopts)
+        return done
 
     # ------------------------------------------------------------------ item attribute table
 
@@ -608,7 +782,7 @@ class SequenceStore(SequenceStoreBase):
         stay a contiguous range and every key stays immutable. Updates seg_lo / seg_hi."""
         lo = heads["seg_lo"][mi].astype(np.int64)
         hi = heads["seg_hi"][mi].astype(np.int64)
-        has_z = heads["tail_n"][mi] > heads["raw_n"][mi]
+        has_z = (heads["tail_n"][mi] > heads["raw_n"][mi]) & (heads["pack"][mi] == 0)
         n = (hi - lo).tolist()
         rep = np.repeat(np.arange(len(mi)), n)
         seqs = np.arange(int(rep.size)) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
@@ -650,6 +824,16 @@ class SequenceStore(SequenceStoreBase):
             segvals.append(vals[pos : pos + b - a])
             pos += b - a
         dirvals = vals[pos:]
+        pk = heads["pack"][ri].astype(np.int64)
+        packed: dict[int, list[np.ndarray]] = {}
+        if pk.any():
+            pj = np.flatnonzero(pk)
+            packs = self._fetch_packs((pk[pj] - 1).tolist())
+            if packs is None:
+                raise RuntimeError("store corrupt: a tail pack is missing")
+            packed = self._decode_packed([(int(j), int(pk[j]) - 1, int(heads["slot"][ri[j]])) for j in pj], packs)
+            if packed is None:
+                raise RuntimeError("store corrupt: a tail pack names items the attribute table lacks")
         put, delete = wb.put, wb.delete
         enc_attrs = self._attrs if cfg.item_attr_table else None
         for j, i in enumerate(ri.tolist()):
@@ -657,7 +841,9 @@ class SequenceStore(SequenceStoreBase):
             h = heads[i]
             if any(v is None for v in segvals[j]):
                 raise RuntimeError(f"store corrupt: user {u} is missing tail segments")
-            tail = np.concatenate([codec.decode_segment(v, self._attrs) for v in segvals[j]] + [rec[starts[i] : ends[i]]])
+            first = [codec.columns_to_rec(packed[j])] if j in packed else []
+            tail = np.concatenate(first + [codec.decode_segment(v, self._attrs) for v in segvals[j]]
+                                  + [rec[starts[i] : ends[i]]])
             old_dir = np.frombuffer(dirvals[j], DIR) if dirvals[j] else np.empty(0, DIR)
             nseal = len(tail) // C
             rem = tail[nseal * C :]
@@ -688,6 +874,8 @@ class SequenceStore(SequenceStoreBase):
                 put(codec.user_key(b"T", u, seg_hi), codec.SEG_CHUNK + codec.encode_chunk(rem, enc_attrs)[0])
             h["seg_lo"] = seg_hi
             h["seg_hi"] = seg_hi + (1 if tail_n else 0)
+            h["pack"] = 0
+            h["slot"] = 0
             h["chunk_lo"] = chunk_lo + drop
             h["chunk_hi"] = chunk_hi + nseal
             h["tail_n"] = tail_n
@@ -735,7 +923,9 @@ class SequenceStore(SequenceStoreBase):
         dirvals = vals[B:]
         keys: list[bytes] = []
         plan: list[tuple[int, int]] = []  # per user: (chunks fetched, segments fetched)
-        cols = {f: heads[f].tolist() for f in ("kept", "tail_n", "seg_lo", "seg_hi", "chunk_lo", "chunk_hi", "tail_min", "tail_max")}
+        cols = {f: heads[f].tolist() for f in ("kept", "tail_n", "seg_lo", "seg_hi", "chunk_lo", "chunk_hi", "tail_min",
+                                               "tail_max", "pack", "slot")}
+        refs: list[tuple[int, int, int]] = []  # (user, pack seq, slot) of packed tails
         bl = before.tolist() if before is not None else [None] * B
         for i in range(B):
             u = int(uids[i])
@@ -755,10 +945,18 @@ class SequenceStore(SequenceStoreBase):
                 lo, hi = cols["seg_lo"][i], cols["seg_hi"][i]
                 keys.extend(codec.user_key(b"T", u, s) for s in range(lo, hi))
                 nseg = hi - lo
+                if cols["pack"][i]:
+                    refs.append((i, cols["pack"][i] - 1, cols["slot"][i]))
             plan.append((len(seqs), nseg))
-        data = self._get(keys) if keys else []
+        pseqs = sorted({q for _, q, _ in refs})
+        data = self._get(keys + [codec.pack_key(q) for q in pseqs]) if keys or pseqs else []
         if any(v is None for v in data):
             return None
+        packed: dict[int, list[np.ndarray]] = {}
+        if pseqs:
+            packed = self._decode_packed(refs, dict(zip(pseqs, data[len(keys):])))
+            if packed is None:
+                return None
         # One vectorized decode for every encoded chunk of every user; raw
         # segments are records already.
         blobs: list[bytes] = []
@@ -797,6 +995,8 @@ class SequenceStore(SequenceStoreBase):
                 run = [g, a, a + n]
             if run is not None:
                 parts.append([c[run[1] : run[2]] for c in groups[run[0]]])
+            if i in packed:  # the tail's first segment (after the chunks, before raw ones)
+                parts.append(packed[i])
             if raw[i]:
                 r = raw[i][0] if len(raw[i]) == 1 else np.concatenate(raw[i])
                 parts.append([r[f] for f in REC.names])
@@ -836,6 +1036,20 @@ class SequenceStore(SequenceStoreBase):
     def flush(self) -> None:
         self._db.flush(True)
 
+    def _all_uids(self) -> list[int]:
+        """Every user with a head, in key order."""
+        uids = []
+        it = self._db.iter()
+        it.seek(b"H")
+        while it.valid():
+            k = bytes(it.key())
+            if k[:1] != b"H":
+                break
+            uids.append(int.from_bytes(k[1:9], "big"))
+            it.next()
+        del it
+        return uids
+
     def merge_tails(self, users_per_batch: int = 4096) -> int:
         """Re-encode every user's tail into one columnar segment (writer only, between commits).
 
@@ -847,16 +1061,7 @@ class SequenceStore(SequenceStoreBase):
         """
         if self.read_only:
             raise RuntimeError("merge_tails on a read-only store")
-        uids = []
-        it = self._db.iter()
-        it.seek(b"H")
-        while it.valid():
-            k = bytes(it.key())
-            if k[:1] != b"H":
-                break
-            uids.append(int.from_bytes(k[1:9], "big"))
-            it.next()
-        del it
+        uids = self._all_uids()
         done = 0
         for a in range(0, len(uids), users_per_batch):
             ids = np.asarray(uids[a:a + users_per_batch], np.int64)
@@ -881,13 +1086,15 @@ class SequenceStore(SequenceStoreBase):
         return done
 
     def compact(self, merge_tails: bool = True) -> None:
-        """Merge the users' tails (:meth:`merge_tails`) and the item attribute table
+        """Merge the users' tails (:meth:`merge_tails`), pack the short ones
+        (:meth:`pack_tails`) and merge the item attribute table
         (:meth:`merge_attr_table`) (writer only), flush the memtables
         and rewrite everything into the bottom level (for size measurements): without
         ``force``, RocksDB would just move flushed files down without recompressing
         them at the bottom level's zstd level."""
         if merge_tails and not self.read_only:
             self.merge_tails()
+            self.pack_tails()
             self.merge_attr_table()
         opts = CompactOptions()
         opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
@@ -896,8 +1103,9 @@ class SequenceStore(SequenceStoreBase):
             db.compact_range(None, None, opts)
 
     def disk_bytes(self) -> dict[str, int]:
-        """Bytes of live SST files: ``sequences`` (sequences, user heads, item attribute
-        table, offsets) and ``items``."""
+        """Bytes of live SST files: ``sequences`` (everything of the default column family:
+        chunks, directories, tail segments, tail packs, user heads, the item attribute
+        table, meta and offsets) and ``items`` (item heads)."""
         prop = "rocksdb.total-sst-files-size"
         return {"sequences": self._db.property_int_value(prop), "items": self._items.property_int_value(prop)}
 

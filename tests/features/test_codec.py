@@ -198,21 +198,37 @@ def test_format_1_chunks_still_decode(n: int) -> None:
         np.testing.assert_array_equal(c, exp[f], err_msg=f)
 
 
-def test_heads_round_trip_in_both_formats() -> None:
+def test_heads_round_trip_in_every_format() -> None:
+    """Format-3 heads (pack, slot) round trip; format-1 (HEAD_V12 bytes as they are) and
+    format-2 heads (differences + marker 2) read as heads without a packed tail, mixed in one get."""
     rng = np.random.default_rng(9)
-    h = codec.empty_heads(6)  # empty heads: sentinel ts, never-appended users
+    h = codec.empty_heads(8)  # empty heads: sentinel ts, never-appended users
     for f in ("kept", "tail_n", "raw_n", "seg_lo", "seg_hi", "chunk_lo", "chunk_hi"):
-        h[f][2:] = rng.integers(0, 2**32, 4)
-    h["total"][2:] = rng.integers(0, 2**63, 4)
-    h["tail_min"][2:], h["tail_max"][2:] = [-2**63, 5, 1, 2**63 - 1], [2**63 - 1, -2**63, 1, 7]
-    h["last_ts"][2:] = [0, 2**63 - 1, -2**63, 1_767_225_600_000]
+        h[f][2:] = rng.integers(0, 2**32, 6)
+    h["total"][2:] = rng.integers(0, 2**63, 6)
+    h["tail_min"][2:6], h["tail_max"][2:6] = [-2**63, 5, 1, 2**63 - 1], [2**63 - 1, -2**63, 1, 7]
+    h["last_ts"][2:6] = [0, 2**63 - 1, -2**63, 1_767_225_600_000]
     h["counts"][3] = 2**32 - 1
     h["country"][4], h["age_bucket"][4], h["device"][4] = 21843, 5, 0
+    h["pack"][[3, 6]], h["slot"][[3, 6]] = [1, 2**32 - 1], [0, 65535]
     vals = codec.head_values(h)
     assert all(len(v) == codec.HEAD.itemsize + 1 for v in vals)
-    mixed = [vals[0], None, h[2:3].tobytes(), vals[3], vals[4], h[5:6].tobytes()]  # format 1 heads are bytes as they are
+    assert codec.parse_heads(vals).tobytes() == h.tobytes()
+    old = h.copy()
+    old["pack"] = old["slot"] = 0
+    v12 = np.zeros(len(h), codec.HEAD_V12)
+    for f in codec.HEAD_V12.names:
+        v12[f] = old[f]
+    v2 = codec.head_values(old, marker=codec.HEAD_V2)
+    assert all(len(v) == codec.HEAD_V12.itemsize + 1 for v in v2)
+    mixed = [vals[0], None, v12[2:3].tobytes(), vals[3], v2[4], v12[5:6].tobytes(), vals[6], v2[7]]
     got = codec.parse_heads(mixed)
     exp = h.copy()
     exp[1] = codec.empty_heads(1)[0]
+    for i in (2, 4, 5, 7):
+        exp[i] = old[i]
     assert got.tobytes() == exp.tobytes()
-    assert codec.parse_heads(vals).tobytes() == h.tobytes()
+    with pytest.raises(ValueError, match="format 1, 2 or 3"):
+        codec.parse_heads([vals[0][:-2]])
+    with pytest.raises(ValueError, match="tail pack"):
+        codec.head_values(h, marker=codec.HEAD_V2)

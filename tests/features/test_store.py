@@ -642,3 +642,193 @@ def test_format_1_store_is_read_and_written_on(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(ValueError, match="format=99"):
         SequenceStore(tmp_path / "db", SMALL)
+
+
+# --------------------------------------------------------------------------- tail packs (format 3)
+
+PACKS = StoreConfig(max_events=32, chunk_events=8, max_tail_segments=3, max_raw_tail=5, sync=False, pack_events=12)
+
+
+def _pack_keys(s: SequenceStore) -> list[bytes]:
+    return [bytes(k) for k in s._db.keys(from_key=codec.PACK_PREFIX) if bytes(k)[:1] == codec.PACK_PREFIX]
+
+
+def _check_reads(s: SequenceStore, ref: Reference, users: range, draw=None) -> None:
+    for uid in users:
+        for before in (None, T0 + 10**7 + 5_000, T0 + 10**7 + 40_000, T0):
+            for max_len in (None, 0, 1, 3, 9, 40):
+                assert rows(s.read(uid, before, max_len)) == ref.read(uid, before, max_len), (uid, before, max_len)
+    jb = s.read_batch(np.array(list(users)), None, 7).validate()
+    for i, uid in enumerate(users):
+        assert rows(jb.row(i)) == ref.read(uid, None, 7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batches=scenarios(), data=st.data())
+def test_compaction_packs_tails_and_every_read_stays_exact(batches, data) -> None:
+    """Compactions between appends (tails packed, packs rebuilt, old ones deleted), appends
+    after them (raw segments after a packed tail, merges and seals that take it back),
+    reopening, and a reader: every read equals the reference's."""
+    with tempfile.TemporaryDirectory() as d:
+        s = SequenceStore(f"{d}/db", PACKS)
+        ref = Reference(PACKS)
+        try:
+            for off, b in enumerate(batches):
+                cols = cols_of(*b)
+                s.apply(cols, (0, off))
+                ref.append(cols)
+                if data.draw(st.booleans()):
+                    s.compact()
+                    h = codec.parse_heads(s._get(codec.head_keys(np.arange(4))))
+                    live = {int(q) - 1 for q in h["pack"] if q}
+                    assert {int.from_bytes(k[1:9], "big") for k in _pack_keys(s)} == live  # old packs gone
+                    # a packed tail is the whole tail of a user without sealed chunks
+                    p = h["pack"] > 0
+                    assert (h["seg_hi"] == h["seg_lo"])[p].all() and (h["chunk_hi"] == h["chunk_lo"])[p].all()
+                    assert (h["raw_n"][p] == 0).all() and (h["tail_n"][p] > 0).all()
+                    _check_reads(s, ref, range(5))
+                if data.draw(st.booleans()):
+                    s.close()
+                    s = SequenceStore(f"{d}/db", PACKS)
+            _check_reads(s, ref, range(5))
+            r = SequenceStore.open_reader(f"{d}/db", f"{d}/sec", PACKS)
+            try:
+                _check_reads(r, ref, range(5))
+            finally:
+                r.close()
+            assert s.apply(cols_of(*batches[0]), (0, 0)) == 0  # idempotent by (partition, offset) after it all
+        finally:
+            s.close()
+
+
+def test_packed_tails_take_appends_merges_and_seals(tmp_path: Path) -> None:
+    """After compact(): a small append adds a raw segment after the packed tail; a full
+    raw tail merges it with the packed part into one encoded segment; a full tail seals a
+    chunk from it. Reads equal the reference's at every step, before and after reopening."""
+    rng = np.random.default_rng(21)
+    s = SequenceStore(tmp_path / "db", PACKS)
+    ref = Reference(PACKS)
+    off = 0
+
+    def add(n: int) -> None:
+        nonlocal off
+        ev = make_events(rng, n, users=6, t0=T0 + 10**7 + off * 10**4, spread=10**4)
+        ev["category"] = ev["item_id"] % 7  # attributes of the item: every tail can be packed
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+        off += 1
+
+    for _ in range(3):
+        add(9)
+    s.compact()
+    h = codec.parse_heads(s._get(codec.head_keys(np.arange(6))))
+    nochunk = h["chunk_hi"] == h["chunk_lo"]
+    assert nochunk.any() and (h["pack"][nochunk] > 0).all() and len(_pack_keys(s)) >= 2
+    assert not any(bytes(k)[:1] == b"T" for k in s._db.keys(from_key=b"T") if
+                   int.from_bytes(bytes(k)[1:9], "big") in np.flatnonzero(nochunk).tolist())
+    _check_reads(s, ref, range(7))
+    add(6)  # ~1 event per user: raw segments after the packed tails
+    _check_reads(s, ref, range(7))
+    for _ in range(6):  # raw tails overflow (max_raw_tail 5), tails fill chunks: the packed parts move out
+        add(12)
+        _check_reads(s, ref, range(7))
+    h = codec.parse_heads(s._get(codec.head_keys(np.arange(6))))
+    assert (h["pack"] == 0).all()
+    s.compact()
+    s.compact()  # a second compaction repacks (new packs, old deleted)
+    _check_reads(s, ref, range(7))
+    s.close()
+    s = SequenceStore(tmp_path / "db", PACKS)
+    _check_reads(s, ref, range(7))
+    add(3)
+    _check_reads(s, ref, range(7))
+    s.close()
+
+
+def test_items_with_changed_attributes_are_not_packed(tmp_path: Path) -> None:
+    """A tail with an event whose category differs from its item's first-seen one keeps its
+    own encoded segment (packs take attributes from the table only); reads stay exact."""
+    s = SequenceStore(tmp_path / "db", PACKS)
+    ref = Reference(PACKS)
+    a = cols_of([0, 0, 1, 1], [T0 + 1, T0 + 2, T0 + 3, T0 + 4], [1, 2, 1, 2], [3, 3, 3, 3])
+    b = cols_of([0, 1], [T0 + 5, T0 + 6], [1, 4], [3, 3])
+    b["category"][0] = 999  # item 1, seen first with category 11
+    for off, c in enumerate((a, b)):
+        s.apply(c, (0, off))
+        ref.append(c)
+    s.compact()
+    h = codec.parse_heads(s._get(codec.head_keys(np.array([0, 1]))))
+    assert h["pack"][0] == 0 and h["pack"][1] > 0
+    _check_reads(s, ref, range(2))
+    s.close()
+
+
+def test_packs_off_and_without_attribute_table(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    rng = np.random.default_rng(2)
+    for i, cfg in enumerate((replace(PACKS, pack_events=0), replace(PACKS, item_attr_table=False))):
+        s = SequenceStore(tmp_path / f"db{i}", cfg)
+        ref = Reference(cfg)
+        for off in range(3):
+            ev = make_events(rng, 9, users=4)
+            s.apply(ev, (0, off))
+            ref.append(ref_cols(ev))
+        s.compact()
+        assert not _pack_keys(s)
+        _check_reads(s, ref, range(5))
+        s.close()
+
+
+def test_format_2_store_on_disk_is_read_then_written_on(tmp_path: Path) -> None:
+    """tests/features/data/store_format2.tar.gz: a store written by the format-2 code
+    (commit 4ee67b4; SMALL config; compacted, then raw segments appended). This code
+    reads it exactly as that code did (its reads are in store_format2_reads.npz), writes
+    on it (format 3), compacts it into packs and reads the same again."""
+    import json
+    import tarfile
+
+    data = Path(__file__).parent / "data"
+    with tarfile.open(data / "store_format2.tar.gz") as t:
+        t.extractall(tmp_path)
+    exp = np.load(data / "store_format2_reads.npz")
+
+    def same(s: SequenceStore) -> None:
+        for key in exp.files:
+            u, b, m = key.split("_")
+            r = s.read(int(u), None if b == "None" else int(b), None if m == "None" else int(m))
+            got = np.stack([r.ts, r.item_id, r.surface.astype(np.int64), r.kind.astype(np.int64),
+                            r.category.astype(np.int64), r.advertiser_id])
+            assert np.array_equal(got, exp[key]), key
+
+    path = tmp_path / "store"
+    r = SequenceStore.open_reader(path, tmp_path / "sec", SMALL)
+    assert json.loads(r._get(codec.META_KEY))["format"] == 2
+    same(r)
+    r.close()
+    s = SequenceStore(path, replace_packs(SMALL))
+    same(s)
+    assert json.loads(s._get(codec.META_KEY))["format"] == codec.FORMAT_VERSION == 3
+    # new users whose attributes are their items' (the fixture's are not: -1 at random)
+    rng = np.random.default_rng(8)
+    ref = Reference(SMALL)
+    for off in range(44, 47):
+        ev = make_events(rng, 9, users=3, t0=T0 + off * 10**6)
+        ev["user_id"] += 100
+        ev["item_id"] += 500  # items new to the table
+        ev["category"] = ev["item_id"] % 7
+        ev["advertiser_id"] = np.where(ev["advertiser_id"] >= 0, ev["item_id"] % 5, -1)
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+    assert s.apply(ev, (0, 43)) == 0  # the fixture's offsets hold
+    s.compact()
+    assert _pack_keys(s)
+    same(s)
+    _check_reads(s, ref, range(100, 103))
+    s.close()
+
+
+def replace_packs(cfg: StoreConfig) -> StoreConfig:
+    from dataclasses import replace
+
+    return replace(cfg, pack_events=16)
