@@ -471,7 +471,12 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
         worker.start()
         trainer.start()
         live.start()
+        # The one slow start-up step (torch + the model code, while the daemons load theirs): say so.
+        t_srv = time.monotonic()
+        print("starting the ranking server in this process (loading torch and the model code; "
+              "the daemons load theirs meanwhile)…", flush=True)
         server.start()
+        print(f"ranking server up on 127.0.0.1:{server.port} in {time.monotonic() - t_srv:.1f}s", flush=True)
         monitor.start()
         recorder.start()
         source.start()

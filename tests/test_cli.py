@@ -26,7 +26,7 @@ def _env():
 
 def test_demo_runs_and_reports_events_flowing(tmp_path):
     r = subprocess.run(OPENGEM + ["demo", "--duration", "6", "--rate", "5000", "--data-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, env=_env())
+                       capture_output=True, text=True, timeout=240, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     m = re.search(r"summary: ([\d,]+) events produced, ([\d,]+) consumed back", r.stdout)
     assert m, r.stdout
@@ -35,6 +35,7 @@ def test_demo_runs_and_reports_events_flowing(tmp_path):
     for surface in ("feed", "stories", "reels", "messaging"):
         assert surface in r.stdout
     assert "impression" in r.stdout and "click" in r.stdout
+    assert re.search(r"ranking server up on 127\.0\.0\.1:\d+ in [\d.]+s", r.stdout), r.stdout[:2000]
 
 
 def test_broker_then_simulate_in_separate_processes(tmp_path):
