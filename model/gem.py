@@ -322,6 +322,7 @@ class GemModel(FunnelRanker):
         self._target = [NONSEQ_KEYS.index(k) for k in TARGET_KEYS]
         extra: tuple[int, ...] = ()
         self._user = [NONSEQ_KEYS.index(k) for k in USER_KEYS]
+        self._user_rows = sorted(self._user)  # the same for every candidate of a request
         self.user_first = cfg.use_sequence and cfg.seq_conditioning == "user"
         if cfg.use_sequence:
             search = cfg.pyramid.search_len > 0
@@ -390,8 +391,38 @@ class GemModel(FunnelRanker):
 
         ``cands``: the candidates' ids, dense features and surfaces; its histories are not read.
         """
-        nonseq, _, _ = self.sparse(cands, 0)  # (B, F, d): no history lookup
+        nonseq = self._shared_nonseq(u, cands)
+        if nonseq is None:
+            nonseq, _, _ = self.sparse(cands, 0)  # (B, F, d): no history lookup
         return self._score(u, cands, nonseq)
+
+    def _shared_nonseq(self, u: "UserEncoding", cands: GemBatch) -> torch.Tensor | None:
+        """The candidates' non-seq tokens (B, F, d) when they share the user / request ids of a
+        1-row ``u`` (a server's request): the user's tokens from ``encode_user`` repeated, only
+        the ad's ids looked up (one row per id: what the bag / collection lookups return, bit for
+        bit). None where that does not hold (the caller runs the full lookup)."""
+        sp = self.sparse
+        if u.nonseq is None or u.nonseq.shape[0] != 1 or type(sp.ebc) is not EmbeddingBagCollection \
+                or type(sp.ec) is not EmbeddingCollection:
+            return None  # e.g. sharded tables (DistributedModelParallel)
+        F, B = len(NONSEQ_KEYS), len(cands)
+        kc, kh = cands.sparse, u.hist.sparse
+        if tuple(kc.keys()) != NONSEQ_KEYS or tuple(kh.keys()) != NONSEQ_KEYS or kc.values().numel() != F * B \
+                or kh.values().numel() != F or not bool((kc.lengths() == 1).all()) \
+                or not bool((kh.lengths() == 1).all()):
+            return None  # not one id per key and row
+        vals = kc.values().view(F, B)
+        if not bool((vals[self._user_rows] == kh.values().view(F, 1)[self._user_rows]).all()):
+            return None  # candidates of other users
+        toks = []
+        for i, k in enumerate(NONSEQ_KEYS):
+            if i in self._user_rows:
+                toks.append(u.nonseq[0, i].expand(B, -1))
+            elif k in EBC_KEYS:
+                toks.append(sp.ebc.embedding_bags[TABLE_OF[k]].weight.index_select(0, vals[i]))
+            else:
+                toks.append(sp.ec.embeddings[TABLE_OF[k]].weight.index_select(0, vals[i]))
+        return torch.stack(toks, dim=1)  # (B, F, d)
 
     def candidate_logits(self, u: "UserEncoding", cands: GemBatch) -> torch.Tensor:
         """Funnel stage logits (B, n_tasks) of ``score_candidates`` through the surface heads."""
@@ -412,12 +443,12 @@ class GemModel(FunnelRanker):
                 mask: torch.Tensor | None) -> "UserEncoding":
         cfg = self.cfg
         if not cfg.use_sequence:
-            return UserEncoding(hist, None, None, None)
+            return UserEncoding(hist, None, None, None, nonseq=nonseq)
         st = self.seq.init(events, mask)  # the age branches' input stage
         if not self.user_first:
-            return UserEncoding(hist, events, mask, st)  # the layers need the candidate
+            return UserEncoding(hist, events, mask, st, nonseq=nonseq)  # the layers need the candidate
         u = self.in_norm(nonseq[:, self._user])  # (B_u, n_u, d), as these tokens are in X
-        enc = UserEncoding(hist, events, mask, None)
+        enc = UserEncoding(hist, events, mask, None, nonseq=nonseq)
         for i in range(cfg.pyramid.n_layers):
             st, s = self.seq.layer(i, st, self._user_ctx(i if cfg.interleave else 0, u))
             enc.summaries.append(s)  # (B_u, n_summary, d)
@@ -438,34 +469,44 @@ class GemModel(FunnelRanker):
         """"target" mode: the selection as the pyramid's search branch (B rows)."""
         return self.seq.search_tokens(u.events, sel.B, (sel.b, sel.l, sel.pos, sel.K), self.match_emb[sel.level])
 
-    def _search_kv(self, u: "UserEncoding", sel: "SearchSelection") -> tuple[list[torch.Tensor], torch.Tensor]:
-        """"user" mode: per exchange, the search attention's keys ‖ values (B, 1 + K, 2d) -- its
-        CLS, then each candidate's matched events -- and their mask (B, 1 + K).
+    def _search_kv(self, u: "UserEncoding", sel: "SearchSelection") -> "SearchKV":
+        """"user" mode: per exchange, the search attention's keys ‖ values -- its CLS, then each
+        candidate's matched events.
 
         A matched event's token depends on (history row, position, match level) only, and
         the B candidates of a request share one history, so each distinct token is
-        normed and projected once and gathered into the candidates' rows.
+        normed and projected once. With one shared history (a server) the candidates read
+        that table through (candidate, row) pairs (:meth:`TargetAttention.attend_pairs`:
+        ~6 matches per candidate, not K = 32 padded slots); else the keys are gathered into
+        (B, 1 + K, 2d) rows with a mask.
         """
         L = u.events.shape[1]
-        hb = sel.b if u.events.shape[0] > 1 else torch.zeros_like(sel.b)
+        shared = u.events.shape[0] == 1
+        hb = torch.zeros_like(sel.b) if shared else sel.b
         code = (hb * L + sel.l) * N_MATCH + sel.level
         uniq, inv = torch.unique(code, return_inverse=True)
         lv, pl, row = uniq % N_MATCH, (uniq // N_MATCH) % L, uniq // (N_MATCH * L)
         toks = self.seq.search_values(u.events[row, pl] + self.match_emb[lv])  # (U, d)
         B, K = sel.B, sel.K
+        cls = self.seq.search_cls[0]  # (1, d)
+        if shared:
+            # Pairs (candidate, row of [CLS, the U distinct tokens]): every candidate reads the CLS.
+            dev = toks.device
+            qi = torch.cat([torch.arange(B, device=dev), sel.b])
+            ki = torch.cat([torch.zeros(B, dtype=torch.int64, device=dev), 1 + inv])
+            return SearchKV([att.project(torch.cat([cls, toks])) for att in self.search_attn], None, (qi, ki))
         # Each candidate's slots as rows of a table [CLS, 0, the U distinct tokens]: one gather
         # writes the (B, 1 + K, 2d) keys ‖ values (no zero fill, then scatter, of that tensor).
         slot = torch.ones(B, 1 + K, dtype=torch.int64, device=toks.device)  # 1: the empty slot
         slot[:, 0] = 0
         slot[sel.b, 1 + sel.pos] = 2 + inv
         mask = slot != 1
-        cls = self.seq.search_cls[0]  # (1, d)
         out = []
         for att in self.search_attn:
             kv_u = att.project(torch.cat([cls, toks]))  # (1 + U, 2d)
             table = torch.cat([kv_u[:1], kv_u.new_zeros(1, kv_u.shape[-1]), kv_u[1:]])  # (2 + U, 2d)
             out.append(table.index_select(0, slot.view(-1)).view(B, 1 + K, -1))  # (B, 1 + K, 2d)
-        return out, mask
+        return SearchKV(out, mask, None)
 
     def _score(self, u: "UserEncoding", cands: GemBatch, nonseq: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -477,29 +518,30 @@ class GemModel(FunnelRanker):
         if self.user_first:
             sel = self._search(u, cands, B)
             if sel is not None:  # keys: the branch's CLS (always there: rows without a match) + its events
-                s_kv, s_mask = self._search_kv(u, sel)
+                skv = self._search_kv(u, sel)
 
             def exchange(i: int, x: torch.Tensor, j: int) -> torch.Tensor:
-                """Layer i's tokens for Wukong (exchange j): the user's summary ‖ the ad's target
-                attention over the user's layer-i tokens ‖ over its matched events."""
-                parts = [_rows(u.summaries[i], B)]
+                """X ‖ gate_j ⊙ layer i's tokens for Wukong (exchange j): the user's summary ‖ the
+                ad's target attention over the user's layer-i tokens ‖ over its matched events.
+                The summary is the user's: gated once, on its one row, then broadcast."""
+                g = torch.sigmoid(self.seq_gate[j])  # (n_s, d)
+                n_sum = u.summaries[i].shape[1]
                 keys, km = u.keys[i]
-                parts.append(self.seq.out_norm(self.target_attn[j](target, keys, km)))
+                att = [self.target_attn[j](target, keys, km)]
                 if sel is not None:
                     q = self.search_q_norm(torch.matmul(self.search_q_w[j], x))  # (B, 1, d)
                     q = target + torch.sigmoid(self.search_q_gate[j]) * q
-                    parts.append(self.seq.out_norm(self.search_attn[j].attend(q, s_kv[j], s_mask)))
-                return torch.cat(parts, dim=1)  # (B, n_s, d)
+                    att.append(skv.attend(self.search_attn[j], j, q))
+                att_t = self.seq.out_norm(torch.cat(att, dim=1))  # (B, 1 [+ 1], d)
+                return torch.cat([x, _rows(g[:n_sum] * u.summaries[i], B), g[n_sum:] * att_t], dim=1)
 
             if cfg.interleave:
                 for i, layer in enumerate(layers):
                     if i < n_seq:
-                        s = exchange(i, x, i)
-                        x = torch.cat([x, torch.sigmoid(self.seq_gate[i]) * s], dim=1)
+                        x = exchange(i, x, i)
                     x = layer(x)
             else:
-                s = exchange(n_seq - 1, x, 0)  # the pyramid's last layer, once
-                x = torch.cat([x, torch.sigmoid(self.seq_gate[0]) * s], dim=1)
+                x = exchange(n_seq - 1, x, 0)  # the pyramid's last layer, once
                 for layer in layers:
                     x = layer(x)
             return x.flatten(1)
@@ -545,6 +587,23 @@ class SearchSelection:
     level: torch.Tensor
 
 
+@dataclass(frozen=True, eq=False)
+class SearchKV:
+    """The search attention's keys ‖ values per exchange j: ``kv[j]`` (B, 1 + K, 2d) rows with
+    ``mask`` (B, 1 + K), or -- one shared history -- (N, 2d) tables read through ``pairs``
+    (query index (n,), table row (n,))."""
+
+    kv: list[torch.Tensor]
+    mask: torch.Tensor | None
+    pairs: tuple[torch.Tensor, torch.Tensor] | None
+
+    def attend(self, att: TargetAttention, j: int, q: torch.Tensor) -> torch.Tensor:
+        """Exchange j's search attention for the queries q (B, 1, d) -> (B, 1, d)."""
+        if self.pairs is not None:
+            return att.attend_pairs(q, self.kv[j], *self.pairs)
+        return att.attend(q, self.kv[j], self.mask)
+
+
 def _rows(t: torch.Tensor, B: int) -> torch.Tensor:
     """A user-side tensor (1 or B rows) as B rows; a view, no copy."""
     return t if t.shape[0] == B else t.expand(B, *t.shape[1:])
@@ -570,6 +629,7 @@ class UserEncoding:
     state: PyramidState | None
     summaries: list[torch.Tensor] = field(default_factory=list)
     keys: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    nonseq: torch.Tensor | None = None  # (B_u, F, d): the rows' non-seq tokens (the user's are reused)
 
 def n_params(model: nn.Module) -> dict[str, int]:
     """Parameter counts: embeddings (TorchRec tables) vs dense, and the total."""

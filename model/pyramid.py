@@ -245,6 +245,30 @@ class TargetAttention(nn.Module):
         return self.out(a.transpose(1, 2).reshape(Bk, nq, d)).reshape(B, 1, d)
 
 
+    def attend_pairs(self, q: torch.Tensor, kv: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` for queries that read different subsets of one shared key table, given as
+        pairs instead of a padded (B, T) gather.
+
+        q (B, 1, d); kv (N, 2d) from :meth:`project`; pairs (qi[j], ki[j]), (n,) int64 each:
+        query qi[j] reads key ki[j] (every query needs at least one pair, each pair once)
+        -> (B, 1, d), equal to :meth:`attend` on each query's keys gathered into (B, T, 2d)
+        with a mask, up to float rounding. O(n d) where the padded form is O(B T d):
+        a server's search branch has ~6 matches per candidate in 33 slots.
+        """
+        B, d, h = q.shape[0], q.shape[-1], self.h
+        dh = d // h
+        qh = self.q(self.ln_q(q.reshape(B, d))).view(B, h, dh)
+        k = kv[:, :d].reshape(-1, h, dh)  # (N, H, Dh)
+        v = kv[:, d:].reshape(-1, h, dh)
+        s = (qh.index_select(0, qi) * k.index_select(0, ki)).sum(-1) * dh**-0.5  # (n, H)
+        idx = qi[:, None].expand(-1, h)
+        top = s.new_full((B, h), -torch.inf).scatter_reduce_(0, idx, s, "amax")  # per query: the softmax shift
+        e = torch.exp(s - top.index_select(0, qi))
+        w = e / e.new_zeros(B, h).index_add_(0, qi, e).index_select(0, qi)  # (n, H): softmax per query
+        a = q.new_zeros(B, h, dh).index_add_(0, qi, w.unsqueeze(-1) * v.index_select(0, ki))  # (B, H, Dh)
+        return self.out(a.view(B, d)).view(B, 1, d)
+
+
 @dataclass
 class PyramidState:
     """Per branch b: tokens[b] (B, T_b, d), masks[b] (B, T_b) bool, cls[b] (B, 1, d)."""

@@ -45,6 +45,10 @@ class ServeConfig:
     # 500-candidate GEM request ~15x slower (in-process, load average ~18 on 2 cores:
     # p50 130 ms with 1 thread, 1980 ms with 2; issue 6).
     threads: int = 1
+    # glibc only: keep freed memory in the heap up to this many MiB instead of handing each
+    # large tensor back to the kernel (mmap / munmap and a page fault per 4 KiB on every
+    # request: ~4k faults per 500-candidate GEM request); 0: the allocator's defaults.
+    malloc_keep_mb: int = 256
     # The task whose probability a candidate's bid multiplies: value = bid x P(value_task).
     value_task: str = "conversion"
     # Which model serves a surface: {surface = "gem" | "student"}; unnamed surfaces: "gem" (the

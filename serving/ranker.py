@@ -16,7 +16,7 @@ import numpy as np
 
 from opengem.serving.config import ServeConfig
 from opengem.serving.models import ModelManager
-from opengem.serving.scoring import RankQuery, featurize, validate
+from opengem.serving.scoring import ItemAttributeCache, RankQuery, featurize, validate
 
 
 class NoModel(RuntimeError):
@@ -50,6 +50,7 @@ class Ranker:
                  slots: threading.BoundedSemaphore | None = None):
         self.reader, self.models, self.cfg = reader, models, cfg
         self._slots = slots if slots is not None else threading.BoundedSemaphore(cfg.inference_slots)
+        self.items = ItemAttributeCache(reader)  # the ads' attributes, until the store changes
 
     def rank(self, q: RankQuery, deadline: float | None = None) -> RankResult:
         """``deadline``: time.monotonic() by which to answer (None: now + cfg.timeout_s)."""
@@ -61,7 +62,7 @@ class Ranker:
         tasks = scorer.tasks
         validate(q, surfaces=scorer.surfaces, tasks=tasks, max_candidates=self.cfg.max_candidates)
         value_task = q.value_task or (self.cfg.value_task if self.cfg.value_task in tasks else tasks[-1])
-        rb = featurize(q, self.reader, scorer.cfg)
+        rb = featurize(q, self.reader, scorer.cfg, items=self.items)
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not self._slots.acquire(timeout=remaining):
             raise DeadlineExceeded("deadline exceeded waiting for the model")

@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -61,9 +61,9 @@ class RequestError(ValueError):
 # --------------------------------------------------------------------------- request
 
 
-@dataclass(frozen=True)
-class AdCandidate:
-    """One ad to score; attributes left None are looked up in the store."""
+class AdCandidate(NamedTuple):
+    """One ad to score; attributes left None are looked up in the store. Immutable; a named
+    tuple rather than a frozen dataclass: a request builds hundreds (0.4 vs 3.7 us each)."""
 
     ad_id: int
     advertiser_id: int | None = None
@@ -154,11 +154,83 @@ class Attributes:
 _FMT_CODE = {f: i for i, f in enumerate(AD_FORMATS)}
 
 
-def attributes(q: RankQuery, reader: Any) -> Attributes:
+def data_version(reader: Any) -> Any:
+    """A value that changes whenever what ``reader`` answers may have changed, or None when the
+    reader cannot tell (then nothing read from it is cached).
+
+    Every commit of the stream worker advances its shard's applied offsets in the same atomic
+    write as the events (features/base.py), so a secondary's offsets after a catch-up say
+    whether it sees new data. A :class:`~opengem.features.sharded.ShardedReader`: the offsets of
+    every open shard (a shard that opens later changes the value too)."""
+    f = getattr(reader, "applied_offsets", None)
+    if callable(f):
+        return tuple(sorted(f().items()))
+    stores = getattr(reader, "_stores", None)  # ShardedReader: no public per-shard view yet
+    if isinstance(stores, dict):
+        out = []
+        for p, s in sorted(stores.items()):
+            g = getattr(s, "applied_offsets", None)
+            if not callable(g):
+                return None
+            out.append((p, tuple(sorted(g().items()))))
+        return tuple(out)
+    return None
+
+
+class ItemAttributeCache:
+    """Ads' attributes (format, advertiser, category) as ``reader.item_features`` last gave
+    them, kept until the reader's data changes (:func:`data_version`, checked on every call).
+
+    The store's attributes are "latest value wins", and a secondary reader only sees new
+    values after a catch-up that also moves its applied offsets, so a cached value is never
+    older than what the reader itself would answer at the start of the call. A catch-up that
+    brought anything new empties the cache (which ads changed is not known). Readers without
+    offsets are not cached. Thread-safe: entries go into the map of the version read before
+    the store was asked, and a map is replaced, never emptied in place."""
+
+    def __init__(self, reader: Any, max_items: int = 1 << 20):
+        self.reader, self.max_items = reader, max_items
+        self._version: Any = None
+        self._map: dict[int, tuple[int, int, int]] = {}
+        self.hits = self.misses = 0
+
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids (n,) int64 -> (ad_format, advertiser_id, category), each (n,) int64, -1 unknown.
+        Raises LookupError as ``item_features`` does (no shard open yet)."""
+        v = data_version(self.reader)
+        if v is None:
+            return _item_attributes(self.reader, ids)
+        m = self._map
+        if v != self._version:
+            m = self._map = {}
+            self._version = v
+        keys = ids.tolist()
+        got = [m.get(k) for k in keys]
+        miss = [i for i, g in enumerate(got) if g is None]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if miss:
+            fmt, adv, cat = _item_attributes(self.reader, ids[miss])
+            if len(m) + len(miss) > self.max_items:
+                m = self._map = {}
+            for i, row in zip(miss, zip(fmt.tolist(), adv.tolist(), cat.tolist())):
+                got[i] = m[keys[i]] = row
+        a = np.array(got, np.int64).reshape(len(keys), 3)
+        return a[:, 0], a[:, 1], a[:, 2]
+
+
+def _item_attributes(reader: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``reader.item_features(ids)``'s (ad_format, advertiser_id, category) as int64, -1 unknown."""
+    itf = reader.item_features(ids)
+    fix = lambda x: np.where(np.asarray(x) >= 0, np.asarray(x, np.int64), -1)  # noqa: E731
+    return fix(itf.ad_format), fix(itf.advertiser_id), fix(itf.category)
+
+
+def attributes(q: RankQuery, reader: Any, items: ItemAttributeCache | None = None) -> Attributes:
     """Attributes the request leaves out come from the store: the user's latest age /
-    country / device, each ad's latest advertiser / category / format. Users and ads the
-    store never saw keep them unknown (cold start). One store call per kind, no per-ad Python
-    beyond reading the request."""
+    country / device, each ad's latest advertiser / category / format (through ``items``, a
+    cache of ``reader``'s, when given). Users and ads the store never saw keep them unknown
+    (cold start). One store call per kind, no per-ad Python beyond reading the request."""
     age, country, device = q.age_bucket, q.country, q.device
     if age is None or country is None or device is None:
         uf = reader.user_features([q.user_id])
@@ -177,13 +249,14 @@ def attributes(q: RankQuery, reader: Any) -> Attributes:
     missing = np.flatnonzero(given != 7)
     if missing.size:
         try:
-            itf = reader.item_features(ad[missing])
+            found = items.get(ad[missing]) if items is not None else _item_attributes(reader, ad[missing])
         except LookupError:  # no shard open yet: every ad is new
-            itf = None
-        if itf is not None:
-            for col, got, bit in ((adv, itf.advertiser_id, 1), (cat, itf.category, 2), (fmt, itf.ad_format, 4)):
+            found = None
+        if found is not None:
+            s_fmt, s_adv, s_cat = found
+            for col, got, bit in ((adv, s_adv, 1), (cat, s_cat, 2), (fmt, s_fmt, 4)):
                 fill = (given[missing] & bit) == 0
-                col[missing[fill]] = np.where(np.asarray(got)[fill] >= 0, np.asarray(got, np.int64)[fill], -1)
+                col[missing[fill]] = got[fill]
     return Attributes(age, country, device, ad, adv, cat, fmt)
 
 
@@ -247,7 +320,8 @@ def _count_equal(hist: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(targets >= 0, n, 0)
 
 
-def featurize(q: RankQuery, reader: Any, cfg: Any, attrs: Attributes | None = None) -> RequestBatch:
+def featurize(q: RankQuery, reader: Any, cfg: Any, attrs: Attributes | None = None,
+              items: ItemAttributeCache | None = None) -> RequestBatch:
     """A request -> :class:`RequestBatch`, column-wise.
 
     The user row goes through the trainer's own path (``examples_batch`` on the
@@ -257,10 +331,11 @@ def featurize(q: RankQuery, reader: Any, cfg: Any, attrs: Attributes | None = No
     sparse rows of the user batch repeated, the ad's ids hashed by the same
     ``ids_to_rows``, the counters by sorted counting over the same history
     (``make_batch``'s ``(history == target) & (target >= 0)``). The parity tests
-    hold the result to ``examples_batch`` over :func:`candidate_examples`.
+    hold the result to ``examples_batch`` over :func:`candidate_examples`. ``items``: a cache of
+    ``reader``'s ad attributes (:class:`ItemAttributeCache`; None: ask the store).
     """
     fc = getattr(cfg, "features", cfg)
-    a = attributes(q, reader) if attrs is None else attrs
+    a = attributes(q, reader, items) if attrs is None else attrs
     B = len(a.ad_id)
     rec = _Recording(reader)
     user = examples_batch([_example(q, a, 0)], rec, cfg)

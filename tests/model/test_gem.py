@@ -322,3 +322,24 @@ def _dense_match(G, hist, idx, mask, targets, k):
         t = tg[key][b]
         level = torch.where((ids[seq_key][torch.zeros_like(b), l] == t) & (t > 0), lv, level)
     return b, l, pos, K, level
+
+
+def test_candidates_of_one_request_reuse_the_users_tokens():
+    """score_candidates on a 1-row encoding looks up only the ad's ids and repeats the user's
+    tokens: bit for bit the full lookup; candidates carrying another user's ids get the full one."""
+    torch.manual_seed(0)
+    m = GemModel(TINY).eval()
+    hist = synthetic_batch(TINY, [120], seed=1)
+    cands = synthetic_batch(TINY, [0] * 5, seed=2)
+    cols = {k: cands.sparse[k].values().clone() for k in NONSEQ_KEYS}
+    for k in ("user_id", "age_bucket", "country", "device", "hour", "surface"):
+        cols[k][:] = hist.sparse[k].values()[0]
+    same = dataclasses.replace(cands, sparse=make_kjt(cols), surface_idx=hist.surface_idx.repeat(5))
+    with torch.no_grad():
+        u = m.encode_user(hist)
+        got = m._shared_nonseq(u, same)
+        assert got is not None and torch.equal(got, m.sparse(same, 0)[0])
+        cols["device"][2] = (cols["device"][2] + 1) % TINY.features.rows(TABLE_OF["device"])
+        other = dataclasses.replace(same, sparse=make_kjt(cols))
+        assert m._shared_nonseq(u, other) is None  # falls back to the full lookup
+        assert m._shared_nonseq(m.encode_user(synthetic_batch(TINY, [50, 60], seed=3)), same) is None

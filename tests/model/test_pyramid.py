@@ -118,3 +118,29 @@ def test_target_attention_over_shared_keys_equals_per_row_keys():
     keys2 = keys.clone()
     keys2[0, ~mask[0]] = 100.0  # masked keys do not matter
     torch.testing.assert_close(ta(q, keys2, mask), shared, atol=1e-6, rtol=0)
+
+
+def test_target_attention_over_pairs_equals_padded_rows():
+    """attend_pairs (each query reads its own subset of one key table) == attend on each
+    query's keys gathered into padded rows with a mask; uneven subsets, one with a single key."""
+    from opengem.model.pyramid import TargetAttention
+
+    torch.manual_seed(0)
+    ta = TargetAttention(8, 2).eval()
+    B, N = 6, 13
+    q, table = torch.randn(B, 1, 8), torch.randn(N, 8)
+    subsets = [[0], [0, 3, 4], [0, 12, 1, 7, 2], [0, 5], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [0, 9, 11]]
+    qi = torch.tensor([b for b, s in enumerate(subsets) for _ in s])
+    ki = torch.tensor([k for s in subsets for k in s])
+    T = max(map(len, subsets))
+    rows, mask = torch.zeros(B, T, 8), torch.zeros(B, T, dtype=torch.bool)
+    for b, s in enumerate(subsets):
+        rows[b, :len(s)], mask[b, :len(s)] = table[s], True
+    with torch.no_grad():
+        got = ta.attend_pairs(q, ta.project(table), qi, ki)
+        want = ta.attend(q, ta.project(rows), mask)
+        perm = torch.randperm(qi.numel())  # the pairs' order does not matter
+        again = ta.attend_pairs(q, ta.project(table), qi[perm], ki[perm])
+    assert got.shape == (B, 1, 8)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, want, atol=1e-6, rtol=0)

@@ -194,3 +194,47 @@ def test_serve_threads_setting():
     assert ServeConfig().threads == 1
     with pytest.raises(ValueError, match="threads"):
         ServeConfig(threads=-1)
+
+
+def _ad_event(user: int, ts: int, item: int, category: int, offset: int) -> dict:
+    return {"user_id": np.array([user]), "ts": np.array([ts]), "item_id": np.array([item]),
+            "surface": np.array(["feed"]), "kind": np.array(["impression"]), "category": np.array([category]),
+            "advertiser_id": np.array([item % 7]), "ad_format": np.array([AD_FORMATS[item % 4]]),
+            "device": np.array(["ios"]), "country": np.array(["US"]), "age_bucket": np.array([3])}
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_item_attribute_cache_follows_the_store(tmp_path, sharded):
+    """The ranker's ad-attribute cache answers what the reader answers: a cached ad whose
+    category changes in the store (latest value wins) is read anew once the reader has caught
+    up, and an ad the store never saw stays unknown until it appears."""
+    from opengem.features.sharded import ShardedReader, shard_dir
+    from opengem.features.store import SequenceStore, StoreConfig
+    from opengem.serving.scoring import ItemAttributeCache, attributes, data_version
+
+    path = shard_dir(tmp_path, "opengem.events", 0) / "store"
+    path.parent.mkdir(parents=True)
+    writer = SequenceStore(str(path), StoreConfig(sync=False))
+    writer.apply(_ad_event(1, 1_700_000_000_000, 11, 5, 0), (0, 0))
+    writer.flush()
+    reader = (ShardedReader(tmp_path, 1, secondary_root=tmp_path / "readers") if sharded
+              else SequenceStore.open_reader(str(path), str(tmp_path / "secondary")))
+    cache = ItemAttributeCache(reader)
+    q = RankQuery(user_id=1, surface="feed", ts_ms=1_700_000_100_000,
+                  candidates=(AdCandidate(ad_id=11), AdCandidate(ad_id=12), AdCandidate(ad_id=11, category=9)))
+    assert data_version(reader) is not None
+    for _ in range(2):  # the second time from the cache
+        a = attributes(q, reader, cache)
+        assert a.category.tolist() == [5, -1, 9] and a.advertiser_id.tolist() == [11 % 7, -1, 11 % 7]
+    assert cache.hits == cache.misses == 3  # the second call asked the store for nothing
+    writer.apply(_ad_event(2, 1_700_000_001_000, 11, 6, 1), (0, 1))  # ad 11 moves to category 6
+    writer.apply(_ad_event(2, 1_700_000_002_000, 12, 8, 2), (0, 2))  # ad 12 appears
+    writer.flush()
+    assert attributes(q, reader, cache).category.tolist() == [5, -1, 9]  # not caught up yet: as the reader
+    reader.catch_up()
+    want = attributes(q, reader)  # straight from the store
+    got = attributes(q, reader, cache)
+    assert got.category.tolist() == want.category.tolist() == [6, 8, 9]
+    assert got.ad_format.tolist() == want.ad_format.tolist()
+    reader.close()
+    writer.close()

@@ -334,3 +334,43 @@ def test_rank_command(service, capsys):
     assert main(["rank", "--target", f"127.0.0.1:{ends.grpc_port}", "--user", "3", "--surface", "tv",
                  "--ads", "1"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_tasks", [0, 1, 2, 3])
+def test_response_candidates_built_column_wise_equal_the_messages(n_tasks):
+    """result_to_proto writes the candidates' scores as wire bytes built with numpy: the message
+    equals the one built CandidateScore by CandidateScore, and serializes to the same bytes
+    (varint edges: 0, 127 / 128, 2^63 - 1; zero scores and values)."""
+    import numpy as np
+
+    from opengem.serving.ranker import RankResult
+    from opengem.serving.server import result_to_proto
+
+    rng = np.random.default_rng(n_tasks)
+    ids = np.array([0, 1, 127, 128, 16383, 16384, 2**35, 2**62, 2**63 - 1]
+                   + rng.integers(0, 2**63 - 1, 40).tolist(), np.int64)
+    scores, values = rng.random((len(ids), n_tasks)), 3 * rng.random(len(ids))
+    scores[0], values[1] = 0.0, 0.0
+    r = RankResult("v1", "gem", ("click", "conversion", "x")[:n_tasks], "click", ids, scores, values,
+                   np.argsort(-values, kind="stable"), 17, "req-1")
+    want = pb.RankResponse(
+        model_version=r.model_version, model_kind=r.model_kind, tasks=r.tasks, value_task=r.value_task,
+        candidates=[pb.CandidateScore(ad_id=a, scores=s, value=v)
+                    for a, s, v in zip(r.ad_ids.tolist(), r.scores.tolist(), r.values.tolist())],
+        order=r.order.tolist(), history_events=r.history_events, request_id=r.request_id)
+    got = result_to_proto(r)
+    assert got == want
+    assert got.SerializeToString(deterministic=True) == want.SerializeToString(deterministic=True)
+
+
+def test_query_from_proto_keeps_presence():
+    """Optional candidate fields: set (even to 0) -> the value, unset -> None (bid: 1.0)."""
+    from opengem.serving.server import query_from_proto
+
+    msg = pb.RankRequest(user_id=3, surface="feed", candidates=[
+        pb.Candidate(ad_id=5, advertiser_id=0, category=0, ad_format="video", bid=0.0),
+        pb.Candidate(ad_id=0), pb.Candidate(ad_id=7, category=4, bid=2.5)])
+    q = query_from_proto(pb.RankRequest.FromString(msg.SerializeToString()), now_ms=1)
+    assert [tuple(c) for c in q.candidates] == [(5, 0, 0, "video", 0.0), (0, None, None, None, 1.0),
+                                               (7, None, 4, None, 2.5)]
+    assert q.ts_ms == 1
