@@ -63,7 +63,7 @@ class RequestError(ValueError):
 
 class AdCandidate(NamedTuple):
     """One ad to score; attributes left None are looked up in the store. Immutable; a named
-    tuple rather than a frozen dataclass: a request builds hundreds (0.4 vs 3.7 us each)."""
+    tuple rather than a frozen dataclass: a request builds hundreds (~1 vs ~4 us each)."""
 
     ad_id: int
     advertiser_id: int | None = None
