@@ -162,18 +162,21 @@ def data_version(reader: Any) -> Any:
     write as the events (features/base.py), so a secondary's offsets after a catch-up say
     whether it sees new data. A :class:`~opengem.features.sharded.ShardedReader`: the offsets of
     every open shard (a shard that opens later changes the value too)."""
-    f = getattr(reader, "applied_offsets", None)
-    if callable(f):
-        return tuple(sorted(f().items()))
-    stores = getattr(reader, "_stores", None)  # ShardedReader: no public per-shard view yet
-    if isinstance(stores, dict):
-        out = []
-        for p, s in sorted(stores.items()):
-            g = getattr(s, "applied_offsets", None)
-            if not callable(g):
-                return None
-            out.append((p, tuple(sorted(g().items()))))
-        return tuple(out)
+    try:
+        f = getattr(reader, "applied_offsets", None)
+        if callable(f):
+            return tuple(sorted(f().items()))
+        stores = getattr(reader, "_stores", None)  # ShardedReader: no public per-shard view yet
+        if isinstance(stores, dict):
+            out = []
+            for p, s in sorted(stores.items()):
+                g = getattr(s, "applied_offsets", None)
+                if not callable(g):
+                    return None
+                out.append((p, tuple(sorted(g().items()))))
+            return tuple(out)
+    except Exception:  # noqa: BLE001 - e.g. a shard closing: then nothing is cached
+        log.debug("no data version from %r", reader, exc_info=True)
     return None
 
 
