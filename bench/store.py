@@ -50,7 +50,12 @@ stored events -- the figure bench/ingest.py's ``store_size`` reports -- and
 that kind's keys into a store of their own with the same options and
 compacting it (the kinds are contiguous key ranges in the real store: the
 first key byte is the kind, so this is its SST share up to block boundaries);
-``*_per_own_event`` for chunks (events in sealed chunks) and tails.
+``*_per_own_event`` for chunks (events in sealed chunks) and tails (tail
+segments + tail packs, per event in a tail); ``read_p50_ms`` / ``read_p99_ms``
+/ ``read_batch_256_ms``: warm reads (max_len 4096) of shard 0's users after
+the compaction (context for the packs' read cost; no baseline in this mode --
+run it with the old tree first on PYTHONPATH for an A/B). ``--pack-events``
+sets ``StoreConfig.pack_events``.
 """
 
 from __future__ import annotations

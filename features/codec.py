@@ -61,6 +61,8 @@ set the flag and decode as before.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from opengem.features.types import N_KINDS
@@ -637,53 +639,65 @@ def encode_pack(tails: list[np.ndarray]) -> tuple[bytes, np.ndarray]:
     return b"".join(body), slot
 
 
+_PACK_HDR_STRUCT = struct.Struct("<BIII5BqqIQ")  # PACK_HDR, parsed without NumPy (a read parses one per pack)
+assert _PACK_HDR_STRUCT.size == _PHS
+
+
 def decode_pack(v: bytes, slots: np.ndarray, attrs: "AttrTable | None") -> tuple[list[np.ndarray], np.ndarray]:
     """The tails in ``slots`` (K,) of a pack -> (the six columns of all of them
-    concatenated in the order of ``slots``, each sorted by ts; events per slot (K,))."""
+    concatenated in the order of ``slots``, each sorted by ts; events per slot (K,)).
+    Decodes only what those slots need: the per-slot sections and the dictionary up to
+    the slots' last slot / largest index (prefix sums), the events of the slots."""
+    _, G, N, NU, w_n, w_ts0, w_dt, w_du, w_idx, ts_base, item0, exc_pos, exc_val = _PACK_HDR_STRUCT.unpack_from(v)
     A = np.frombuffer(v, np.uint8)
-    h = np.frombuffer(v, PACK_HDR, 1)[0]
-    G, N, NU = int(h["G"]), int(h["N"]), int(h["NU"])
-    w_n, w_ts0, w_dt, w_du, w_idx = (int(h[k]) for k in ("w_n", "w_ts0", "w_dt", "w_du", "w_idx"))
     slots = np.asarray(slots, np.int64)
-    off = _PHS
 
-    def whole(m: int, w: int) -> np.ndarray:  # a section of m values, all of them
-        nonlocal off
+    def prefix(off: int, m: int, w: int, count: int) -> np.ndarray:  # the first count values of a section of m
         if w == 0:
-            return np.zeros(m, np.uint64)
-        x = np.zeros((m, 8), np.uint8)
-        x[:, :w] = A[off : off + w * m].reshape(w, m).T
-        off += w * m
-        return x.view("<u8").reshape(m)
+            return np.zeros(count, np.uint64)
+        x = np.zeros((count, 8), np.uint8)
+        x[:, :w] = A[off : off + w * m].reshape(w, m)[:, :count].T
+        return x.view("<u8").reshape(count)
 
-    def at(m: int, w: int, pos: np.ndarray) -> np.ndarray:  # values at pos of a section of m values
-        nonlocal off
+    def at(off: int, m: int, w: int, pos: np.ndarray) -> np.ndarray:  # values at pos of a section of m values
         if w == 0:
             return np.zeros(len(pos), np.uint64)
         out = A[off + pos].astype(np.uint64)
         for k in range(1, w):
             out |= A[off + k * m + pos].astype(np.uint64) << np.uint64(8 * k)
-        off += w * m
         return out
 
-    n = whole(G, w_n).astype(np.int64)
-    ts0 = np.cumsum(_unzigzag(whole(G, w_ts0))) + h["ts_base"]
-    start = np.zeros(G + 1, np.int64)
+    o_n = _PHS
+    o_ts0 = o_n + w_n * G
+    o_dt = o_ts0 + w_ts0 * G
+    o_sk = o_dt + w_dt * N
+    o_du = o_sk + N
+    o_idx = o_du + w_du * NU
+    last = int(slots.max()) + 1
+    n = prefix(o_n, G, w_n, last).astype(np.int64)
+    ts0 = np.cumsum(_unzigzag(prefix(o_ts0, G, w_ts0, last))) + ts_base
+    start = np.zeros(last + 1, np.int64)
     np.cumsum(n, out=start[1:])
     lens = n[slots]
-    rep = np.repeat(np.arange(len(slots)), lens)
-    seg0 = np.zeros(len(slots), np.int64)
-    np.cumsum(lens[:-1], out=seg0[1:])
-    pos = np.arange(int(lens.sum()), dtype=np.int64) - seg0[rep] + start[slots][rep]  # event positions
-    dt = at(N, w_dt, pos).view(np.int64)
-    cs = np.cumsum(dt)
-    ts = cs - (cs[seg0] - dt[seg0])[rep] + ts0[slots][rep]  # each slot's deltas summed from its first (0)
-    sk = A[off + pos]
-    off += N
-    du = whole(NU, w_du)
-    du[int(h["exc_pos"])] += h["exc_val"]
-    uniq = np.cumsum(du, dtype=np.uint64).view(np.int64) + h["item0"]
-    idx = at(N, w_idx, pos).astype(np.int64)
+    if len(slots) == 1:  # the usual case: one user of the pack
+        a = int(start[slots[0]])
+        pos = np.arange(a, a + int(lens[0]), dtype=np.int64)
+        dt = at(o_dt, N, w_dt, pos).view(np.int64)
+        ts = np.cumsum(dt) + ts0[slots[0]]  # the slot's first delta is 0
+    else:
+        rep = np.repeat(np.arange(len(slots)), lens)
+        seg0 = np.zeros(len(slots), np.int64)
+        np.cumsum(lens[:-1], out=seg0[1:])
+        pos = np.arange(int(lens.sum()), dtype=np.int64) - seg0[rep] + start[slots][rep]  # event positions
+        dt = at(o_dt, N, w_dt, pos).view(np.int64)
+        cs = np.cumsum(dt)
+        ts = cs - cs[seg0][rep] + ts0[slots][rep]  # each slot's deltas summed from its first (0)
+    sk = A[o_sk + pos]
+    idx = at(o_idx, N, w_idx, pos).astype(np.int64)
+    du = prefix(o_du, NU, w_du, int(idx.max()) + 1 if len(idx) else 0)
+    if exc_pos < len(du):
+        du[exc_pos] += np.uint64(exc_val)
+    uniq = np.cumsum(du, dtype=np.uint64).view(np.int64) + item0
     item = uniq[idx]
     if attrs is None:
         raise MissingAttrs(np.unique(item), "a tail pack takes category / advertiser_id from the item attribute table; none given")
