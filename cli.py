@@ -173,6 +173,52 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Offline maintenance of the worker's shards: merge tails, pack short ones, rewrite the bottom level."""
+    import dataclasses
+    from pathlib import Path
+
+    from opengem.features.store import SequenceStore
+    from opengem.stream.ingest import IngestConfig
+
+    cfg = _load(args)
+    root = Path(cfg.data_dir) / "shards" / cfg.kafka.events_topic
+    paths = sorted(root.glob("p[0-9]*/store"))
+    if not paths:
+        print(f"no shards under {root}: nothing to compact (is --data-dir the stream worker's?)", file=sys.stderr)
+        return 2
+    store_cfg = dataclasses.replace(IngestConfig().store, surfaces=tuple(cfg.surfaces))
+    total_events = total_before = total_after = 0
+    for path in paths:
+        t0 = time.monotonic()
+        try:
+            s = SequenceStore(str(path), store_cfg)
+        except Exception as e:  # rocksdict raises a bare Exception for a held LOCK
+            if "lock" in str(e).lower():
+                print(f"{path}: held by a running process (its RocksDB LOCK): stop the stream worker of "
+                      f"this shard first; compaction rewrites the store and needs to be its only writer",
+                      file=sys.stderr)
+                return 2
+            raise
+        try:
+            before = s.disk_bytes()["sequences"]
+            s.compact()
+            after = s.disk_bytes()["sequences"]
+            n = int(s.user_features(s.user_ids()).n_stored.sum())
+        finally:
+            s.close()
+        total_events += n
+        total_before += before
+        total_after += after
+        per = f"{after / n:.2f} bytes/event" if n else "empty"
+        print(f"{path.parent.name}: {n:,} events, SST {before / 1e6:.2f} -> {after / 1e6:.2f} MB ({per}) "
+              f"in {time.monotonic() - t0:.1f}s", flush=True)
+    if total_events:
+        print(f"total: {total_events:,} events in {len(paths)} shards, {total_after / total_events:.2f} bytes/event "
+              f"(SST before {total_before / 1e6:.2f} MB, not counting what was still in memtables/WAL)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -415,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true",
                    help="delete this worker's shards first; they are rebuilt from the topic")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("compact", help="compact the stream worker's shards offline (worker stopped): merge and "
+                                       "pack tails, recompress; prints bytes per stored event")
+    _common(p)
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("train", help="run the continuous trainer (also under torchrun --nproc_per_node=N)")
     _common(p)

@@ -1036,6 +1036,10 @@ class SequenceStore(SequenceStoreBase):
     def flush(self) -> None:
         self._db.flush(True)
 
+    def user_ids(self) -> np.ndarray:
+        """Every user with a history in this store, in key order (a scan of the user heads)."""
+        return np.asarray(self._all_uids(), dtype=np.int64)
+
     def _all_uids(self) -> list[int]:
         """Every user with a head, in key order."""
         uids = []

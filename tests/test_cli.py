@@ -101,3 +101,57 @@ def test_replay_reports_broken_rows_and_sends_the_rest(tmp_path, broker):
     assert "→ 4 events" in r.stdout, r.stdout
     after = sum(high_watermarks(broker.bootstrap, topic).values())
     assert after - before == 4
+
+
+def test_compact_packs_the_shards_and_reads_stay_the_same(tmp_path):
+    """`opengem compact`: the worker's shards shrink (tails merged and packed), every user's
+    history reads the same afterwards, and a shard held by a writer is refused with the reason."""
+    import numpy as np
+
+    from opengem.features.store import SequenceStore
+    from opengem.stream.simulator import SimConfig, Simulator
+    from tests.ingest_testing import ingest_json
+
+    events = [e for b in Simulator(SimConfig(seed=3)).batches(6_000, batch_size=2000) for e in b]
+    ingest_json(tmp_path, events, partitions=2)
+    paths = sorted((tmp_path / "shards" / "opengem.events").glob("p*/store"))
+    assert len(paths) == 2
+
+    def snapshot(tag):
+        out = {}
+        for path in paths:  # a reader in the server's way: a RocksDB secondary
+            r = SequenceStore.open_reader(str(path), str(tmp_path / f"secondary-{tag}-{path.parent.name}"))
+            try:
+                users = r.user_ids()
+                out[path.parent.name] = (users, [r.read(int(u), max_len=4096) for u in users])
+            finally:
+                r.close()
+        return out
+
+    before = snapshot("before")
+    r = subprocess.run(OPENGEM + ["compact", "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"total: ([\d,]+) events in 2 shards, ([\d.]+) bytes/event", r.stdout)
+    assert m, r.stdout
+    assert int(m.group(1).replace(",", "")) == len(events)
+    assert 0 < float(m.group(2)) < 18
+    after = snapshot("after")
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(before[k][0], after[k][0])
+        assert len(before[k][0]) > 10
+        for a, b in zip(before[k][1], after[k][1]):
+            for col in ("ts", "item_id", "surface", "kind", "category", "advertiser_id"):
+                np.testing.assert_array_equal(getattr(a, col), getattr(b, col), err_msg=col)
+
+    writer = SequenceStore(str(paths[0]))  # a running worker holds its shard's LOCK
+    try:
+        r = subprocess.run(OPENGEM + ["compact", "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                           timeout=120, env=_env())
+    finally:
+        writer.close()
+    assert r.returncode == 2 and "stop the stream worker" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(OPENGEM + ["compact", "--data-dir", str(tmp_path / "none")], capture_output=True,
+                       text=True, timeout=60, env=_env())
+    assert r.returncode == 2 and "no shards" in r.stderr
