@@ -71,6 +71,14 @@ class ShardedReader:
                     self._stores[p] = s
                     self._owned.add(p)
 
+    def shard_offsets(self) -> dict[int, dict[int, int]]:
+        """Partition -> the applied source offsets of its open shard (what this reader sees;
+        they move with every commit the reader has caught up with, and a shard that opens
+        later adds a key)."""
+        with self._lock:
+            stores = sorted(self._stores.items())
+        return {p: s.applied_offsets() for p, s in stores}
+
     def catch_up(self) -> None:
         self._open_new()
         for s in list(self._stores.values()):

@@ -166,15 +166,9 @@ def data_version(reader: Any) -> Any:
         f = getattr(reader, "applied_offsets", None)
         if callable(f):
             return tuple(sorted(f().items()))
-        stores = getattr(reader, "_stores", None)  # ShardedReader: no public per-shard view yet
-        if isinstance(stores, dict):
-            out = []
-            for p, s in sorted(stores.items()):
-                g = getattr(s, "applied_offsets", None)
-                if not callable(g):
-                    return None
-                out.append((p, tuple(sorted(g().items()))))
-            return tuple(out)
+        g = getattr(reader, "shard_offsets", None)  # ShardedReader
+        if callable(g):
+            return tuple((p, tuple(sorted(offs.items()))) for p, offs in sorted(g().items()))
     except Exception:  # noqa: BLE001 - e.g. a shard closing: then nothing is cached
         log.debug("no data version from %r", reader, exc_info=True)
     return None
