@@ -73,8 +73,16 @@ class StudentConfig:
     distill: bool = False
     # Weight of the distillation loss next to the label loss.
     distill_weight: float = 1.0
+    # Soft-target mix on the *serving* head: its loss is BCE against (1 - soft_mix) * label +
+    # soft_mix * (adapted) teacher probability -- standard KD on the served scores (0: labels only;
+    # the teacher then reaches the served scores through the shared bottom alone).
+    soft_mix: float = 0.0
     # Width of the teacher's user representation read as an input (0: none).
     repr_dim: int = 0
+    # The representation's path in: LayerNorm -> dropout(repr_dropout) -> Linear(repr_dim, repr_width)
+    # (0: 2 * d).
+    repr_width: int = 0
+    repr_dropout: float = 0.0
     # Tables: own (none), GEM's kept fixed (frozen), GEM's as the starting point (finetune).
     share_tables: str = "none"
     # As GemConfig.emb_init: every own table starts U(±emb_init).
@@ -85,8 +93,10 @@ class StudentConfig:
             raise ValueError(f"share_tables must be one of {SHARE_MODES}, got {self.share_tables!r}")
         if self.surface is not None and self.surface not in self.features.surfaces:
             raise ValueError(f"unknown surface {self.surface!r}; known: {self.features.surfaces}")
-        if self.history < 0 or self.repr_dim < 0 or self.distill_weight < 0:
-            raise ValueError("history, repr_dim and distill_weight must be >= 0")
+        if self.history < 0 or self.repr_dim < 0 or self.distill_weight < 0 or self.repr_width < 0:
+            raise ValueError("history, repr_dim, repr_width and distill_weight must be >= 0")
+        if not (0.0 <= self.soft_mix <= 1.0 and 0.0 <= self.repr_dropout < 1.0):
+            raise ValueError("soft_mix must be in [0, 1] and repr_dropout in [0, 1)")
 
 
 @dataclass
@@ -126,9 +136,11 @@ class StudentModel(FunnelRanker):
         self.dense_proj = nn.Linear(N_DENSE, d)
         n_in = len(NONSEQ_KEYS) * d + d + (2 * d if cfg.history else 0)
         if cfg.repr_dim:
+            width = cfg.repr_width or 2 * d
             self.repr_norm = nn.LayerNorm(cfg.repr_dim)
-            self.repr_proj = nn.Linear(cfg.repr_dim, 2 * d)
-            n_in += 2 * d + 1
+            self.repr_drop = nn.Dropout(cfg.repr_dropout)
+            self.repr_proj = nn.Linear(cfg.repr_dim, width)
+            n_in += width + 1
         self.bottom = mlp((n_in,) + tuple(cfg.hidden), last_act=True)
         T = len(fc.tasks)
         self.serve_head = nn.Linear(cfg.hidden[-1], T)
@@ -204,7 +216,7 @@ class StudentModel(FunnelRanker):
             if reps.shape != (B, self.cfg.repr_dim):
                 raise ValueError(f"reps: expected ({B}, {self.cfg.repr_dim}), got {tuple(reps.shape)}")
             hf = has.to(nonseq.dtype).unsqueeze(1)
-            parts += [self.repr_proj(self.repr_norm(reps)) * hf, hf]
+            parts += [self.repr_proj(self.repr_drop(self.repr_norm(reps))) * hf, hf]
         return self.bottom(torch.cat(parts, dim=1))
 
     def _hidden(self, x: GemBatch | StudentInputs) -> torch.Tensor:
@@ -454,10 +466,33 @@ class StudentLearner:
         self.model.train()
         serve_raw, distill_raw = self.model.heads(si)
         logits = funnel_logits(serve_raw)
-        wsum = weight.sum().clamp(min=1.0)
-        loss = (F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1) * weight).sum() / wsum
-        if distill_raw is not None and teacher_probs is not None and self.cfg.distill_weight > 0:
+        tgt = None
+        if teacher_probs is not None and (self.cfg.soft_mix > 0 or (
+                distill_raw is not None and self.cfg.distill_weight > 0)):
             tgt = self.targets(teacher_probs, labels, weight)
+        serve_tgt = labels if tgt is None or self.cfg.soft_mix == 0 else \
+            (1.0 - self.cfg.soft_mix) * labels + self.cfg.soft_mix * tgt  # BCE is linear in its target
+        self._update(logits, serve_tgt, distill_raw, tgt, weight)
+        return torch.sigmoid(logits.detach())
+
+    def distill_step(self, x: GemBatch | StudentInputs, weight: torch.Tensor,
+                     teacher_probs: np.ndarray | torch.Tensor) -> None:
+        """Train on rows the student has no labels for (a transfer set): the serving head on the
+        teacher's (adapted, not updated: no label) targets, as the distillation head."""
+        si = _inputs(x)
+        self.model.train()
+        serve_raw, distill_raw = self.model.heads(si)
+        tp = np.asarray(teacher_probs, np.float64)
+        tgt = torch.as_tensor(self.adapter.transform(tp) if self.adapter is not None else tp, dtype=torch.float32)
+        self._update(funnel_logits(serve_raw), tgt, distill_raw, tgt, weight)
+
+    def _update(self, logits: torch.Tensor, serve_tgt: torch.Tensor, distill_raw: torch.Tensor | None,
+                tgt: torch.Tensor | None, weight: torch.Tensor) -> None:
+        """One optimizer step on the weighted BCE of the serving head (against ``serve_tgt``) plus
+        ``distill_weight`` x the distillation head's (against ``tgt``, when both are there)."""
+        wsum = weight.sum().clamp(min=1.0)
+        loss = (F.binary_cross_entropy_with_logits(logits, serve_tgt, reduction="none").mean(1) * weight).sum() / wsum
+        if distill_raw is not None and tgt is not None and self.cfg.distill_weight > 0:
             dl = F.binary_cross_entropy_with_logits(funnel_logits(distill_raw), tgt, reduction="none").mean(1)
             loss = loss + self.cfg.distill_weight * (dl * weight).sum() / wsum
         self.opt_dense.zero_grad(set_to_none=True)
@@ -468,7 +503,6 @@ class StudentLearner:
         if self.opt_tables is not None:
             self.opt_tables.step()
         self.steps += 1
-        return torch.sigmoid(logits.detach())
 
     @torch.no_grad()
     def predict(self, x: GemBatch | StudentInputs) -> torch.Tensor:

@@ -270,6 +270,8 @@ class StudentTrainer(Trainer):
                                          d=tcfg_t.d if st.share_tables != "none" else StudentConfig.d,
                                          history=st.history, hidden=tuple(st.hidden), distill=st.distill,
                                          distill_weight=st.distill_weight, repr_dim=reps,
+                                         # [train.student] soft_mix once train_config has it (0: labels only)
+                                         soft_mix=float(getattr(st, "soft_mix", 0.0)),
                                          share_tables=st.share_tables)
 
         def fits(lm: registry.LoadedModel) -> None:
@@ -287,7 +289,7 @@ class StudentTrainer(Trainer):
         self.surfaces = tuple(self.student_cfg.features.surfaces)
         self.tasks = tuple(self.student_cfg.features.tasks)
         adapter = (StudentAdapter(len(self.tasks), window=st.adapter_window, refit_every=st.adapter_refit_every)
-                   if st.adapter and st.distill else None)
+                   if st.adapter and self._uses_teacher else None)
         student = StudentLearner(self.student_cfg, teacher=t.model if st.share_tables != "none" else None,
                                  adapter=adapter, lr=self.tcfg.lr, emb_lr=self.tcfg.emb_lr)
         refresher = None
@@ -296,9 +298,16 @@ class StudentTrainer(Trainer):
             refresher = RepresentationRefresher(self.store, int(st.refresh_every_s * 1000))
         return StudentDaemonLearner(student, refresher)
 
+    @property
+    def _uses_teacher(self) -> bool:
+        """The teacher's probabilities are needed: a distillation head or a soft-target mix on the served head."""
+        return self.student_cfg.distill or self.student_cfg.soft_mix > 0
+
     def _model_name(self) -> str:
         st = self.tcfg.student
-        parts = [p for p, on in (("distill", st.distill), ("adapter", st.adapter and st.distill),
+        mix = float(getattr(st, "soft_mix", 0.0))
+        parts = [p for p, on in (("distill", st.distill), (f"soft targets {mix:g} on the served head", mix > 0),
+                                 ("adapter", st.adapter and (st.distill or mix > 0)),
                                  ("representations", st.representations),
                                  (f"{st.share_tables} tables", st.share_tables != "none")) if on]
         return (f"student for {self.surface} ({', '.join(parts) or 'labels only'}; teacher {self.teacher.version} "
@@ -350,7 +359,7 @@ class StudentTrainer(Trainer):
         """Teacher (reloaded if a newer version is published) -> adapted targets + representations ->
         the student's predict-then-train step; then the representation refresh if due."""
         self.teacher.poll()
-        if self.student_cfg.distill and self._teacher_is_ahead(unit):
+        if self._uses_teacher and self._teacher_is_ahead(unit):
             if not self.teacher_ahead:
                 self.echo(f"note: teacher {self.teacher.version} has trained past the examples being distilled "
                           "(the student runs behind the GEM trainer); counted as teacher_ahead_batches")
@@ -359,7 +368,7 @@ class StudentTrainer(Trainer):
         t0 = time.monotonic()
         teacher = self.teacher.model
         tp = None
-        if self.student_cfg.distill:
+        if self._uses_teacher:
             tb = unit.batch
             if max(history_len(teacher.cfg), 256) != max(history_len(self.student_cfg), 256):
                 tb = examples_batch(examples, self.reader, teacher.cfg)  # the teacher's own (longer) read

@@ -204,3 +204,56 @@ def test_a_published_student_loads_and_scores_the_same(tmp_path):
     got = load(tmp_path / "models", v.name)
     assert got.kind == "student" and got.model.cfg == lr.model.cfg
     torch.testing.assert_close(got.model.predict(x), lr.predict(x), rtol=0, atol=0)
+
+
+def _mean_served(lr: StudentLearner, b) -> torch.Tensor:
+    return lr.predict(b).mean(0)
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
+def test_soft_mix_pulls_the_served_scores_toward_the_teacher(mix):
+    b = synthetic_batch(TINY, [3, 0, 12, 5] * 16, seed=5)
+    b.labels.zero_()  # labels say 0, the teacher 0.4 / 0.2: the serving head lands in between by the mix
+    tp = np.tile([0.4, 0.2], (len(b), 1))
+    lr = StudentLearner(_cfg(soft_mix=mix), lr=1e-2, seed=0)
+    for _ in range(150):
+        lr.step(b, torch.ones(len(b)), tp)
+    p = _mean_served(lr, b)
+    want = torch.tensor([mix * 0.4, mix * 0.2])  # the minimiser of (1 - mix) BCE(0) + mix BCE(tp)
+    assert torch.allclose(p, want, atol=0.04), (p, want)
+
+
+def test_soft_mix_uses_the_adapted_targets_and_updates_the_adapter():
+    lr = StudentLearner(_cfg(soft_mix=0.5), adapter=StudentAdapter(2, refit_every=1, min_labels=1))
+    b = synthetic_batch(TINY, [3] * 64, seed=4)
+    lr.step(b, torch.ones(64), np.full((64, 2), 0.5))
+    assert lr.adapter.fits == 1 and len(lr.adapter._w) == 64  # no distillation head, still adapted
+
+
+def test_distill_step_reads_no_label_and_teaches_the_serving_head():
+    b = synthetic_batch(TINY, [3, 0, 12, 5] * 16, seed=6)
+    tp = np.tile([0.3, 0.1], (len(b), 1))
+    states = []
+    for y in (0.0, 1.0):
+        b.labels.fill_(y)
+        lr = StudentLearner(_cfg(distill=True), adapter=StudentAdapter(2, refit_every=1, min_labels=1), lr=1e-2)
+        for _ in range(100):
+            lr.distill_step(b, torch.ones(len(b)), tp)
+        assert len(lr.adapter._w) == 0 and lr.adapter.fits == 0  # no label reached the adapter
+        states.append(lr.model.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k])  # labels 0 or 1: the same student
+    assert torch.allclose(_mean_served(lr, b), torch.tensor([0.3, 0.1]), atol=0.03)
+
+
+def test_representation_projection_width_dropout_and_config_checks():
+    m = StudentModel(_cfg(repr_dim=12, repr_width=4, repr_dropout=0.5))
+    assert m.repr_proj.out_features == 4 and m.repr_drop.p == 0.5
+    assert m.bottom[0].in_features == StudentModel(_cfg()).bottom[0].in_features + 4 + 1
+    b = synthetic_batch(TINY, [3, 0, 7], seed=7)
+    x = StudentInputs(b, torch.randn(3, 12), torch.ones(3, dtype=torch.bool))
+    m.eval()
+    torch.testing.assert_close(m.predict(x), m.predict(x))  # dropout off in eval: served scores are stable
+    for bad in ({"soft_mix": 1.5}, {"soft_mix": -0.1}, {"repr_dropout": 1.0}, {"repr_width": -1}):
+        with pytest.raises(ValueError):
+            _cfg(**bad)
