@@ -270,8 +270,7 @@ class StudentTrainer(Trainer):
                                          d=tcfg_t.d if st.share_tables != "none" else StudentConfig.d,
                                          history=st.history, hidden=tuple(st.hidden), distill=st.distill,
                                          distill_weight=st.distill_weight, repr_dim=reps,
-                                         # [train.student] soft_mix once train_config has it (0: labels only)
-                                         soft_mix=float(getattr(st, "soft_mix", 0.0)),
+                                         soft_mix=st.soft_mix,  # [train.student] (0: labels only)
                                          share_tables=st.share_tables)
 
         def fits(lm: registry.LoadedModel) -> None:
@@ -305,7 +304,7 @@ class StudentTrainer(Trainer):
 
     def _model_name(self) -> str:
         st = self.tcfg.student
-        mix = float(getattr(st, "soft_mix", 0.0))
+        mix = st.soft_mix
         parts = [p for p, on in (("distill", st.distill), (f"soft targets {mix:g} on the served head", mix > 0),
                                  ("adapter", st.adapter and (st.distill or mix > 0)),
                                  ("representations", st.representations),

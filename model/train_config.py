@@ -21,6 +21,10 @@ class StudentTrainConfig:
     # Auxiliary distillation head on the teacher's targets (never served), and its loss weight.
     distill: bool = True
     distill_weight: float = 1.0
+    # Standard KD on the *served* head: its target is (1 - soft_mix) * label + soft_mix * the
+    # (adapted) teacher probability. 0: labels only (the default until a full bench/transfer.py
+    # run supports more; the medium run in docs/transfer-results.md used 0.6 with the adapter).
+    soft_mix: float = 0.0
     # Student Adapter: teacher probabilities recalibrated on the freshest labels before they
     # become targets (window / refit interval in examples).
     adapter: bool = True
@@ -51,6 +55,7 @@ class StudentTrainConfig:
             "history": 0 <= self.history <= MAX_STUDENT_HISTORY,
             "hidden": len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
             "distill_weight": self.distill_weight >= 0,
+            "soft_mix": 0.0 <= self.soft_mix <= 1.0,
             "adapter_window": self.adapter_window >= 1,
             "adapter_refit_every": self.adapter_refit_every >= 1,
             "refresh_every_s": self.refresh_every_s > 0,

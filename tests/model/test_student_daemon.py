@@ -47,6 +47,8 @@ def test_student_config_rejects_bad_values_with_the_key():
         StudentTrainConfig(history=300)
     with pytest.raises(ValueError, match="refresh_every_s"):
         StudentTrainConfig(refresh_every_s=0)
+    with pytest.raises(ValueError, match="soft_mix"):
+        StudentTrainConfig(soft_mix=1.5)
 
 
 def test_student_learner_resumes_exactly_from_its_state(tmp_path):
@@ -255,7 +257,7 @@ def test_opengem_train_student_as_a_process(make_stream, tmp_path):
         f'examples_topic = "{k.examples_topic}"', f'dlq_topic = "{k.dlq_topic}"', f"partitions = {k.partitions}",
         "[train]", 'preset = "tiny"', "batch_size = 16", "publish_every_s = 0", "publish_every_steps = 4",
         "checkpoint_every_s = 0", "checkpoint_every_steps = 4",
-        "[train.student]", "history = 8", "hidden = [16]", "representations = true", "refresh_every_s = 60.0",
+        "[train.student]", "history = 8", "hidden = [16]", "representations = true", "refresh_every_s = 60.0", "soft_mix = 0.5",
         "teacher_wait_s = 0.0"]) + "\n")
     env = {k_: v for k_, v in os.environ.items() if k_ not in ("OPENGEM_BOOTSTRAP", "OPENGEM_FAILPOINT")}
     out = subprocess.run([sys.executable, "-m", "opengem.cli", "train", "--config", str(conf), "--bootstrap",
@@ -263,6 +265,7 @@ def test_opengem_train_student_as_a_process(make_stream, tmp_path):
                          capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"student for {surface}" in out.stdout and f"teacher {v1}" in out.stdout
+    assert "soft targets 0.5 on the served head" in out.stdout  # [train.student] soft_mix reached the model
     n = sum(e.surface == surface for e in s.examples)
     assert f"{n:,} examples" in out.stdout.splitlines()[-1]
     loaded = registry.load(data / "students" / surface)
