@@ -217,17 +217,39 @@ class Ingestor:
         out = Prepared()
         kw = dict(surfaces=self.surfaces, now_ms=now_ms, max_future_ms=self.cfg.max_future_ms)
         runs: dict[int, list[Record]] = {}
+        # A bad record inside a partition's run does not end the run (a stream with many bad
+        # records would otherwise be read in runs of one or two, ~50x the CPU): it becomes a dead
+        # letter at once, and the highest such offset after the run's last record is recorded as
+        # consumed right after the run (the run's own entry covers those before it).
+        skipped: dict[int, int] = {}
         for r in records:
             out.records += 1
+            p = r.partition
             if r.value is not None and bulkable_json(r.value):
-                runs.setdefault(r.partition, []).append(r)
+                runs.setdefault(p, []).append(r)
                 continue
-            if r.partition in runs:
-                self._prepare_run(out, runs.pop(r.partition), kw)
+            if p in runs:
+                one = Prepared()
+                self._prepare_one(one, r, kw)
+                if one.events == 0 and one.dead:  # nothing to store: the run goes on
+                    out.dead.extend(one.dead)
+                    skipped[p] = r.offset
+                    continue
+                self._flush_run(out, runs.pop(p), skipped.pop(p, None), kw)
+                for entry in one.valid[p]:
+                    out.valid[p].append(entry)
+                out.dead.extend(one.dead)
+                out.events += one.events
+                continue
             self._prepare_one(out, r, kw)
-        for run in runs.values():
-            self._prepare_run(out, run, kw)
+        for p, run in runs.items():
+            self._flush_run(out, run, skipped.pop(p, None), kw)
         return out
+
+    def _flush_run(self, out: Prepared, run: list[Record], skipped: int | None, kw: dict[str, Any]) -> None:
+        self._prepare_run(out, run, kw)
+        if skipped is not None and skipped > run[-1].offset:
+            out.valid[run[0].partition].append((skipped, []))  # consumed: dead letters only
 
     def _prepare_run(self, out: Prepared, run: list[Record], kw: dict[str, Any]) -> None:
         batch, taken = read_json_objects([r.value for r in run], checked=True)

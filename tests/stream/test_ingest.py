@@ -212,3 +212,31 @@ def test_pending_examples_of_a_partition_open_its_shard(tmp_path):
     assert ing2.pending_examples() == []  # no shard open
     assert sorted(ex.example_id for _, ex in ing2.pending_examples(0)) == sorted(ex.example_id for _, ex in pairs)
     assert ing2.pending_examples(1) == []
+
+
+def test_bad_records_inside_a_json_run_do_not_split_it_and_are_consumed(tmp_path):
+    """Bad records (not bulk-readable) between and after one-event JSON records of a partition:
+    one bulk run for the valid ones, every bad one a dead letter, and the partition's applied
+    offset is the batch's last offset even when that record is a bad one."""
+    from opengem.stream.codec import encode_json
+
+    events = [e for b in Simulator(SimConfig(seed=5)).batches(300) for e in b][:300]
+    records, off = [], 0
+    for i, e in enumerate(events):
+        records.append(Record(0, off, encode_json([e])))
+        off += 1
+        if i % 3 == 0:
+            records.append(Record(0, off, b"\xff\x00 not json"))
+            off += 1
+    records.append(Record(0, off, b"[broken"))  # the last record: a bad one after the run
+    ing = Ingestor(tmp_path, cfg=IngestConfig(joiner=JOINER))
+    prep = ing.prepare(records, now_ms=2**62)
+    bad = sum(1 for r in records if not r.value.startswith(b"{"))
+    assert len(prep.dead) == bad and prep.events == len(events)
+    entries = prep.valid[0]
+    assert [o for o, _ in entries] == sorted(o for o, _ in entries)
+    assert len([1 for _, p in entries if len(p)]) == 1  # one bulk run, not one per gap
+    ing.commit(prep)
+    assert ing.shard(0).store.applied_offset(0) == off
+    assert ing.resume_offset(0) == off + 1
+    assert ing.counts["events"] == len(events)

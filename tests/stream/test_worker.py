@@ -26,7 +26,7 @@ from opengem.features.store import SequenceStore
 from opengem.stream.broker import ensure_topics, high_watermarks
 from opengem.stream.ingest import REASON_HEADER, Ingestor, IngestConfig, Record
 from opengem.stream.joiner import JoinerConfig, decode_examples
-from opengem.stream.producer import EventProducer
+from opengem.stream.producer import EventProducer, partition_of
 from opengem.stream.simulator import SimConfig, Simulator
 
 pytestmark = pytest.mark.integration
@@ -213,15 +213,19 @@ def test_malformed_records_go_to_the_dlq_and_valid_events_are_all_stored(tmp_pat
         # Every valid event is in its user's stored sequence (no user passes the 4096 cap here).
         per_user = Counter(e.user_id for e in valid)
         assert max(per_user.values()) < 4096
+        # Each user read from every shard (its events must be in its own partition's only),
+        # in one batched read per shard.
         stored = Counter()
         root = tmp_path / "d" / "shards" / "opengem.events"
+        users = np.array(sorted(per_user), np.int64)
         for d in sorted(root.glob("p[0-9]*")):
             s = SequenceStore(str(d / "store"))
             try:
-                for u in per_user:
-                    n = len(s.read(u).ts)
-                    if n:
-                        stored[u] += n
+                lens = s.read_batch(users, max_len=4096).lengths.tolist()
+                for u, k in zip(users.tolist(), lens):
+                    if k:
+                        assert partition_of(u, 4) == int(d.name[1:]), f"user {u} stored in {d.name}"
+                        stored[u] += k
             finally:
                 s.close()
         assert stored == per_user
