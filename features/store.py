@@ -567,15 +567,7 @@ class SequenceStore(SequenceStoreBase):
                     heads["seg_lo"][i] = heads["seg_hi"][i]
                     heads["pack"][i] = q + 1
                     heads["slot"][i] = sl
-            rows = cand[sel]
-            for i, v in zip(rows.tolist(), codec.head_values(heads[rows])):
-                wb.put(hkeys[i], v)
-            try:
-                self._db.write(wb, self._wopts)
-            except BaseException:
-                self._user_cache.clear()
-                raise
-            self._user_cache.store(ids, heads)
+            self._write_with_heads(wb, hkeys, cand[sel], ids, heads)
             done += len(sel)
         gone = sorted(old - keep)
         if gone:
@@ -1077,17 +1069,22 @@ class SequenceStore(SequenceStoreBase):
             wb = WriteBatch(raw_mode=True)
             zero = np.zeros(len(ids), np.int64)
             self._rebuild_tails(wb, ids, heads, sel, np.empty(0, REC), zero, zero)
-            hvals = codec.head_values(heads[sel])
-            for i, v in zip(sel.tolist(), hvals):
-                wb.put(hkeys[i], v)
-            try:
-                self._db.write(wb, self._wopts)
-            except BaseException:
-                self._user_cache.clear()
-                raise
-            self._user_cache.store(ids, heads)
+            self._write_with_heads(wb, hkeys, sel, ids, heads)
             done += len(sel)
         return done
+
+    def _write_with_heads(self, wb: WriteBatch, hkeys: list[bytes], rows: np.ndarray, ids: np.ndarray,
+                          heads: np.ndarray) -> None:
+        """Put the heads of ``rows`` into ``wb``, write it, then update the writer's head cache
+        (cleared if the write fails: it must never hold heads that are not on disk)."""
+        for i, v in zip(rows.tolist(), codec.head_values(heads[rows])):
+            wb.put(hkeys[i], v)
+        try:
+            self._db.write(wb, self._wopts)
+        except BaseException:
+            self._user_cache.clear()
+            raise
+        self._user_cache.store(ids, heads)
 
     def compact(self, merge_tails: bool = True) -> None:
         """Merge the users' tails (:meth:`merge_tails`), pack the short ones
