@@ -497,12 +497,8 @@ class SequenceStore(SequenceStoreBase):
             return 0
         old = set(self._pack_seqs())
         keep: set[int] = set()
-        uids = self._all_uids()
         done = 0
-        for a in range(0, len(uids), users_per_batch):
-            ids = np.asarray(uids[a : a + users_per_batch], np.int64)
-            hkeys = codec.head_keys(ids)
-            heads = self._user_cache.fetch(ids, hkeys, self._get)
+        for ids, hkeys, heads in self._head_batches(users_per_batch):
             nseg = heads["seg_hi"] - heads["seg_lo"]
             packed = heads["pack"] > 0
             cand = np.flatnonzero((heads["raw_n"] == 0) & (heads["tail_n"] > 0) & (heads["chunk_hi"] == heads["chunk_lo"])
@@ -1057,12 +1053,8 @@ class SequenceStore(SequenceStoreBase):
         """
         if self.read_only:
             raise RuntimeError("merge_tails on a read-only store")
-        uids = self._all_uids()
         done = 0
-        for a in range(0, len(uids), users_per_batch):
-            ids = np.asarray(uids[a:a + users_per_batch], np.int64)
-            hkeys = codec.head_keys(ids)
-            heads = self._user_cache.fetch(ids, hkeys, self._get)
+        for ids, hkeys, heads in self._head_batches(users_per_batch):
             sel = np.flatnonzero((heads["raw_n"] > 0) | (heads["seg_hi"] - heads["seg_lo"] > 1))
             if not len(sel):
                 continue
@@ -1072,6 +1064,14 @@ class SequenceStore(SequenceStoreBase):
             self._write_with_heads(wb, hkeys, sel, ids, heads)
             done += len(sel)
         return done
+
+    def _head_batches(self, users_per_batch: int):
+        """Every user of the store, ``users_per_batch`` at a time: (ids, head keys, heads)."""
+        uids = self._all_uids()
+        for a in range(0, len(uids), users_per_batch):
+            ids = np.asarray(uids[a:a + users_per_batch], np.int64)
+            hkeys = codec.head_keys(ids)
+            yield ids, hkeys, self._user_cache.fetch(ids, hkeys, self._get)
 
     def _write_with_heads(self, wb: WriteBatch, hkeys: list[bytes], rows: np.ndarray, ids: np.ndarray,
                           heads: np.ndarray) -> None:
