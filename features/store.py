@@ -76,6 +76,13 @@ that arrived last, ``chunk_events * min(total // chunk_events, max_events //
 chunk_events) + total % chunk_events`` of them (whole chunks are dropped);
 with ts mostly increasing those are the most recent ``max_events`` by ts.
 Attributes: the latest *applied* non-null value wins.
+
+Each store object keeps the sealed chunks and tail segments its reads decoded
+(``decoded_cache_bytes``, LRU, default 64 MiB): their keys are written once,
+so a hit is exact, and a repeated read of a user fetches its head and
+directory and decodes only what arrived since. A reader must be reopened if
+its shard's directory is replaced (rebuilt from the topic), as RocksDB
+requires anyway.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ import os
 import struct
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -160,6 +168,11 @@ class StoreConfig:
     block_size: int = 128 << 10
     # Decompressed-block cache shared by reads; readers' hot users stay in memory.
     block_cache_bytes: int = 256 << 20
+    # Decoded sealed chunks and tail segments (NumPy columns, ~30 B per event) kept by the
+    # reads of this process, least recently used evicted: their keys are written once, so a
+    # hit is exact, and a read of a hot user fetches and decodes only what changed since
+    # (its head and newest tail segments). 0 disables it.
+    decoded_cache_bytes: int = 64 << 20
     # Memtable size: heads are rewritten on every commit, so a big memtable absorbs most rewrites.
     write_buffer_bytes: int = 64 << 20
     # fsync the WAL on every commit (see the module docstring: the worker commits Kafka offsets after it).
@@ -309,6 +322,63 @@ class _HeadCache:
         self.table[rows] = heads
 
 
+class _DecodedCache:
+    """Decoded values of sealed chunks (``C`` keys) and tail segments (``T`` keys) by key:
+    the six columns, least recently used evicted past ``capacity`` bytes.
+
+    Exact because those keys are written once: a chunk or segment is never rewritten
+    under its key (seqs only grow; a merge writes a new segment key and deletes the old
+    ones), and a format-2 chunk's category / advertiser_id come from item attribute
+    table entries, which never change. A read takes from here what the user's head
+    names and fetches only the rest. Readers may run in several threads: one lock.
+    """
+
+    ENTRY_OVERHEAD = 800  # bytes per entry besides the arrays' data (six ndarray objects, tuple, key, dict slot)
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._d: OrderedDict[bytes, tuple[list[np.ndarray], int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get_many(self, keys: list[bytes]) -> list[list[np.ndarray] | None]:
+        out: list[list[np.ndarray] | None] = []
+        with self._lock:
+            d = self._d
+            for k in keys:
+                e = d.get(k)
+                if e is None:
+                    out.append(None)
+                else:
+                    d.move_to_end(k)
+                    out.append(e[0])
+            hit = sum(v is not None for v in out)
+            self.hits += hit
+            self.misses += len(keys) - hit
+        return out
+
+    def put_many(self, entries: list[tuple[bytes, list[np.ndarray]]]) -> None:
+        with self._lock:
+            d = self._d
+            for k, cols in entries:
+                if k in d:
+                    continue
+                nb = sum(c.nbytes for c in cols) + self.ENTRY_OVERHEAD
+                d[k] = (cols, nb)
+                self.bytes += nb
+            while self.bytes > self.capacity and d:
+                self.bytes -= d.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self.bytes = 0
+
+
 def _latest(dst: np.ndarray, values: np.ndarray, valid: np.ndarray, group: np.ndarray) -> None:
     """dst[g] = the last valid value of group g (rows grouped, in arrival order within a group)."""
     idx = np.flatnonzero(valid)
@@ -361,6 +431,7 @@ class SequenceStore(SequenceStoreBase):
         self._items = self._db.get_column_family(ITEMS_CF)
         self._items_cf = self._db.get_column_family_handle(ITEMS_CF)
         self._user_cache = _HeadCache(HEAD, EMPTY_HEAD, cfg.writer_cache_users, codec.parse_heads)
+        self._decoded = _DecodedCache(cfg.decoded_cache_bytes) if cfg.decoded_cache_bytes > 0 else None
         self._item_cache = _HeadCache(ITEM_HEAD, EMPTY_ITEM_HEAD, cfg.writer_cache_items)
         self._wopts = WriteOptions()
         self._wopts.sync = cfg.sync
@@ -906,17 +977,24 @@ class SequenceStore(SequenceStoreBase):
     def _try_read(self, uids: np.ndarray, before: np.ndarray | None, max_len: int | None) -> list[SeqArrays] | None:
         C = self.config.chunk_events
         B = len(uids)
-        vals = self._get(codec.head_keys(uids) + codec.dir_keys(uids))
-        heads = codec.parse_heads(vals[:B])
+        if B <= 32:  # a few users: Python ints, no NumPy
+            ul = uids.tolist()
+            vals = self._get([b"H" + u.to_bytes(8, "big") for u in ul] + [b"D" + u.to_bytes(8, "big") for u in ul])
+            fields = codec.head_fields(vals[:B])
+        else:
+            vals = self._get(codec.head_keys(uids) + codec.dir_keys(uids))
+            fields = None
+        if fields is None:
+            heads = codec.parse_heads(vals[:B])
+            cols = {f: heads[f].tolist() for f in codec.READ_FIELDS}
+        else:
+            cols = dict(zip(codec.READ_FIELDS, map(list, zip(*fields))))
         dirvals = vals[B:]
-        keys: list[bytes] = []
-        plan: list[tuple[int, int]] = []  # per user: (chunks fetched, segments fetched)
-        cols = {f: heads[f].tolist() for f in ("kept", "tail_n", "seg_lo", "seg_hi", "chunk_lo", "chunk_hi", "tail_min",
-                                               "tail_max", "pack", "slot")}
+        keys: list[bytes] = []  # per user: its chunks' keys, then its tail segments' keys (seq order)
+        plan: list[tuple[int, int]] = []  # per user: (chunks, segments)
         refs: list[tuple[int, int, int]] = []  # (user, pack seq, slot) of packed tails
         bl = before.tolist() if before is not None else [None] * B
-        for i in range(B):
-            u = int(uids[i])
+        for i, u in enumerate(uids.tolist()):
             b = bl[i]
             k0 = cols["chunk_lo"][i]
             nk = cols["chunk_hi"][i] - k0
@@ -924,71 +1002,68 @@ class SequenceStore(SequenceStoreBase):
             if nk and (dirvals[i] is None or len(dirvals[i]) != nk * DIR.itemsize):
                 return None  # head and directory from different writes: raced one, read again
             if nk and (b is not None or (max_len is not None and max_len < cols["kept"][i])):
-                d = np.frombuffer(dirvals[i], DIR)
-                seqs = (k0 + _needed_chunks(d, C, b, max_len, cols["tail_n"][i],
-                                            cols["tail_min"][i], cols["tail_max"][i])).tolist()
-            keys.extend(codec.user_key(b"C", u, s) for s in seqs)
+                seqs = _needed_chunks(dirvals[i], k0, C, b, max_len, cols["tail_n"][i],
+                                      cols["tail_min"][i], cols["tail_max"][i])
+            ub = u.to_bytes(8, "big")
+            pre = b"C" + ub
+            keys.extend([pre + s.to_bytes(4, "big") for s in seqs])
             nseg = 0
             if cols["tail_n"][i] and (b is None or cols["tail_min"][i] < b):
                 lo, hi = cols["seg_lo"][i], cols["seg_hi"][i]
-                keys.extend(codec.user_key(b"T", u, s) for s in range(lo, hi))
+                pre = b"T" + ub
+                keys.extend([pre + s.to_bytes(4, "big") for s in range(lo, hi)])
                 nseg = hi - lo
                 if cols["pack"][i]:
                     refs.append((i, cols["pack"][i] - 1, cols["slot"][i]))
             plan.append((len(seqs), nseg))
+        cache = self._decoded
+        got: list[list[np.ndarray] | None] = cache.get_many(keys) if cache is not None else [None] * len(keys)
+        miss = [j for j, v in enumerate(got) if v is None]
         pseqs = sorted({q for _, q, _ in refs})
-        data = self._get(keys + [codec.pack_key(q) for q in pseqs]) if keys or pseqs else []
+        fetch = [keys[j] for j in miss] + [codec.pack_key(q) for q in pseqs]
+        data = self._get(fetch) if fetch else []
         if any(v is None for v in data):
             return None
         packed: dict[int, list[np.ndarray]] = {}
         if pseqs:
-            packed = self._decode_packed(refs, dict(zip(pseqs, data[len(keys):])))
+            packed = self._decode_packed(refs, dict(zip(pseqs, data[len(miss):])))
             if packed is None:
                 return None
-        # One vectorized decode for every encoded chunk of every user; raw
-        # segments are records already.
-        blobs: list[bytes] = []
-        enc_n = np.zeros(B, np.int64)  # encoded chunks per user
-        raw: list[list[np.ndarray]] = [[] for _ in range(B)]
+        if miss:
+            # One vectorized decode for every encoded chunk / segment fetched; raw
+            # segments are records already.
+            blobs: list[bytes] = []
+            enc: list[int] = []  # key index of each blob
+            for j, v in zip(miss, data):
+                if keys[j][:1] == b"C":
+                    blobs.append(v)
+                    enc.append(j)
+                elif v[:1] == codec.SEG_CHUNK:
+                    blobs.append(v[1:])
+                    enc.append(j)
+                else:
+                    r = np.frombuffer(v, REC, offset=1)
+                    got[j] = [r[f] for f in REC.names]
+            if blobs:
+                decoded = self._decode_groups(blobs)
+                if decoded is None:
+                    return None
+                groups, group, start, lens = decoded
+                copy = cache is not None  # a cached chunk must not hold its whole group's arrays
+                for j, g, a, n in zip(enc, group.tolist(), start.tolist(), lens.tolist()):
+                    got[j] = [c[a : a + n].copy() if copy else c[a : a + n] for c in groups[g]]
+            if cache is not None:
+                cache.put_many([(keys[j], got[j]) for j in miss])
+        out = []
         pos = 0
         for i, (nc, ns) in enumerate(plan):
-            blobs.extend(data[pos : pos + nc])
-            pos += nc
-            enc_n[i] = nc
-            for v in data[pos : pos + ns]:
-                if v[:1] == codec.SEG_CHUNK:
-                    blobs.append(v[1:])
-                    enc_n[i] += 1
-                else:
-                    raw[i].append(np.frombuffer(v, REC, offset=1))
-            pos += ns
-        decoded = self._decode_groups(blobs)
-        if decoded is None:
-            return None
-        groups, group, start, lens = decoded
-        gl, sl, nl = group.tolist(), start.tolist(), lens.tolist()
-        out = []
-        k = 0
-        for i in range(B):
-            parts = []
-            run = None  # [group, first row, end row]: consecutive chunks decoded next to each other
-            for _ in range(int(enc_n[i])):
-                g, a, n = gl[k], sl[k], nl[k]
-                k += 1
-                if run is not None and run[0] == g and run[2] == a:
-                    run[2] = a + n
-                    continue
-                if run is not None:
-                    parts.append([c[run[1] : run[2]] for c in groups[run[0]]])
-                run = [g, a, a + n]
-            if run is not None:
-                parts.append([c[run[1] : run[2]] for c in groups[run[0]]])
-            if i in packed:  # the tail's first segment (after the chunks, before raw ones)
+            parts = got[pos : pos + nc]
+            if i in packed:  # the tail's packed part: before its raw segments
                 parts.append(packed[i])
-            if raw[i]:
-                r = raw[i][0] if len(raw[i]) == 1 else np.concatenate(raw[i])
-                parts.append([r[f] for f in REC.names])
-            out.append(_finish(parts, bl[i], max_len))
+            parts.extend(got[pos + nc : pos + nc + ns])
+            pos += nc + ns
+            # every tail segment is checked for order (raw ones are in arrival order)
+            out.append(_finish(parts, bl[i], max_len, cache is not None, ns))
         return out
 
     def user_features(self, user_ids: Sequence[int] | np.ndarray) -> UserFeatures:
@@ -1156,17 +1231,30 @@ def _open_secondary(path: str, opts: Options, cfs: dict[str, Options], secondary
             time.sleep(0.05)
 
 
-def _needed_chunks(d: np.ndarray, C: int, b: int | None, max_len: int | None,
-                   tail_n: int, tail_min: int, tail_max: int) -> np.ndarray:
-    """Indices of the chunks (directory ``d``) that may hold one of the user's
-    ``max_len`` most recent events with ts < b.
+def _needed_chunks(dirval: bytes, k0: int, C: int, b: int | None, max_len: int | None,
+                   tail_n: int, tail_min: int, tail_max: int) -> Sequence[int]:
+    """Seqs of the chunks (directory value ``dirval``, first seq ``k0``) that may hold
+    one of the user's ``max_len`` most recent events with ts < b.
 
     A chunk is skipped when all its events are >= b, or when at least
     ``max_len`` events that certainly qualify (their whole chunk / tail is
     < b) are strictly later in ts than every event of the chunk.
     """
+    d = np.frombuffer(dirval, DIR)
     mn, mx = d["min"], d["max"]
-    sel = np.ones(len(d), bool) if b is None else mn < b
+    K = len(d)
+    if b is None and max_len is not None:
+        # The usual case, a latest read: if the chunks' ts ranges follow each other (no
+        # late event overlaps two), chunk j has (K - 1 - j) whole chunks after it.
+        mnl, mxl = mn.tolist(), mx.tolist()
+        if all(mxl[j] < mnl[j + 1] for j in range(K - 1)):
+            first = K  # the events after chunk j only shrink as j grows: the needed ones are a suffix
+            for j in range(K - 1, -1, -1):
+                if (K - 1 - j) * C + (tail_n if tail_n and tail_min > mxl[j] else 0) >= max_len:
+                    break
+                first = j
+            return range(k0 + first, k0 + K)
+    sel = np.ones(K, bool) if b is None else mn < b
     if max_len is not None:
         full = sel if b is None else sel & (mx < b)
         later = (mn[None, :] > mx[:, None]) & full[None, :]  # (K, K): chunk k entirely after chunk j
@@ -1174,25 +1262,49 @@ def _needed_chunks(d: np.ndarray, C: int, b: int | None, max_len: int | None,
         if tail_n and (b is None or tail_max < b):
             after += np.where(tail_min > mx, tail_n, 0)
         sel &= after < max_len
-    return np.flatnonzero(sel)
+    return (k0 + np.flatnonzero(sel)).tolist()
 
 
-def _finish(parts: list[tuple[np.ndarray, ...]], b: int | None, max_len: int | None) -> SeqArrays:
-    """Concatenate decoded parts (in arrival order of chunks / tail), keep ts < b,
-    sort by ts (stable), keep the last max_len."""
+def _finish(parts: list[tuple[np.ndarray, ...]], b: int | None, max_len: int | None,
+            shared: bool = False, raw: int = 0) -> SeqArrays:
+    """Concatenate decoded parts (chunks, then the tail: in seq order), keep ts < b,
+    sort by ts (stable), keep the last max_len. The last ``raw`` parts may be out of
+    order (raw tail segments keep arrival order); every other part is sorted by ts
+    already, so the whole is sorted unless one of those is not or two parts overlap
+    (late events).
+    ``shared``: the parts' arrays are also held elsewhere (the decoded cache), so the
+    result never aliases them."""
     if not parts:
         return SeqArrays.empty()
+    ordered = True
+    prev = None
+    first_raw = len(parts) - raw
+    for k, p in enumerate(parts):
+        t = p[0]
+        if not len(t):
+            continue
+        if (prev is not None and t[0] < prev) or (k >= first_raw and len(t) > 1 and (t[1:] < t[:-1]).any()):
+            ordered = False
+            break
+        prev = t[-1]
     if len(parts) == 1:
-        cols = list(parts[0])
+        cols = [c.copy() for c in parts[0]] if shared else list(parts[0])
     else:
-        cols = [np.concatenate([p[j] for p in parts]) for j in range(6)]
+        if ordered and b is None and max_len:  # leave out the parts wholly before the last max_len
+            n, k = 0, len(parts)
+            while k and n < max_len:
+                k -= 1
+                n += len(parts[k][0])
+            parts = parts[k:]
+        cols = [np.concatenate([p[j] for p in parts]) for j in range(6)] if len(parts) > 1 else \
+            [c.copy() for c in parts[0]] if shared else list(parts[0])
     ts = cols[0]
     if b is not None:
         m = ts < b
         if not m.all():
             cols = [c[m] for c in cols]
             ts = cols[0]
-    if len(ts) > 1 and (ts[1:] < ts[:-1]).any():
+    if not ordered:
         o = np.argsort(ts, kind="stable")
         cols = [c[o] for c in cols]
     if max_len is not None and len(cols[0]) > max_len:

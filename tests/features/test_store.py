@@ -832,3 +832,108 @@ def replace_packs(cfg: StoreConfig) -> StoreConfig:
     from dataclasses import replace
 
     return replace(cfg, pack_events=16)
+
+
+# --------------------------------------------------------------------------- decoded cache
+
+from dataclasses import replace  # noqa: E402
+
+from opengem.features.store import _needed_chunks  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(batches=scenarios(), data=st.data(), capacity=st.sampled_from([0, 3000, 64 << 20]))
+def test_decoded_cache_reads_stay_exact_across_appends_merges_and_compactions(batches, data, capacity) -> None:
+    """Reads between appends, merges, seals, retention and compactions, by the writer and
+    by a catching-up reader, both with a decoded cache (a tiny one evicts all the time),
+    equal the reference's -- and a store with the cache off returns the same."""
+    cfg = replace(PACKS, decoded_cache_bytes=capacity)
+    with tempfile.TemporaryDirectory() as d:
+        s = SequenceStore(f"{d}/db", cfg)
+        r = SequenceStore.open_reader(f"{d}/db", f"{d}/sec", cfg)
+        ref = Reference(cfg)
+        try:
+            for off, b in enumerate(batches):
+                cols = cols_of(*b)
+                s.apply(cols, (0, off))
+                ref.append(cols)
+                op = data.draw(st.sampled_from(["read", "read", "compact", "merge", "none"]))
+                if op == "compact":
+                    s.compact()
+                elif op == "merge":
+                    s.merge_tails()
+                if op != "none":
+                    s.flush()
+                    r.catch_up()
+                    for uid in range(5):
+                        before = data.draw(st.one_of(st.none(), st.integers(T0, T0 + 10**7 + 1000 * 400)))
+                        max_len = data.draw(st.one_of(st.none(), st.integers(0, 40)))
+                        want = ref.read(uid, before, max_len)
+                        assert rows(s.read(uid, before, max_len)) == want
+                        assert rows(r.read(uid, before, max_len)) == want
+            s.flush()
+            r.catch_up()
+            _check_reads(s, ref, range(5))
+            _check_reads(r, ref, range(5))
+            if capacity:
+                assert s._decoded.bytes <= capacity and r._decoded.bytes <= capacity
+        finally:
+            r.close()
+            s.close()
+
+
+def test_decoded_cache_hits_and_results_do_not_alias_it(tmp_path: Path) -> None:
+    """A second read of a user takes its sealed chunks from the cache (only the head, the
+    directory and what changed are fetched), and writing into a returned array changes
+    neither the cache nor the next read."""
+    cfg = replace(SMALL, max_events=64)
+    s = SequenceStore(tmp_path / "db", cfg)
+    rng = np.random.default_rng(3)
+    s.apply(make_events(rng, 300, users=2), (0, 0))
+    first = s.read(0, None, 64)
+    hits = s._decoded.hits
+    again = s.read(0, None, 64)
+    assert s._decoded.hits > hits
+    assert rows(again) == rows(first)
+    again.ts[:] = -1
+    again.item_id[:] = -1
+    assert rows(s.read(0, None, 64)) == rows(first)
+    assert rows(s.read(0, None, 1)) == rows(first)[-1:]  # one part only: still a copy
+    one = s.read(0, None, 1)
+    one.ts[:] = 0
+    assert rows(s.read(0, None, 64)) == rows(first)
+    ev = make_events(rng, cfg.chunk_events, users=1)  # user 0 of a second store: one sealed chunk, no tail
+    s2 = SequenceStore(tmp_path / "db2", cfg)
+    s2.apply(ev, (0, 0))
+    assert int(codec.parse_heads(s2._get(codec.head_keys(np.array([0]))))["tail_n"][0]) == 0
+    whole = s2.read(0)
+    whole.ts[:] = 0
+    assert rows(s2.read(0)) != rows(whole) and len(s2.read(0).ts) == cfg.chunk_events
+    s2.close()
+    s.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_needed_chunks_fast_path_equals_the_general_rule(data) -> None:
+    """The latest-read shortcut (chunks in ts order) selects what the general rule does."""
+    C = data.draw(st.sampled_from([1, 4, 8]))
+    K = data.draw(st.integers(1, 12))
+    lens = data.draw(st.lists(st.integers(0, 50), min_size=K, max_size=K))
+    gaps = data.draw(st.lists(st.integers(1, 50), min_size=K, max_size=K))
+    mn, mx, t = [], [], 1000
+    for g, ln in zip(gaps, lens):
+        t += g
+        mn.append(t)
+        t += ln
+        mx.append(t)
+    d = np.array(list(zip(mn, mx)), codec.DIR)
+    tail_n = data.draw(st.integers(0, 20))
+    tail_min = data.draw(st.integers(900, t + 100))
+    tail_max = max(tail_min, data.draw(st.integers(900, t + 100)))
+    max_len = data.draw(st.integers(1, K * C + tail_n + 5))
+    got = list(_needed_chunks(d.tobytes(), 7, C, None, max_len, tail_n, tail_min, tail_max))
+    later = (d["min"][None, :] > d["max"][:, None]).sum(axis=1) * C
+    if tail_n:
+        later += np.where(tail_min > d["max"], tail_n, 0)
+    assert got == (7 + np.flatnonzero(later < max_len)).tolist()
