@@ -51,9 +51,13 @@ repeats) the shards are opened, compacted and sized:
 * ``read_last4096_p99_ms``: during that run, a RocksDB secondary reader of
   partition 0's shard (catch-up thread every 0.2 s) in this process reads the
   last 4096 events of one of the partition's 16 heaviest users, decoded into
-  arrays, every ~5 ms; ``batched_read_256_users_ms``: median ``read_batch`` of
-  the partition's 256 heaviest users (max_len 4096), also during ingest. The
-  baseline: the same reads once the worker has exited (``..._idle_...``).
+  arrays, every ~5 ms, with the store's defaults (its decoded-chunk cache on:
+  a repeated read decodes only what arrived since); ``..._nocache_...``: a
+  second reader with ``decoded_cache_bytes=0`` taking turns with it (every
+  chunk fetched and decoded on every read); ``batched_read_256_users_ms``:
+  median ``read_batch`` of the partition's 256 heaviest users (max_len 4096),
+  also during ingest (``..._nocache_ms``: the second reader). The baseline:
+  the same reads once the worker has exited (``..._idle_...``).
 
 Memory (``worker_rss_mb``): peak RSS (VmHWM) of the worker process in the main
 runs, and in two synthetic scenarios streamed as Arrow batches through the
@@ -501,13 +505,14 @@ def store_size(datadir: str | Path, topic: str, users: np.ndarray, store_cfg: di
 
 def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.ndarray,
                  pause_s: float = 0.005, idle_reads: int = 1000) -> Callable[[subprocess.Popen, Path], dict]:
-    """A `during` hook: a secondary reader of partition 0's shard (catch-up thread every
-    0.2 s, as a serving process would run it) reads while the worker ingests; then, once
-    the worker has exited and the reader has caught up, the same reads on an idle machine
-    (the same-run baseline of the latency)."""
+    """A `during` hook: two secondary readers of partition 0's shard (catch-up thread every
+    0.2 s each, as a serving process would run it), one as shipped (decoded-chunk cache on)
+    and one with ``decoded_cache_bytes=0``, take turns reading while the worker ingests;
+    then, once the worker has exited and the readers have caught up, the same reads on an
+    idle machine (the same-run baseline of the latency)."""
 
     def during(proc: subprocess.Popen, result: Path) -> dict:
-        from opengem.features.store import SequenceStore
+        from opengem.features.store import SequenceStore, StoreConfig
 
         path = shard_dir(datadir, topic, 0)
         while not (path / "CURRENT").exists():
@@ -515,51 +520,70 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                 return {}
             time.sleep(0.01)
         time.sleep(0.2)  # let the writer finish opening the DB (meta key, column families)
-        sec = Path(tempfile.mkdtemp(prefix="bench-ingest-secondary-"))
-        r = SequenceStore.open_reader(str(path), str(sec), interval_s=0.2)
-        catch_ups: list[tuple[float, float]] = []  # (start, end) of the follower thread's catch-ups
-        catch_up = r.catch_up
+        secs = [Path(tempfile.mkdtemp(prefix="bench-ingest-secondary-")) for _ in range(2)]
+        readers = [SequenceStore.open_reader(str(path), str(secs[0]), interval_s=0.2),
+                   SequenceStore.open_reader(str(path), str(secs[1]), StoreConfig(decoded_cache_bytes=0),
+                                             interval_s=0.2)]
+        catch_ups: list[tuple[float, float]] = []  # (start, end) of the follower threads' catch-ups
 
-        def timed_catch_up() -> None:
-            t = time.perf_counter()
-            try:
-                catch_up()
-            finally:
-                catch_ups.append((t, time.perf_counter()))
+        def timed(catch_up: Callable[[], None]) -> Callable[[], None]:
+            def timed_catch_up() -> None:
+                t = time.perf_counter()
+                try:
+                    catch_up()
+                finally:
+                    catch_ups.append((t, time.perf_counter()))
+            return timed_catch_up
 
-        r.catch_up = timed_catch_up  # the follower thread calls self.catch_up()
-        out: dict[str, Any] = {"single_s": [], "overlap": [], "batch_s": [], "lens": [], "batch_events": 0}
+        for r in readers:
+            r.catch_up = timed(r.catch_up)  # the follower thread calls self.catch_up()
+
+        def fresh() -> dict[str, Any]:
+            return {"single_s": [], "overlap": [], "batch_s": [], "lens": [], "batch_events": 0,
+                    "nocache_single_s": [], "nocache_batch_s": []}
+
+        out = fresh()
 
         def sample(n: int | None, batch_every: int = 40) -> None:
             i = 0
-            while (n is None and not result.exists() and proc.poll() is None) or (n is not None and i < n):
-                u = int(heavy[i % len(heavy)])
+            while (n is None and not result.exists() and proc.poll() is None) or (n is not None and i < 2 * n):
+                nocache = i % 2  # the two readers take turns, each read after a pause
+                r = readers[nocache]
+                u = int(heavy[(i // 2) % len(heavy)])
                 t = time.perf_counter()
                 seq = r.read(u, None, 4096)
                 t1 = time.perf_counter()
-                out["single_s"].append(t1 - t)
-                # did a catch-up run during this read? (rocksdict may hold the GIL in it)
-                out["overlap"].append(bool(catch_ups) and catch_ups[-1][1] > t)
-                out["lens"].append(len(seq.ts))
+                if nocache:
+                    out["nocache_single_s"].append(t1 - t)
+                else:
+                    out["single_s"].append(t1 - t)
+                    # did a catch-up run during this read? (rocksdict may hold the GIL in it)
+                    out["overlap"].append(bool(catch_ups) and catch_ups[-1][1] > t)
+                    out["lens"].append(len(seq.ts))
                 i += 1
-                if batch_every and i % batch_every == 0:
-                    t = time.perf_counter()
-                    jb = r.read_batch(batch_users, None, 4096)
-                    out["batch_s"].append(time.perf_counter() - t)
+                if batch_every and (i // 2) % batch_every == 0 and i % 2 == 0:
+                    for k, rr in enumerate(readers):
+                        time.sleep(pause_s)
+                        t = time.perf_counter()
+                        jb = rr.read_batch(batch_users, None, 4096)
+                        out["nocache_batch_s" if k else "batch_s"].append(time.perf_counter() - t)
                     out["batch_events"] = int(jb.lengths.sum())
                 time.sleep(pause_s)
 
         try:
             sample(None)
             proc.wait(60)
-            r.catch_up()  # everything the worker wrote
+            for r in readers:
+                r.catch_up()  # everything the worker wrote
             during_ingest = out
-            out = {"single_s": [], "overlap": [], "batch_s": [], "lens": [], "batch_events": 0}
+            out = fresh()
             sample(idle_reads, batch_every=100)
             idle = out
         finally:
-            r.close()
-            shutil.rmtree(sec, ignore_errors=True)
+            for r in readers:
+                r.close()
+            for sec in secs:
+                shutil.rmtree(sec, ignore_errors=True)
         return {**during_ingest, "idle": idle,
                 "catch_up_s": [b - a for a, b in catch_ups]}
 
@@ -754,6 +778,11 @@ def main() -> None:
         "item_cf_bytes": size["item_cf_bytes"],
         "read_last4096_p50_ms": ms(reads["single_s"], 50),
         "read_last4096_p99_ms": ms(reads["single_s"], 99),
+        # The same reads through a reader with StoreConfig(decoded_cache_bytes=0): every
+        # chunk fetched and decoded (the two readers take turns, same pauses).
+        "read_last4096_nocache_p50_ms": ms(reads["nocache_single_s"], 50),
+        "read_last4096_nocache_p99_ms": ms(reads["nocache_single_s"], 99),
+        "read_last4096_nocache_idle_p99_ms": ms(idle["nocache_single_s"], 99),
         "read_samples": len(reads["single_s"]),
         "read_mean_events": float(np.mean(reads["lens"])),
         # The same reads after ingest, machine idle: the latency's same-run baseline.
@@ -771,6 +800,7 @@ def main() -> None:
         "batched_read_256_users_events": reads["batch_events"],
         "batched_read_samples": len(reads["batch_s"]),
         "batched_read_256_users_idle_ms": ms(idle["batch_s"], 50) if idle["batch_s"] else None,
+        "batched_read_256_users_nocache_ms": ms(reads["nocache_batch_s"], 50) if reads["nocache_batch_s"] else None,
         "batched_read_256_users_idle_events": idle["batch_events"],
         "batched_events_per_s_with_reader": reader_run_eps,
         "worker_rss_mb": {"json_run": rss["json"], "arrow_run": rss["arrow"],
@@ -814,7 +844,11 @@ def main() -> None:
          figures["read_p99_ratio_ingest_to_idle"], f"≤ 1 ms: {goal(figures['read_last4096_p99_ms'] <= 1)}"],
         ["read last 4096 after ingest (idle), p50 / p99 ms",
          f"{figures['read_last4096_idle_p50_ms']:.3f} / {figures['read_last4096_idle_p99_ms']:.3f}", "", ""],
-        ["read_batch 256 users during ingest, median ms", figures["batched_read_256_users_ms"] or "", "", ""],
+        ["  decoded cache off: during ingest p50 / p99, idle p99 ms",
+         f"{figures['read_last4096_nocache_p50_ms']:.3f} / {figures['read_last4096_nocache_p99_ms']:.3f}, "
+         f"{figures['read_last4096_nocache_idle_p99_ms']:.3f}", "", "every chunk decoded"],
+        ["read_batch 256 users during ingest, median ms (cache off)",
+         f"{figures['batched_read_256_users_ms'] or 0:.1f} ({figures['batched_read_256_users_nocache_ms'] or 0:.1f})", "", ""],
         ["read_batch 256 users after ingest (idle), median ms", figures["batched_read_256_users_idle_ms"] or "",
          "", ""],
         ["worker peak RSS MB, JSON run / Arrow run", f"{rss['json']:,.0f} / {rss['arrow']:,.0f}", "", ""],
