@@ -62,6 +62,7 @@ set the flag and decode as before.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -437,6 +438,182 @@ def encode_chunk(rec: np.ndarray, attrs: "AttrTable | None" = None, exceptions: 
     body = [hdr, _planes(dt, w[0]), sk.astype(np.uint8).tobytes(), _planes(inv, 1) if ib == 8 else _pack_bits(inv, ib),
             _planes(du, w[1]), _planes(cols[0], w[2]), _planes(cols[1], w[3])]
     return b"".join(body), int(ts[0]), int(ts[-1])
+
+
+_POW2 = np.int64(1) << np.arange(17, dtype=np.int64)
+
+
+def _widths(m: np.ndarray) -> np.ndarray:
+    """:func:`_width` of each maximum in ``m`` (uint64): 0, 1, 2, 4 or 8."""
+    w = np.full(len(m), 8, np.int64)
+    w[m < np.uint64(1 << 32)] = 4
+    w[m < np.uint64(1 << 16)] = 2
+    w[m < np.uint64(1 << 8)] = 1
+    w[m == 0] = 0
+    return w
+
+
+def encode_chunks(rec: np.ndarray, starts: np.ndarray, lens: np.ndarray, attrs: "AttrTable | None" = None,
+                  exceptions: Any = True) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """:func:`encode_chunk` of many chunks at once, byte for byte the same values:
+    chunk k is ``rec[starts[k] : starts[k] + lens[k]]`` (1..65535 events each);
+    ``exceptions``: a bool, or one per chunk. Returns (blobs, min ts (K,), max ts (K,)).
+
+    A NumPy pass over all the chunks' events instead of ~40 NumPy calls per chunk
+    (a commit seals and merges the tails of many users): the per-chunk sorts become
+    two lexsorts, the widths reduceat's, and each byte plane one scatter into one buffer.
+    """
+    starts = np.asarray(starts, np.int64)
+    lens = np.asarray(lens, np.int64)
+    K = len(lens)
+    if K == 0:
+        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if lens.min() < 1 or lens.max() > 65535:
+        raise ValueError("a chunk holds 1..65535 events")
+    exc_ok = np.broadcast_to(np.asarray(exceptions, bool), (K,))
+    E = int(lens.sum())
+    cstart = np.zeros(K, np.int64)
+    np.cumsum(lens[:-1], out=cstart[1:])
+    cid = np.repeat(np.arange(K), lens)
+    pos = np.arange(E, dtype=np.int64) - cstart[cid]
+    src = starts[cid] + pos
+    ts = rec["ts"][src]
+    item = rec["item_id"][src]
+    o = np.lexsort((ts, cid))  # per chunk by ts, stable
+    src = src[o]
+    ts, item = ts[o], item[o]
+    n_ev = lens[cid]
+
+    dt = np.zeros(E, np.uint64)
+    dt[1:] = (ts[1:] - ts[:-1]).view(np.uint64)
+    dt[cstart] = 0
+    # the dictionaries: distinct ids per chunk, sorted
+    o2 = np.lexsort((item, cid))
+    si = item[o2]
+    new = np.ones(E, bool)
+    new[1:] = si[1:] != si[:-1]
+    new[cstart] = True
+    gid = np.cumsum(new) - 1  # (E,) in o2 order: index of the event's entry in uniq
+    uniq = si[new]
+    U = len(uniq)
+    ustart = gid[cstart]
+    nu = np.diff(np.append(ustart, U))
+    ucid = cid[new]  # (cid is sorted, so cid[o2] == cid)
+    uj = np.arange(U, dtype=np.int64) - ustart[ucid]
+    dpos = cstart[ucid] + uj  # where entry j of chunk k goes in a section padded to n
+    inv = np.empty(E, np.int64)
+    inv[o2] = gid - ustart[cid]
+    du = np.zeros(E, np.uint64)
+    duv = np.zeros(U, np.uint64)
+    duv[1:] = (uniq[1:] - uniq[:-1]).view(np.uint64)
+    duv[uj == 0] = 0
+    du[dpos] = duv
+    sk = (rec["surface"][src].astype(np.int64) * N_KINDS + rec["kind"][src]).astype(np.uint8)
+
+    flags = np.full(K, _IDX_BITS, np.int64)
+    secs, firsts, per = [], [], []
+    for name, flag in (("category", _CAT_PER_ITEM), ("advertiser_id", _ADV_PER_ITEM)):
+        v = rec[name][src].astype(np.int64) + 1  # -1 (none) -> 0
+        vs = v[o2]
+        first = vs[new]  # the entry's value (all of them, when a function of the item)
+        f = np.logical_and.reduceat(vs == first[gid], cstart)
+        flags[f] |= flag
+        sec = v.astype(np.uint64)
+        sec[f[cid]] = 0
+        fu = f[ucid]
+        sec[dpos[fu]] = first[fu].astype(np.uint64)
+        secs.append(sec)
+        firsts.append(first)
+        per.append(f)
+    if attrs is not None:
+        both = per[0] & per[1]
+        mt = both[ucid]
+        if mt.any():
+            found, tcat, tadv = attrs.lookup(uniq[mt])
+            ok = found & (tcat.astype(np.int64) + 1 == firsts[0][mt]) \
+                & ((tadv + 1).astype(np.uint64) == firsts[1][mt].astype(np.uint64))
+            bad = np.bincount(ucid[mt][~ok], minlength=K)
+            table = both & (bad == 0)
+            flags[table] |= _ATTRS_TABLE
+            te = table[cid]
+            secs[0][te] = 0
+            secs[1][te] = 0
+
+    excs = []
+    w_dt_du = []
+    for x, flag in ((dt, _DT_EXC), (du, _DU_EXC)):
+        m1 = np.maximum.reduceat(x, cstart)
+        j = np.minimum.reduceat(np.where(x == m1[cid], pos, E), cstart)
+        at = cstart + j
+        rest = x.copy()
+        rest[at] = 0
+        m2 = np.maximum.reduceat(rest, cstart)
+        w1, w2 = _widths(m1), _widths(m2)
+        e = exc_ok & ((w1 - w2) * lens > EXC.itemsize)
+        flags[e] |= flag
+        x[at[e]] = 0
+        excs.append((e, j, m1))
+        w_dt_du.append(np.where(e, w2, w1))
+    w = [w_dt_du[0], w_dt_du[1]] + [_widths(np.maximum.reduceat(s, cstart)) for s in secs]
+
+    hdr = np.zeros(K, CHUNK_HDR)
+    hdr["n"] = lens
+    hdr["flags"] = flags
+    for f, wf in zip(("w_dt", "w_du", "w_cat", "w_adv"), w):
+        hdr[f] = wf
+    hdr["nu"] = nu
+    hdr["ts0"] = ts[cstart]
+    hdr["item0"] = uniq[ustart]
+    ne = excs[0][0].astype(np.int64) + excs[1][0]
+    ib = np.maximum(1, np.searchsorted(_POW2, lens))  # idx_bits(n)
+    nb = (lens * ib + 7) // 8
+    size = _HS + EXC.itemsize * ne + lens * (1 + w[0] + w[1] + w[2] + w[3]) + nb
+    base = np.zeros(K, np.int64)
+    np.cumsum(size[:-1], out=base[1:])
+    out = np.zeros(int(base[-1] + size[-1]), np.uint8)
+    out[(base[:, None] + np.arange(_HS)).reshape(-1)] = hdr.view(np.uint8)
+    off = base + _HS
+    for e, j, m1 in excs:
+        if e.any():
+            ex = np.zeros(int(e.sum()), EXC)
+            ex["pos"] = j[e]
+            ex["val"] = m1[e]
+            out[(off[e][:, None] + np.arange(EXC.itemsize)).reshape(-1)] = ex.view(np.uint8)
+            off = off + EXC.itemsize * e
+
+    def planes(x: np.ndarray, wk: np.ndarray) -> None:
+        nonlocal off
+        we = wk[cid]
+        xb = np.ascontiguousarray(x, "<u8").view(np.uint8).reshape(E, 8)
+        dst = off[cid] + pos
+        for b in range(int(wk.max())):
+            m = we > b
+            out[dst[m] + b * n_ev[m]] = xb[m, b]
+        off = off + lens * wk
+
+    planes(dt, w[0])
+    out[off[cid] + pos] = sk
+    off = off + lens
+    # dictionary indices, ib bits each, little-endian: one bit array, sections byte-aligned
+    bitbase = np.zeros(K, np.int64)
+    np.cumsum(nb[:-1] * 8, out=bitbase[1:])
+    bits = np.zeros(int(nb.sum()) * 8, np.uint8)
+    ibe = ib[cid]
+    dst = bitbase[cid] + pos * ibe
+    for t in range(int(ib.max())):
+        m = ibe > t
+        bits[dst[m] + t] = (inv[m] >> t) & 1
+    packed = np.packbits(bits, bitorder="little")
+    bcid = np.repeat(np.arange(K), nb)
+    out[off[bcid] + np.arange(len(packed)) - (bitbase // 8)[bcid]] = packed
+    off = off + nb
+    planes(du, w[1])
+    planes(secs[0], w[2])
+    planes(secs[1], w[3])
+    buf = out.tobytes()
+    ends = (base + size).tolist()
+    blobs = [buf[a:b] for a, b in zip(base.tolist(), ends)]
+    return blobs, ts[cstart], ts[cstart + lens - 1]
 
 
 def decode_chunk_groups(blobs: list[bytes], attrs: "AttrTable | None" = None

@@ -868,80 +868,125 @@ class SequenceStore(SequenceStoreBase):
 
     def _rebuild_tails(self, wb: WriteBatch, uids: np.ndarray, heads: np.ndarray, ri: np.ndarray,
                        rec: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
-        """Seal full chunks / merge tail segments of the users ``ri``; apply retention."""
+        """Seal full chunks / merge tail segments of the users ``ri``; apply retention.
+
+        All the users at once: their tails (packed part, segments, this commit's events)
+        are gathered into one REC array, the encoded segments decoded in one call, and
+        every chunk and merged remainder encoded by one :func:`codec.encode_chunks`;
+        Python runs per user only to name keys."""
         cfg = self.config
         C, N = cfg.chunk_events, cfg.max_events
-        ukeys = [int(u) for u in uids[ri]]
-        lo = heads["seg_lo"][ri].tolist()
-        hi = heads["seg_hi"][ri].tolist()
-        keys = [codec.user_key(b"T", u, s) for u, a, b in zip(ukeys, lo, hi) for s in range(a, b)]
-        keys += [codec.user_key(b"D", u) for u in ukeys]
+        R = REC.itemsize
+        m = len(ri)
+        hr = heads[ri]
+        ukeys = uids[ri].tolist()
+        lo = hr["seg_lo"].astype(np.int64)
+        hi = hr["seg_hi"].astype(np.int64)
+        nseg = hi - lo
+        rep = np.repeat(np.arange(m), nseg)
+        seqs = np.arange(len(rep)) - np.repeat(np.cumsum(nseg) - nseg, nseg) + lo[rep]
+        keys = codec.seg_keys(uids[ri][rep], seqs) + codec.dir_keys(uids[ri])
         vals = self._get(keys)
-        pos = 0
-        segvals = []
-        for a, b in zip(lo, hi):
-            segvals.append(vals[pos : pos + b - a])
-            pos += b - a
-        dirvals = vals[pos:]
-        pk = heads["pack"][ri].astype(np.int64)
+        segvals, dirvals = vals[: len(rep)], vals[len(rep):]
+        if any(v is None for v in segvals):
+            u = ukeys[int(rep[[v is None for v in segvals].index(True)])]
+            raise RuntimeError(f"store corrupt: user {u} is missing tail segments")
+        pk = hr["pack"].astype(np.int64)
         packed: dict[int, list[np.ndarray]] = {}
         if pk.any():
             pj = np.flatnonzero(pk)
             packs = self._fetch_packs((pk[pj] - 1).tolist())
             if packs is None:
                 raise RuntimeError("store corrupt: a tail pack is missing")
-            packed = self._decode_packed([(int(j), int(pk[j]) - 1, int(heads["slot"][ri[j]])) for j in pj], packs)
+            packed = self._decode_packed([(int(j), int(pk[j]) - 1, int(hr["slot"][j])) for j in pj], packs)
             if packed is None:
                 raise RuntimeError("store corrupt: a tail pack names items the attribute table lacks")
-        put, delete = wb.put, wb.delete
+        # Every tail as bytes of REC records, in order: packed part, segments, new events.
+        zi = [i for i, v in enumerate(segvals) if v[:1] == codec.SEG_CHUNK]
+        zbuf, zoff = b"", [0]
+        if zi:
+            cols, zlens = codec.decode_chunks([segvals[i][1:] for i in zi], self._attrs)
+            zbuf = codec.columns_to_rec(cols).tobytes()
+            zoff = (np.concatenate([[0], np.cumsum(zlens)]) * R).tolist()
+        zat = dict(zip(zi, range(len(zi))))
+        nbuf = rec.tobytes()
+        na, nb = (starts[ri] * R).tolist(), (ends[ri] * R).tolist()
+        pieces = []
+        pos = 0
+        for j in range(m):
+            if j in packed:
+                pieces.append(codec.columns_to_rec(packed[j]).tobytes())
+            for i in range(pos, pos + int(nseg[j])):
+                z = zat.get(i)
+                pieces.append(segvals[i][1:] if z is None else zbuf[zoff[z]:zoff[z + 1]])
+            pos += int(nseg[j])
+            pieces.append(nbuf[na[j]:nb[j]])
+        lens = np.fromiter(map(len, pieces), np.int64, len(pieces)) // R
+        pieces_per_user = nseg + 1 + np.isin(np.arange(m), list(packed)).astype(np.int64)
+        tlen = np.add.reduceat(lens, np.concatenate([[0], np.cumsum(pieces_per_user)[:-1]])) if m else lens[:0]
+        tail = np.frombuffer(b"".join(pieces), REC)
+        toff = np.zeros(m, np.int64)
+        np.cumsum(tlen[:-1], out=toff[1:])
+
+        ndir = np.fromiter((len(v) if v else 0 for v in dirvals), np.int64, m) // DIR.itemsize
+        nseal = tlen // C
+        tail_n = tlen - nseal * C
+        k_total = ndir + nseal
+        k_keep = np.minimum(k_total, (N - tail_n - 1) // C + 1)
+        drop = k_total - k_keep
+        chunk_lo = hr["chunk_lo"].astype(np.int64)
+        chunk_hi = hr["chunk_hi"].astype(np.int64)
+        # Sealed chunks that retention keeps (one it would drop at once is never written),
+        # then the merged remainders (encoded like a chunk, exceptions allowed).
+        crep = np.repeat(np.arange(m), nseal)
+        c = np.arange(len(crep)) - np.repeat(np.cumsum(nseal) - nseal, nseal)
+        write = (chunk_hi - chunk_lo)[crep] + c >= drop[crep]
+        cu, cc = crep[write], c[write]
+        rj = np.flatnonzero(tail_n)
         enc_attrs = self._attrs if cfg.item_attr_table else None
-        for j, i in enumerate(ri.tolist()):
-            u = ukeys[j]
-            h = heads[i]
-            if any(v is None for v in segvals[j]):
-                raise RuntimeError(f"store corrupt: user {u} is missing tail segments")
-            first = [codec.columns_to_rec(packed[j])] if j in packed else []
-            tail = np.concatenate(first + [codec.decode_segment(v, self._attrs) for v in segvals[j]]
-                                  + [rec[starts[i] : ends[i]]])
-            old_dir = np.frombuffer(dirvals[j], DIR) if dirvals[j] else np.empty(0, DIR)
-            nseal = len(tail) // C
-            rem = tail[nseal * C :]
-            tail_n = len(rem)
-            k_total = len(old_dir) + nseal
-            k_keep = min(k_total, (N - tail_n - 1) // C + 1)
-            drop = k_total - k_keep
-            chunk_lo, chunk_hi = int(h["chunk_lo"]), int(h["chunk_hi"])
-            new_dir = np.empty(nseal, DIR)
-            for c in range(nseal):
-                seq = chunk_hi + c
-                if seq - chunk_lo >= drop:  # a chunk that retention would drop at once is never written
-                    blob, mn, mx = codec.encode_chunk(tail[c * C : (c + 1) * C], enc_attrs, exceptions=False)
-                    put(codec.user_key(b"C", u, seq), blob)
-                    new_dir[c] = (mn, mx)
-            for seq in range(chunk_lo, min(chunk_lo + drop, chunk_hi)):
+        blobs, mn, mx = codec.encode_chunks(
+            tail, np.concatenate([toff[cu] + cc * C, toff[rj] + nseal[rj] * C]),
+            np.concatenate([np.full(len(cu), C, np.int64), tail_n[rj]]), enc_attrs,
+            np.concatenate([np.zeros(len(cu), bool), np.ones(len(rj), bool)]))
+        nw = len(cu)
+        ents = np.zeros(len(crep), DIR)  # directory entries of all sealed chunks (dropped ones stay 0)
+        ents["min"][write], ents["max"][write] = mn[:nw], mx[:nw]
+        entb = ents.tobytes()
+        D = DIR.itemsize
+        eoff = (np.concatenate([[0], np.cumsum(nseal)]) * D).tolist()
+        put, delete = wb.put, wb.delete
+        for b, u, s in zip(blobs, uids[ri][cu].tolist(), (chunk_hi[cu] + cc).tolist()):
+            put(codec.user_key(b"C", u, s), b)
+        for j, u, clo, chi, dr, ns, old, a, b in zip(range(m), ukeys, chunk_lo.tolist(), chunk_hi.tolist(),
+                                                     drop.tolist(), nseal.tolist(), dirvals, eoff[:-1], eoff[1:]):
+            for seq in range(clo, min(clo + dr, chi)):
                 delete(codec.user_key(b"C", u, seq))
-            d = np.concatenate([old_dir, new_dir])[drop:]
-            if nseal or drop:
-                if len(d):
-                    put(codec.user_key(b"D", u), d.tobytes())
+            if ns or dr:
+                d = ((old or b"") + entb[a:b])[dr * D:]
+                if d:
+                    put(codec.user_key(b"D", u), d)
                 else:
                     delete(codec.user_key(b"D", u))
-            seg_lo, seg_hi = int(h["seg_lo"]), int(h["seg_hi"])
-            for seq in range(seg_lo, seg_hi):
-                delete(codec.user_key(b"T", u, seq))
-            if tail_n:  # the merged remainder, encoded like a chunk
-                put(codec.user_key(b"T", u, seg_hi), codec.SEG_CHUNK + codec.encode_chunk(rem, enc_attrs)[0])
-            h["seg_lo"] = seg_hi
-            h["seg_hi"] = seg_hi + (1 if tail_n else 0)
-            h["pack"] = 0
-            h["slot"] = 0
-            h["chunk_lo"] = chunk_lo + drop
-            h["chunk_hi"] = chunk_hi + nseal
-            h["tail_n"] = tail_n
-            h["raw_n"] = 0
-            h["tail_min"] = rem["ts"].min() if tail_n else I64_MAX
-            h["tail_max"] = rem["ts"].max() if tail_n else I64_MIN
-            h["kept"] = len(d) * C + tail_n
+        for k in keys[: len(rep)]:
+            delete(k)
+        for b, u, s in zip(blobs[nw:], uids[ri][rj].tolist(), hi[rj].tolist()):
+            put(codec.user_key(b"T", u, s), codec.SEG_CHUNK + b)
+        has_t = tail_n > 0
+        hr["seg_lo"] = hi
+        hr["seg_hi"] = hi + has_t
+        hr["pack"] = 0
+        hr["slot"] = 0
+        hr["chunk_lo"] = chunk_lo + drop
+        hr["chunk_hi"] = chunk_hi + nseal
+        hr["tail_n"] = tail_n
+        hr["raw_n"] = 0
+        tmin = np.full(m, I64_MAX, np.int64)
+        tmax = np.full(m, I64_MIN, np.int64)
+        tmin[rj], tmax[rj] = mn[nw:], mx[nw:]
+        hr["tail_min"] = tmin
+        hr["tail_max"] = tmax
+        hr["kept"] = k_keep * C + tail_n
+        heads[ri] = hr
 
     def _write_items(self, wb: WriteBatch, cols: EventColumns) -> tuple[_HeadCache, np.ndarray, np.ndarray]:
         order, items, starts, ends = _groups(cols.item_id)
