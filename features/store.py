@@ -1332,17 +1332,16 @@ def _finish(parts: list[tuple[np.ndarray, ...]], b: int | None, max_len: int | N
             ordered = False
             break
         prev = t[-1]
+    if ordered and b is None and max_len and len(parts) > 1:  # leave out the parts wholly before the last max_len
+        n, k = 0, len(parts)
+        while k and n < max_len:
+            k -= 1
+            n += len(parts[k][0])
+        parts = parts[k:]
     if len(parts) == 1:
         cols = [c.copy() for c in parts[0]] if shared else list(parts[0])
     else:
-        if ordered and b is None and max_len:  # leave out the parts wholly before the last max_len
-            n, k = 0, len(parts)
-            while k and n < max_len:
-                k -= 1
-                n += len(parts[k][0])
-            parts = parts[k:]
-        cols = [np.concatenate([p[j] for p in parts]) for j in range(6)] if len(parts) > 1 else \
-            [c.copy() for c in parts[0]] if shared else list(parts[0])
+        cols = [np.concatenate([p[j] for p in parts]) for j in range(6)]
     ts = cols[0]
     if b is not None:
         m = ts < b
