@@ -49,7 +49,10 @@ Protocol (what a new student of an established foundation model sees):
    few conversions per surface in a short window to carry a ratio);
    ``combined_over_distill`` = the combined ratio / plain distillation's.
    Staleness sweep: distillation without / with the adapter at each D in
-   ``--delays``, for both kinds of distillation (``SWEEP``); the teacher's
+   ``--delays``, for both kinds of distillation (``SWEEP``), each student
+   trained with ``--student-seeds`` seeds on the same teacher outputs and rows:
+   the adapter's gain per seed is a paired difference, reported as the mean,
+   its standard error and how many seeds gained; the teacher's
    calibration (weighted sum p / sum y) on the students' window and the test
    window per D says how far staleness moved it.
 4. Serving cost: model forward for 500 candidates of one user with a 1k-event
@@ -63,8 +66,9 @@ variants rerun without retraining GEM (the cache records the model code's hash
 and the JSON both hashes).
 
 JSON keys: per technique ``student_ne``, ``transfer_ratio``; ``teacher_ne``,
-``student_alone_ne``, ``combined_over_distill``; ``staleness`` (per D the
-distillation and adapter NE and the adapter's gain); ``serving``
+``student_alone_ne``, ``combined_over_distill``; ``staleness`` (per D and
+kind the distillation and adapter NE, the adapter's gain -- means over the
+student seeds -- ``adapter_gain_se``, ``adapter_gain_seeds``); ``serving``
 (``student_p99_ms``, ``gem_p99_ms``, ratio).
 """
 
@@ -129,6 +133,9 @@ def main() -> None:
     ap.add_argument("--no-teacher-cache", action="store_true",
                     help="retrain the teacher even if --work holds its outputs for this configuration")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--student-seeds", type=int, default=4,
+                    help="the staleness sweep trains every student with this many seeds (seed, seed+1, ...) on the "
+                         "same teacher and data: the adapter's gain is a paired difference per seed")
     ap.add_argument("--work", default="", help="where the dataset goes (default: a temp dir, removed)")
     args = ap.parse_args()
     quiet_torchrec()
@@ -242,7 +249,8 @@ def main() -> None:
     REP_INDEX = {"teacher_logit": 0, "full": 1, "trunk": 2, "logits": 3}
 
     def run_student(name: str, d: float, *, distill=False, soft=0.0, adapter=False, reps="none", repr_width=0,
-                    repr_dropout=0.0, share="none", transfer="none", lr=args.student_lr, distill_weight=1.0) -> dict:
+                    repr_dropout=0.0, share="none", transfer="none", lr=args.student_lr, distill_weight=1.0,
+                    seed=args.seed) -> dict:
         """One student through the students' window, then the test window (progressive: predict, then train).
 
         distill: the auxiliary head; soft: the serving head's soft-target mix; reps: which GEM user-side
@@ -265,7 +273,7 @@ def main() -> None:
         learner = StudentLearner(scfg, teacher=share_src.get(d) if share != "none" else None,
                                  adapter=StudentAdapter(len(tasks), window=args.adapter_window,
                                                         refit_every=args.adapter_refit) if adapter else None,
-                                 lr=lr, seed=args.seed)
+                                 lr=lr, seed=seed)
 
         def inputs(sb, arrs):
             if ri is None:
@@ -296,12 +304,12 @@ def main() -> None:
             if progressive and len(sb):  # predict, then train on it
                 learner.step(x, w, by_test[bi][0] if uses_teacher else None)
         res = score(np.concatenate(ps))
-        print(f"  {name:<28} D={d:>6.0f}s  NE click {res['click']['ne']:.4f}  conversion "
+        print(f"  {name:<28} D={d:>6.0f}s  seed {seed}  NE click {res['click']['ne']:.4f}  conversion "
               f"{res['conversion']['ne']:.4f}  calibration click {res['click']['calibration']:.3f}  "
               f"({n:,} examples, {n_transfer:,} transfer, {time.monotonic() - t1:.0f}s)", flush=True)
         return {"ne": {t: res[t]["ne"] for t in tasks}, "auc": {t: res[t]["auc"] for t in tasks},
                 "calibration": {t: res[t]["calibration"] for t in tasks}, "train_examples": n,
-                "transfer_examples": n_transfer, "delay_s": d,
+                "transfer_examples": n_transfer, "delay_s": d, "seed": seed,
                 "spec": {"distill": distill, "soft": soft, "adapter": adapter, "reps": reps, "repr_width": repr_width,
                          "repr_dropout": repr_dropout, "share": share, "transfer": transfer, "lr": lr,
                          "distill_weight": distill_weight},
@@ -315,11 +323,16 @@ def main() -> None:
         techniques = {k: techniques[k] for k in args.only.split(",")}
     print(f"students on {args.surface}, teacher lag {D:.0f}s:", flush=True)
     res = {name: run_student(name, D, **kw) for name, kw in techniques.items()}
-    stale: dict[float, dict[str, dict]] = {}  # per D: per technique of SWEEP, its result
+    # The staleness sweep: per D, per technique of SWEEP, one result per student seed (the first seed's run at
+    # the main table's D is that table's run). Same teacher outputs and rows for every seed, so the adapter's
+    # gain (without - with, same seed) is a paired difference: the seeds' spread is the student's own noise.
+    seeds = [args.seed + k for k in range(max(1, args.student_seeds))]
+    stale: dict[float, dict[str, list[dict]]] = {}
     sweep_names = [n for pair in SWEEP.values() for n in pair]
     for d in (delays if not args.no_sweep else []):
-        stale[d] = {n: res[n] if d == D and n in res else
-                    run_student(n, d, **techniques.get(n, TECHNIQUES.get(n, {}))) for n in sweep_names}
+        stale[d] = {n: [res[n] if d == D and n in res and s == args.seed else
+                        run_student(n, d, **techniques.get(n, TECHNIQUES.get(n, {})), seed=s) for s in seeds]
+                    for n in sweep_names}
 
     main_task = "click"
     alone = res["alone"]["ne"][main_task]
@@ -347,14 +360,11 @@ def main() -> None:
                                   if "combined" in res and "distill" in res and res["distill"]["transfer_ratio"] != 0
                                   else float("nan")),
         "teacher_calibration": teacher_calibration,
-        # per D, per kind of distillation (SWEEP): NE without / with the adapter, the gain, calibrations
-        "staleness": {f"{d:.0f}": {kind: {"distill_ne": v[a]["ne"][main_task], "adapter_ne": v[b]["ne"][main_task],
-                                          "adapter_gain": v[a]["ne"][main_task] - v[b]["ne"][main_task],
-                                          "distill_calibration": v[a]["calibration"][main_task],
-                                          "adapter_calibration": v[b]["calibration"][main_task],
-                                          "adapter_fit": v[b].get("adapter")}
-                                   for kind, (a, b) in SWEEP.items()}
+        # per D, per kind of distillation (SWEEP): NE without / with the adapter and the gain (means over the
+        # student seeds), the gain per seed, its standard error, calibrations, the first seed's adapter fit
+        "staleness": {f"{d:.0f}": {kind: staleness_entry(v[a], v[b], main_task) for kind, (a, b) in SWEEP.items()}
                       for d, v in stale.items()},
+        "student_seeds": seeds,
         "serving": lat,
         "main_task": main_task,
         "teacher_train_s": teacher_s,
@@ -369,18 +379,20 @@ def main() -> None:
     print()
     print(table(rows, ["model", f"NE {main_task}", "NE conversion", "transfer ratio", "teacher lag"]))
     print(f"\ncombined transfer / plain distillation's: {figures['combined_over_distill']:.2f} (goal >= 2)")
-    srows = [[d, kind, v["distill_ne"], v["adapter_ne"], v["adapter_gain"], v["distill_calibration"],
-              v["adapter_calibration"]] for d, kv in sorted(figures["staleness"].items(), key=lambda x: float(x[0]))
-             for kind, v in kv.items()]
+    srows = [[d, kind, v["distill_ne"], v["adapter_ne"], v["adapter_gain"], v["adapter_gain_se"],
+              v["adapter_gain_positive"], v["distill_calibration"], v["adapter_calibration"]]
+             for d, kv in sorted(figures["staleness"].items(), key=lambda x: float(x[0])) for kind, v in kv.items()]
     print()
     print(table(srows, ["teacher lag s", "distillation", "NE distill", "NE distill + adapter", "adapter gain",
-                        "calibration", "calibration + adapter"]))
+                        "gain s.e.", "seeds gain > 0", "calibration", "calibration + adapter"]))
+    print(f"(means over {len(seeds)} student seeds {seeds}; gain = NE without - NE with the adapter, same seed)")
     if lat:
         print(f"\nserving, 500 candidates x 1k history, model forward: student p50 {lat['student_p50_ms']:.2f} / "
               f"p99 {lat['student_p99_ms']:.2f} ms; GEM p50 {lat['gem_p50_ms']:.2f} / p99 {lat['gem_p99_ms']:.2f} ms "
               f"(GEM / student p99 {lat['gem_over_student_p99']:.1f}x)")
     config = {"preset": preset_name, "events": n_events, "surface": args.surface, "delay_s": D,
               "delays_s": delays, "snapshot_s": args.snapshot_s, "hours": args.hours, "seed": args.seed,
+              "student_seeds": seeds,
               "sim": dataclasses.asdict(sim), "dataset": dataclasses.asdict(dcfg), "quick": q,
               "student_frac": args.student_frac, "eval": args.eval, "student_lr": args.student_lr,
               "teacher_code_hash": tc["code_hash"], "model_code_hash": code_hash,
@@ -391,6 +403,21 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def staleness_entry(without: list[dict], with_: list[dict], task: str) -> dict:
+    """One (D, kind) cell of the staleness sweep from its runs per student seed, paired by seed."""
+    a = np.array([r["ne"][task] for r in without])
+    b = np.array([r["ne"][task] for r in with_])
+    gains = a - b
+    se = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
+    return {"distill_ne": float(a.mean()), "adapter_ne": float(b.mean()), "adapter_gain": float(gains.mean()),
+            "adapter_gain_se": se, "adapter_gain_seeds": gains.tolist(),
+            "adapter_gain_positive": f"{int((gains > 0).sum())}/{len(gains)}",
+            "distill_ne_seeds": a.tolist(), "adapter_ne_seeds": b.tolist(),
+            "distill_calibration": float(np.mean([r["calibration"][task] for r in without])),
+            "adapter_calibration": float(np.mean([r["calibration"][task] for r in with_])),
+            "adapter_fit": with_[0].get("adapter")}
 
 
 # The techniques measured (run_student keywords); --only / --variants pick or add others.
