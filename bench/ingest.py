@@ -218,7 +218,6 @@ def child_faust_loop(spec: dict) -> None:
 def child_worker(spec: dict) -> None:
     """opengem's worker (``build_app``), stopping once the shards hold all N events."""
     from opengem.config import Config, KafkaConfig
-    from opengem.features.store import StoreConfig
     from opengem.ops.metrics import enabled as metrics_enabled
     from opengem.stream.ingest import IngestConfig, Ingestor
     from opengem.stream.worker import WorkerConfig, build_app
@@ -227,7 +226,9 @@ def child_worker(spec: dict) -> None:
     kafka = dataclasses.replace(KafkaConfig(), events_topic=spec["topic"], examples_topic=spec["examples_topic"],
                                 dlq_topic=spec["dlq_topic"], partitions=PARTITIONS)
     cfg = dataclasses.replace(Config(), data_dir=spec["datadir"], kafka=kafka)
-    store = StoreConfig(**spec.get("store", {}))
+    # The store as the worker ships it (IngestConfig's: sync=False, the WAL fsynced on an interval), then the
+    # scenario's overrides.
+    store = dataclasses.replace(IngestConfig().store, **spec.get("store", {}))
     wcfg = WorkerConfig(app_id=f"bench-worker-{uuid.uuid4().hex[:8]}", ingest=IngestConfig(store=store),
                         **({"take_max": spec["take_max"]} if spec.get("take_max") else {}))
     clock: dict = {}
@@ -505,14 +506,16 @@ def store_size(datadir: str | Path, topic: str, users: np.ndarray, store_cfg: di
 
 def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.ndarray,
                  pause_s: float = 0.005, idle_reads: int = 1000) -> Callable[[subprocess.Popen, Path], dict]:
-    """A `during` hook: two secondary readers of partition 0's shard (catch-up thread every
-    0.2 s each, as a serving process would run it), one as shipped (decoded-chunk cache on)
-    and one with ``decoded_cache_bytes=0``, take turns reading while the worker ingests;
-    then, once the worker has exited and the readers have caught up, the same reads on an
-    idle machine (the same-run baseline of the latency)."""
+    """A `during` hook: one secondary reader of partition 0's shard (catch-up thread every
+    0.2 s, as a serving process would run it) reads while the worker ingests, taking turns
+    as shipped (decoded-chunk cache on) and with its cache bypassed (what
+    ``decoded_cache_bytes=0`` reads: the no-cache baseline, without a second secondary
+    instance whose catch-ups would stall this process's reads too); then, once the worker
+    has exited and the reader has caught up, the same reads on an idle machine (the
+    same-run baseline of the latency)."""
 
     def during(proc: subprocess.Popen, result: Path) -> dict:
-        from opengem.features.store import SequenceStore, StoreConfig
+        from opengem.features.store import SequenceStore
 
         path = shard_dir(datadir, topic, 0)
         while not (path / "CURRENT").exists():
@@ -520,10 +523,11 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                 return {}
             time.sleep(0.01)
         time.sleep(0.2)  # let the writer finish opening the DB (meta key, column families)
-        secs = [Path(tempfile.mkdtemp(prefix="bench-ingest-secondary-")) for _ in range(2)]
-        readers = [SequenceStore.open_reader(str(path), str(secs[0]), interval_s=0.2),
-                   SequenceStore.open_reader(str(path), str(secs[1]), StoreConfig(decoded_cache_bytes=0),
-                                             interval_s=0.2)]
+        secs = [Path(tempfile.mkdtemp(prefix="bench-ingest-secondary-"))]
+        reader = SequenceStore.open_reader(str(path), str(secs[0]), interval_s=0.2)
+        cached = reader._decoded  # the no-cache turns set it aside (a read takes it once, at its start)
+        assert cached is not None, "the shipped StoreConfig has a decoded-chunk cache"
+        readers = [reader]
         catch_ups: list[tuple[float, float]] = []  # (start, end) of the follower threads' catch-ups
 
         def timed(catch_up: Callable[[], None]) -> Callable[[], None]:
@@ -547,8 +551,9 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
         def sample(n: int | None, batch_every: int = 40) -> None:
             i = 0
             while (n is None and not result.exists() and proc.poll() is None) or (n is not None and i < 2 * n):
-                nocache = i % 2  # the two readers take turns, each read after a pause
-                r = readers[nocache]
+                nocache = i % 2  # cache on and bypassed take turns, each read after a pause
+                r = reader
+                r._decoded = None if nocache else cached
                 u = int(heavy[(i // 2) % len(heavy)])
                 t = time.perf_counter()
                 seq = r.read(u, None, 4096)
@@ -562,10 +567,11 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                     out["lens"].append(len(seq.ts))
                 i += 1
                 if batch_every and (i // 2) % batch_every == 0 and i % 2 == 0:
-                    for k, rr in enumerate(readers):
+                    for k in range(2):
+                        reader._decoded = None if k else cached
                         time.sleep(pause_s)
                         t = time.perf_counter()
-                        jb = rr.read_batch(batch_users, None, 4096)
+                        jb = reader.read_batch(batch_users, None, 4096)
                         out["nocache_batch_s" if k else "batch_s"].append(time.perf_counter() - t)
                     out["batch_events"] = int(jb.lengths.sum())
                 time.sleep(pause_s)
@@ -778,8 +784,9 @@ def main() -> None:
         "item_cf_bytes": size["item_cf_bytes"],
         "read_last4096_p50_ms": ms(reads["single_s"], 50),
         "read_last4096_p99_ms": ms(reads["single_s"], 99),
-        # The same reads through a reader with StoreConfig(decoded_cache_bytes=0): every
-        # chunk fetched and decoded (the two readers take turns, same pauses).
+        # The same reads with the reader's decoded-chunk cache bypassed (what
+        # StoreConfig(decoded_cache_bytes=0) reads): every chunk fetched and decoded (turns
+        # with the cached reads, same pauses).
         "read_last4096_nocache_p50_ms": ms(reads["nocache_single_s"], 50),
         "read_last4096_nocache_p99_ms": ms(reads["nocache_single_s"], 99),
         "read_last4096_nocache_idle_p99_ms": ms(idle["nocache_single_s"], 99),

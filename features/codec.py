@@ -983,12 +983,17 @@ class AttrTable:
     when they grow, so a reader thread never sees a half-updated table.
     """
 
-    # The writer merges the keys once MERGE_KEYS of them hold fewer than SMALL entries each:
-    # all keys while the table holds at most MERGE_ALL entries (one sorted key compresses best:
-    # its id deltas are tiny), else the small ones only (bounded rewrites of a big table).
+    # The writer merges the keys size-tiered: a key of m entries is in tier t when
+    # SMALL * MERGE_KEYS**(t-1) <= m < SMALL * MERGE_KEYS**t (tier 0: m < SMALL); once
+    # MERGE_KEYS keys share a tier, they and every smaller key become one key. An entry is
+    # rewritten once per tier it climbs (3 tiers up to 8M entries), a merge never rewrites a
+    # bigger key than the ones it was asked for, and a reader decodes each merged key once.
+    # (Merging *all* keys until the table held 1M entries rewrote the whole table every
+    # MERGE_KEYS commits with new items: WAL volume for every secondary's catch-up and a
+    # whole-table decode in a reader's next read.) compact() still merges everything into
+    # one sorted key: its id deltas are the smallest form of the table.
     SMALL = 8192
     MERGE_KEYS = 32
-    MERGE_ALL = 1 << 20
 
     def __init__(self) -> None:
         empty = (np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
@@ -1022,12 +1027,19 @@ class AttrTable:
         in a 73k-item table on the dev machine); this map a few vectorized gathers."""
         if len(ids) < 1024:
             return None
-        pages = np.unique(ids >> cls.PAGE_BITS)
+        hi = ids >> cls.PAGE_BITS  # ids are sorted: so are their pages (no sort, no search)
+        step = np.empty(len(hi), bool)
+        step[0] = True
+        np.not_equal(hi[1:], hi[:-1], out=step[1:])
+        pages = hi[step]
         if len(pages) << cls.PAGE_BITS > 16 * len(ids):
             return None
         rows = np.full(len(pages) << cls.PAGE_BITS, -1, np.int32)
-        k = np.searchsorted(pages, ids >> cls.PAGE_BITS)
-        rows[k << cls.PAGE_BITS | ids & ((1 << cls.PAGE_BITS) - 1)] = np.arange(len(ids), dtype=np.int32)
+        k = np.cumsum(step, dtype=np.int64)
+        k -= 1
+        k <<= cls.PAGE_BITS
+        k |= ids & ((1 << cls.PAGE_BITS) - 1)
+        rows[k] = np.arange(len(ids), dtype=np.int32)
         return pages, rows, pages[0] if pages[-1] - pages[0] == len(pages) - 1 else None
 
     def _find_main(self, main: tuple, dense: tuple | None, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1100,9 +1112,23 @@ class AttrTable:
         self.last_seq = max(self.last_seq, seq)
         self.keys[seq] = int.from_bytes(v[:4], "little")
 
+    @classmethod
+    def tier(cls, m: int) -> int:
+        t, bound = 0, cls.SMALL
+        while m >= bound:
+            t += 1
+            bound *= cls.MERGE_KEYS
+        return t
+
     def to_merge(self) -> list[int]:
-        """Seqs of the keys the writer should merge now (none: not yet)."""
-        small = [q for q, m in self.keys.items() if m < self.SMALL]
-        if len(small) < self.MERGE_KEYS:
-            return []
-        return sorted(self.keys) if len(self) <= self.MERGE_ALL else small
+        """Seqs of the keys the writer should merge now (none: not yet): the lowest tier that
+        holds MERGE_KEYS keys, with every key below it."""
+        tiers: dict[int, list[int]] = {}
+        for q, m in self.keys.items():
+            tiers.setdefault(self.tier(m), []).append(q)
+        below: list[int] = []
+        for t in sorted(tiers):
+            below += tiers[t]
+            if len(tiers[t]) >= self.MERGE_KEYS:
+                return sorted(below)
+        return []

@@ -232,3 +232,29 @@ def test_heads_round_trip_in_every_format() -> None:
         codec.parse_heads([vals[0][:-2]])
     with pytest.raises(ValueError, match="tail pack"):
         codec.head_values(h, marker=codec.HEAD_V2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attr_table_dense_map_matches_its_definition(seed: int) -> None:
+    """The page map built from sorted ids in one pass equals its definition (pages = the
+    distinct id >> PAGE_BITS, rows[page index << PAGE_BITS | low bits] = row), and lookups
+    through it agree with a binary search, found or not."""
+    rng = np.random.default_rng(seed)
+    T = codec.AttrTable
+    ids = np.unique(np.concatenate([rng.integers(0, 200_000, 20_000), 10**9 + rng.integers(0, 40_000, 3000)]))
+    assert T._dense_map(np.unique(rng.integers(0, 2**40, 5000))) is None  # too sparse: no map
+    got = T._dense_map(ids)  # pages in two runs far apart
+    pages = np.unique(ids >> T.PAGE_BITS)
+    rows = np.full(len(pages) << T.PAGE_BITS, -1, np.int32)
+    rows[np.searchsorted(pages, ids >> T.PAGE_BITS) << T.PAGE_BITS | ids & ((1 << T.PAGE_BITS) - 1)] = \
+        np.arange(len(ids), dtype=np.int32)
+    assert np.array_equal(got[0], pages) and np.array_equal(got[1], rows)
+    t = T()
+    t.add(ids, (ids % 97).astype(np.int32), ids % 1013)
+    t.fold()
+    assert t._dense is not None
+    probe = np.concatenate([rng.choice(ids, 2000), rng.integers(0, 2**31, 2000)])
+    found, cat, adv = t.lookup(probe)
+    assert np.array_equal(found, np.isin(probe, ids))
+    assert np.array_equal(cat[found], (probe[found] % 97).astype(np.int32))
+    assert np.array_equal(adv[found], probe[found] % 1013)

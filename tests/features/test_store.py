@@ -609,6 +609,66 @@ def test_small_table_keys_are_merged(tmp_path: Path) -> None:
     s.close()
 
 
+def test_attr_table_merges_are_size_tiered() -> None:
+    """The writer's merge policy over a long stream of commits with new items: every entry
+    is rewritten a few times (once per tier), not once per merge as when every merge took
+    the whole table; the number of live keys stays bounded."""
+    T = codec.AttrTable
+    rng = np.random.default_rng(5)
+    keys: dict[int, int] = {}
+    seq = total = rewritten = merges = 0
+    biggest_merged_over_trigger = 0.0
+    t = T()
+    while total < 3_000_000:
+        m = int(rng.integers(50, 3000))
+        keys[seq] = m
+        seq += 1
+        total += m
+        t.keys = keys
+        q = t.to_merge()
+        if q:
+            assert len(q) >= T.MERGE_KEYS and set(q) <= set(keys)
+            merged = sum(keys[k] for k in q)
+            rewritten += merged
+            merges += 1
+            top = max(T.tier(keys[k]) for k in q)
+            # the tier that triggered holds MERGE_KEYS keys; nothing above it is rewritten
+            assert sum(T.tier(keys[k]) == top for k in q) >= T.MERGE_KEYS
+            assert all(T.tier(m) <= top for k, m in keys.items() if k in q)
+            assert not any(T.tier(m) < top for k, m in keys.items() if k not in q)
+            for k in q:
+                del keys[k]
+            keys[seq] = merged
+            seq += 1
+        assert len(keys) <= T.MERGE_KEYS * (T.tier(total) + 1)
+    assert merges > 50
+    assert rewritten / total < T.tier(total) + 1, (rewritten / total, merges)
+
+
+def test_reader_catch_up_reads_new_attribute_keys(tmp_path: Path) -> None:
+    """catch_up reads the writer's new item attribute keys, so the next read that meets
+    the new items does not have to (it must not call _fetch_attrs)."""
+    w = SequenceStore(tmp_path / "db", SMALL)
+    ref = Reference(SMALL)
+    rng = np.random.default_rng(3)
+    r = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", SMALL)
+    for off in range(2 * codec.AttrTable.MERGE_KEYS + 3):
+        ev = make_events(rng, 6, t0=T0 + off * 10**6)
+        ev["item_id"] = ev["item_id"] * 1000 + off  # new items in every commit: new keys, merges
+        w.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+        if off % 7 == 0:
+            r.catch_up()
+            fetch, r._fetch_attrs = r._fetch_attrs, None  # a read calling it fails
+            try:
+                for u in range(4):
+                    assert rows(r.read(u)) == ref.read(u, None, None)
+            finally:
+                r._fetch_attrs = fetch
+    r.close()
+    w.close()
+
+
 def test_format_1_store_is_read_and_written_on(tmp_path: Path) -> None:
     """A store written before the attribute table (format 1) reads as it did; the writer
     marks it format 2 (code that reads only format 1 then refuses it); unknown formats are refused."""
