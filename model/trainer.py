@@ -83,6 +83,7 @@ from opengem.model.distributed import (
 )
 from opengem.model.sampling import NegativeSampler, WeightedWindow
 from opengem.model.train_config import TrainConfig
+from opengem.runtime import tune_allocator
 from opengem.stream.joiner import Example
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ class OnlineLearner:
     def __init__(self, kind: str, cfg: Any, tcfg: TrainConfig, info: DistInfo, *, seed: int = 0,
                  compile_cache: str | Path | None = None):
         quiet_torchrec()
+        # Process-wide (see TrainConfig.malloc_keep_mb): here, so that the daemon, the offline
+        # ceiling of bench/train.py and the evaluation harness all train under the same allocator.
+        tune_allocator(tcfg.malloc_keep_mb, heap_only=True)
         self.kind, self.cfg, self.tcfg, self.info = kind, cfg, tcfg, info
         torch.manual_seed(seed)  # identical initial dense weights on every rank (DDP also broadcasts)
         base = registry.build_model(kind, cfg)
@@ -586,6 +590,7 @@ def run_trainer(cfg: Config, tcfg: TrainConfig, bootstrap: str, *, stop: Callabl
     from opengem.ops import metrics as m
 
     info = init_distributed(tcfg.device or None)
+    tune_allocator(tcfg.malloc_keep_mb, heap_only=True)  # the student daemon too
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     try:

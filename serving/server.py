@@ -39,6 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opengem.ops import metrics
+from opengem.runtime import tune_allocator
 from opengem.serving import ranking_pb2 as pb
 from opengem.serving import ranking_pb2_grpc as pb_grpc
 from opengem.serving.config import ServeConfig
@@ -54,29 +55,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-
-
-def tune_allocator(keep_mb: int = 256) -> bool:
-    """Process-wide, glibc only: serve large allocations from the heap and keep up to
-    ``keep_mb`` MiB of freed memory there (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD).
-
-    By default glibc maps every allocation above its (adaptive) threshold afresh and unmaps it
-    on free, so each request's large intermediate tensors cost an mmap, a munmap and a page
-    fault per 4 KiB page they touch. Returns whether the setting was applied (False: not
-    glibc, or ``keep_mb`` 0)."""
-    if keep_mb <= 0:
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    keep = keep_mb << 20
-    return bool(mallopt(m_mmap_threshold, min(keep, 32 << 20))) and bool(mallopt(m_trim_threshold, keep))
 
 
 # --------------------------------------------------------------------------- proto <-> query
