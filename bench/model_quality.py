@@ -228,9 +228,11 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
         w(f"> **{c['label']}.** This run used {c['events']:,} simulator events ({st['train']['examples']:,} train + "
           f"{st['test']['examples']:,} test impressions; the train window's negatives downsampled to "
           f"r = {c['negative_rate']:g}, i.e. {st['train']['kept']:,} train examples per model), the `{c['preset']}` "
-          f"preset, one model seed ({c['seed']}), on a shared 2-core CPU. The acceptance run asks for >= 2M "
-          "impressions (`--events 13000000 --test-events 1000000`, ~2.2M impressions); this is not that run, "
-          "and its margins are for this scale only.\n")
+          f"preset, one model seed ({c['seed']}), histories read up to {c['max_len']:,} events, on a 2-core CPU. "
+          + ("The acceptance run asks for >= 2M impressions (`--events 13000000 --test-events 1000000`, ~2.2M "
+             "impressions); this is that size." if st['train']['examples'] + st['test']['examples'] >= 2_000_000 else
+             "The acceptance run asks for >= 2M impressions (`--events 13000000 --test-events 1000000`, ~2.2M "
+             "impressions); this is not that run, and its margins are for this scale only.") + "\n")
     ci = doc.get("ne_delta_vs_gem_ci") or {}
     dl = doc.get("ne_delta_vs_gem") or {}
     w("## Acceptance checklist (issue 4), as measured by this run\n")
