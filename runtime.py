@@ -7,6 +7,8 @@ import ctypes.util
 
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# mallopt takes a C int: 2048 MiB would wrap (ctypes truncates silently) into a tiny trim threshold.
+MAX_KEEP_MB = 2047
 
 
 def tune_allocator(keep_mb: int = 256, *, heap_only: bool = False) -> bool:
@@ -20,12 +22,15 @@ def tune_allocator(keep_mb: int = 256, *, heap_only: bool = False) -> bool:
     allocations altogether (M_MMAP_MAX = 0; threads' arenas still fall back to mmap when a
     request does not fit their heaps): a training step's tensors are larger than 32 MiB (a
     (256, 1024, 32) float history is exactly 32 MiB), and a GEM base step on 1k-event
-    histories took ~130k minor page faults (~500 MiB of fresh pages) each time; with it,
+    histories took ~150k minor page faults (~500 MiB of fresh pages) each time; with it,
     ~1k. Freed memory then stays with the process up to ``keep_mb`` at the heap's top (its
     RSS stays near its peak, as with any caching allocator). Returns whether the settings
-    were applied (False: not glibc, or ``keep_mb`` 0).
+    were applied (False: not glibc, or ``keep_mb`` 0). ``keep_mb`` above
+    :data:`MAX_KEEP_MB` (what mallopt's int holds) raises ValueError.
     """
-    if keep_mb <= 0:
+    if not 0 <= keep_mb <= MAX_KEEP_MB:
+        raise ValueError(f"malloc_keep_mb={keep_mb} must be in [0, {MAX_KEEP_MB}] (mallopt takes a C int)")
+    if keep_mb == 0:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

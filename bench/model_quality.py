@@ -229,10 +229,9 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
           f"{st['test']['examples']:,} test impressions; the train window's negatives downsampled to "
           f"r = {c['negative_rate']:g}, i.e. {st['train']['kept']:,} train examples per model), the `{c['preset']}` "
           f"preset, one model seed ({c['seed']}), histories read up to {c['max_len']:,} events, on a 2-core CPU. "
-          + ("The acceptance run asks for >= 2M impressions (`--events 13000000 --test-events 1000000`, ~2.2M "
-             "impressions); this is that size." if st['train']['examples'] + st['test']['examples'] >= 2_000_000 else
-             "The acceptance run asks for >= 2M impressions (`--events 13000000 --test-events 1000000`, ~2.2M "
-             "impressions); this is not that run, and its margins are for this scale only.") + "\n")
+          "The acceptance run asks for >= 2M impressions (`--events 13000000 --test-events 1000000`, ~2.2M "
+          "impressions); " + ("this is that size.\n" if st['train']['examples'] + st['test']['examples'] >= 2_000_000
+                               else "this is not that run, and its margins are for this scale only.\n"))
     ci = doc.get("ne_delta_vs_gem_ci") or {}
     dl = doc.get("ne_delta_vs_gem") or {}
     w("## Acceptance checklist (issue 4), as measured by this run\n")
@@ -277,8 +276,11 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
     w("## Rerun\n")
     w("```bash")
     w(f".venv/bin/python {c['command'].replace(' --reuse', '')}")
-    w("# the acceptance size (resumable across sessions: per-model JSON under <work>/models):")
-    w(".venv/bin/python bench/model_quality.py --events 13000000 --test-events 1000000 --jobs 2 --work data/model_quality-base-full --out bench/results/model_quality.json")
+    if c["events"] < 13_000_000:
+        w("# the acceptance size (resumable across sessions: per-model JSON under <work>/models):")
+        w(".venv/bin/python bench/model_quality.py --events 13000000 --test-events 1000000 --max-len 1024 --jobs 2 "
+          "--no-scaling --work data/model_quality-base-full --label 'acceptance-scale run' "
+          "--out bench/results/model_quality_full.json")
     if sdoc is not doc:
         w("# the scaling run (its own dataset):")
         w(f".venv/bin/python {sdoc['config']['command'].replace(' --reuse', '')}")
@@ -289,7 +291,8 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
     w(".venv/bin/python bench/model_quality.py --out " + out_json + " --render docs/model-results.md"
       + (" --kuairand " + ",".join(kuairand) if kuairand else "")
       + (f" --scaling-json {scaling_json}" if scaling_json else "")
-      + (f" --seed-jsons {','.join(seed_jsons)}" if seed_jsons else ""))
+      + (f" --seed-jsons {','.join(seed_jsons)}" if seed_jsons else "")
+      + (f" --note {shlex.quote(note)}" if note else ""))
     w("```\n")
     w("## Protocol\n")
     d = c["dataset"]

@@ -81,6 +81,8 @@ class ServeConfig:
             problems.append("workers and inference_slots must be >= 1")
         if self.threads < 0:
             problems.append(f"threads={self.threads} (< 0)")
+        if not 0 <= self.malloc_keep_mb <= 2047:
+            problems.append(f"malloc_keep_mb={self.malloc_keep_mb} (must be in [0, 2047]: mallopt takes a C int)")
         if self.poll_s <= 0 or self.catch_up_s <= 0 or self.timeout_s <= 0:
             problems.append("poll_s, catch_up_s and timeout_s must be > 0")
         if problems:

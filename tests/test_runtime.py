@@ -49,3 +49,19 @@ def test_raised_mmap_threshold_covers_a_ranking_requests_tensors_only():
     assert small["applied"] is True
     assert small["faults_per_alloc"] < 0.05 * small["pages"]
     assert big["faults_per_alloc"] > 0.5 * big["pages"]  # above 32 MiB it still maps: why heap_only exists
+
+
+def test_a_keep_mallopt_cannot_hold_is_refused_not_truncated():
+    from opengem.model.train_config import TrainConfig
+    from opengem.runtime import MAX_KEEP_MB, tune_allocator
+    from opengem.serving.config import ServeConfig
+
+    # 4096 MiB << 20 does not fit mallopt's int: ctypes would pass a wrapped value, here 0,
+    # i.e. a trim threshold that hands every freed block back -- the opposite of the setting
+    with pytest.raises(ValueError, match="malloc_keep_mb=4096"):
+        tune_allocator(4096, heap_only=True)
+    assert tune_allocator(0) is False
+    with pytest.raises(ValueError, match="malloc_keep_mb"):
+        TrainConfig(malloc_keep_mb=MAX_KEEP_MB + 1)
+    with pytest.raises(ValueError, match="malloc_keep_mb"):
+        ServeConfig(malloc_keep_mb=-1)
