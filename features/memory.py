@@ -16,7 +16,7 @@ import numpy as np
 
 from opengem.features.base import SequenceStoreBase, register_backend
 from opengem.features.codec import I64_MIN
-from opengem.features.types import N_KINDS, SEQ_DTYPES, SEQ_FIELDS, EventColumns, ItemFeatures, SeqArrays, UserFeatures
+from opengem.features.types import N_AD_KINDS, N_KINDS, SEQ_DTYPES, SEQ_FIELDS, EventColumns, ItemFeatures, SeqArrays, UserFeatures
 
 
 def kept_count(total: int, max_events: int, chunk_events: int) -> int:
@@ -58,6 +58,8 @@ class MemorySequenceStore(SequenceStoreBase):
             keep = kept_count(u["total"], cfg.max_events, cfg.chunk_events)
             if len(seq) > keep:
                 del seq[: len(seq) - keep]
+            if cfg.item_features == "none" or (cfg.item_features == "ads" and kind >= N_AD_KINDS):
+                continue
             it = self._items.setdefault(item, {"counts": [0] * N_KINDS, "last_ts": I64_MIN,
                                                "advertiser_id": -1, "category": -1, "ad_format": -1})
             it["counts"][kind] += 1

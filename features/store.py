@@ -5,9 +5,9 @@ on all surfaces -- ts, item id, surface, kind (``is_ad`` is implied by the
 kind), category and advertiser_id (the event's own values, so reads are
 point-in-time correct even if an item's attributes change; -1 when absent);
 the user's latest attributes (age bucket, country, device) and per-kind
-counters of every event ever appended. Per item (ad or organic, own column
-family): latest ad format, advertiser, category and per-kind counters
-(impressions, clicks, conversions, views, ...). Not kept: event_id,
+counters of every event ever appended. Per item (own column family; by default
+ads only, ``StoreConfig.item_features``): latest ad format, advertiser,
+category and per-kind counters (impressions, clicks, conversions, ...). Not kept: event_id,
 request_id, hour, p_click / p_conversion (the label joiner's business).
 Byte layouts: :mod:`opengem.features.codec`.
 
@@ -125,6 +125,7 @@ from opengem.features.codec import (
     parse_fixed,
 )
 from opengem.features.types import (
+    N_AD_KINDS,
     N_KINDS,
     SEQ_DTYPES,
     EventColumns,
@@ -137,6 +138,7 @@ from opengem.stream.events import DEFAULT_SURFACES, KINDS
 _OFF = struct.Struct("<q")
 MAX_EVENTS_LIMIT = 16384
 ITEMS_CF = "items"
+ITEM_FEATURES = ("ads", "all", "none")  # StoreConfig.item_features
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,15 @@ class StoreConfig:
     write_buffer_bytes: int = 64 << 20
     # fsync the WAL on every commit (see the module docstring: the worker commits Kafka offsets after it).
     sync: bool = True
-    # Keep item attributes and counters (one head write per distinct item per commit).
-    item_features: bool = True
+    # Which items get a head (latest ad format / advertiser / category and per-kind counters;
+    # one head write per distinct item per commit): "ads" -- items of ad-kind events
+    # (impression, click, conversion), what the server reads (``item_features`` of the
+    # candidates); "all" -- organic items too (their views, likes, ... counted per item);
+    # "none". True / False (the earlier bool) mean "all" / "none". On bench/ingest.py's 1M
+    # simulator events (4 shards, ~25k-event commits) "ads" writes 151k item heads instead of
+    # 852k, and the worker's prepare + commit without the broker took 0.79x the CPU
+    # (3 alternating runs, /tmp scripts of issue 3's notes: 94.6k -> 120-134k events/s).
+    item_features: str = "ads"
     # Format 2: a chunk whose events carry their items' first-seen category / advertiser_id
     # takes them from the shard's item attribute table (``A`` pages, codec.py) instead of
     # storing them: ~1 byte per event less on the simulator's data, the table costs ~0.3.
@@ -205,6 +214,10 @@ class StoreConfig:
             problems.append("max_tail_segments must be >= 1")
         if self.max_raw_tail < 1:
             problems.append("max_raw_tail must be >= 1")
+        if isinstance(self.item_features, bool):  # the earlier form of the option
+            object.__setattr__(self, "item_features", "all" if self.item_features else "none")
+        if self.item_features not in ITEM_FEATURES:
+            problems.append(f"item_features must be one of {', '.join(ITEM_FEATURES)} (got {self.item_features!r})")
         if not self.surfaces or len(self.surfaces) * N_KINDS > 256:
             problems.append(f"need 1..{256 // N_KINDS} surfaces (surface and kind share a byte)")
         if problems:
@@ -833,8 +846,10 @@ class SequenceStore(SequenceStoreBase):
         for k, v in zip(hkeys, codec.head_values(heads)):
             put(k, v)
         out = [(self._user_cache, uids, heads)]
-        if cfg.item_features:
-            out.append(self._write_items(wb, cols))
+        if cfg.item_features != "none":
+            items = self._write_items(wb, cols, cfg.item_features == "ads")
+            if items is not None:
+                out.append(items)
         return out
 
     def _merge_raw(self, wb: WriteBatch, uids: np.ndarray, heads: np.ndarray, mi: np.ndarray, buf: bytes,
@@ -992,8 +1007,20 @@ class SequenceStore(SequenceStoreBase):
         hr["kept"] = k_keep * C + tail_n
         heads[ri] = hr
 
-    def _write_items(self, wb: WriteBatch, cols: EventColumns) -> tuple[_HeadCache, np.ndarray, np.ndarray]:
-        order, items, starts, ends = _groups(cols.item_id)
+    def _write_items(self, wb: WriteBatch, cols: EventColumns,
+                     ads_only: bool) -> tuple[_HeadCache, np.ndarray, np.ndarray] | None:
+        """The item heads of ``cols``' items (``ads_only``: of its ad-kind events' items, from
+        those events alone) into ``wb``; None when there are none."""
+        item_id, kind, ts = cols.item_id, cols.kind, cols.ts
+        sel = None
+        if ads_only:
+            sel = np.flatnonzero(kind < N_AD_KINDS)
+            if len(sel) == 0:
+                return None
+            item_id, kind, ts = item_id[sel], kind[sel], ts[sel]
+        order, items, starts, ends = _groups(item_id)
+        if sel is not None:
+            order = sel[order]  # rows of ``cols``
         n, M = len(order), len(items)
         g = np.repeat(np.arange(M), ends - starts)
         ikeys = codec.item_keys(items)

@@ -202,7 +202,8 @@ class UserFeatures:
 
 @dataclass(frozen=True, eq=False)
 class ItemFeatures:
-    """Per-item (ad or organic) attributes, latest applied value wins, and counters."""
+    """Per-item attributes, latest applied value wins, and counters (organic items only
+    with ``StoreConfig.item_features = "all"``; unknown items read as -1 / zero counts)."""
 
     ad_format: np.ndarray  # int8 index into AD_FORMATS, -1 unknown
     advertiser_id: np.ndarray  # int64, -1 unknown

@@ -6,6 +6,7 @@ retention all happen within a few dozen events.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from opengem.features import (
     open_store,
 )
 from opengem.features import codec
+from opengem.features.codec import I64_MIN
 from opengem.stream.events import AD_FORMATS, AD_KINDS, DEFAULT_SURFACES, KIND_INDEX, KINDS, Event
 
 T0 = 1_767_225_600_000
@@ -313,7 +315,13 @@ def test_out_of_order_events_older_than_sealed_chunks(store: SequenceStore) -> N
     assert store.read(1, T0 + 4501, max_len=3).item_id.tolist() == [4, 101, 102]
 
 
-def test_attributes_latest_wins_and_counters(store: SequenceStore) -> None:
+@pytest.mark.parametrize("backend", ["rocksdb", "memory"])
+@pytest.mark.parametrize("items", ["all", "ads", "none"])
+def test_attributes_latest_wins_and_counters(tmp_path: Path, backend: str, items: str) -> None:
+    """User / item attributes and counters; ``item_features`` decides which items get a head
+    ("ads": the items of ad-kind events, the default), the same in both backends."""
+    cfg = dataclasses.replace(SMALL, item_features=items)
+    store = SequenceStore(tmp_path / "db", cfg) if backend == "rocksdb" else MemorySequenceStore(cfg)
     ev = [
         Event("a", 1, T0, "feed", "impression", 1_000_000_001, True, request_id="r1", age_bucket=3, country="US",
               device="ios", ad_format="video", advertiser_id=9, category=4),
@@ -334,15 +342,29 @@ def test_attributes_latest_wins_and_counters(store: SequenceStore) -> None:
     assert u.counts[1, [k["impression"], k["conversion"]]].tolist() == [1, 1]
     assert u.last_ts.tolist()[:2] == [T0 + 2, T0 + 4]
     it = store.item_features([1_000_000_001, 55, 77])
-    assert it.counts[0, [k["impression"], k["click"], k["conversion"]]].tolist() == [2, 1, 1]
-    assert it.advertiser_id.tolist() == [10, -1, -1]
-    assert it.ad_format.tolist() == [AD_FORMATS.index("image"), -1, -1]  # latest applied wins over "video"
-    assert it.category.tolist() == [4, 2, -1]  # absent later -> the earlier value stays
-    assert it.counts[2].sum() == 0
+    if items == "none":
+        assert it.counts.sum() == 0 and it.category.tolist() == [-1] * 3 and it.last_ts.tolist() == [I64_MIN] * 3
+    else:
+        assert it.counts[0, [k["impression"], k["click"], k["conversion"]]].tolist() == [2, 1, 1]
+        assert it.advertiser_id.tolist() == [10, -1, -1]
+        assert it.ad_format.tolist() == [AD_FORMATS.index("image"), -1, -1]  # latest applied wins over "video"
+        assert it.last_ts[0] == T0 + 4
+        # the organic item (a view): a head only with "all"
+        assert it.category.tolist() == ([4, 2, -1] if items == "all" else [4, -1, -1])  # absent later -> kept
+        assert it.counts[1, k["view"]] == (items == "all")
+        assert it.counts[2].sum() == 0
     seq = store.read(1)
     assert seq.kind.tolist() == [k["impression"], k["click"], k["view"]]
     assert seq.is_ad.tolist() == [True, True, False]
     assert seq.advertiser_id.tolist() == [9, -1, -1] and seq.category.tolist() == [4, -1, 2]
+    store.close()
+
+
+def test_item_features_option_accepts_the_earlier_bool() -> None:
+    assert StoreConfig(item_features=True).item_features == "all"
+    assert StoreConfig(item_features=False).item_features == "none"
+    with pytest.raises(ValueError, match="item_features must be one of"):
+        StoreConfig(item_features="organic")
 
 
 def test_event_objects_dict_of_arrays_and_arrow_agree(tmp_path: Path) -> None:
