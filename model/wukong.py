@@ -54,6 +54,10 @@ class FMBlock(nn.Module):
         self.norm = nn.LayerNorm(n_in * cfg.rank)
         hidden = cfg.mlp_mult * cfg.n_fm * d
         self.mlp = nn.Sequential(nn.Linear(n_in * cfg.rank, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_fm * d))
+        # finish_t's input order (j * n_in + i) -> finish's (i * k + j): where its norm / first
+        # linear read each feature (a buffer, not in the state dict).
+        j, i = torch.meshgrid(torch.arange(cfg.rank), torch.arange(n_in), indexing="ij")
+        self.register_buffer("_t_order", (i * cfg.rank + j).flatten(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(fm_interaction(x, self.proj))  # fused Triton kernel on CUDA, two matmuls on CPU
@@ -61,6 +65,17 @@ class FMBlock(nn.Module):
     def finish(self, z: torch.Tensor) -> torch.Tensor:
         """The interaction z (B, n_in * k) -> (B, n_fm, d): LayerNorm, then the MLP."""
         return self.mlp(self.norm(z)).view(z.shape[0], self.n_fm, self.d)
+
+    def finish_t(self, zt: torch.Tensor) -> torch.Tensor:
+        """:meth:`finish` of the interaction in transposed order: ``zt`` (B, k, n_in) = zᵀ per
+        row, flattened as it lies. The norm's and the first linear's weights are read in that
+        order instead of copying zt into z's (the norm's statistics do not depend on it)."""
+        B = zt.shape[0]
+        o = self._t_order
+        n, lin, act, out = self.norm, self.mlp[0], self.mlp[1], self.mlp[2]
+        h = nn.functional.layer_norm(zt.reshape(B, -1), n.normalized_shape, n.weight[o], n.bias[o], n.eps)
+        h = out(act(nn.functional.linear(h, lin.weight[:, o], lin.bias)))
+        return h.view(B, self.n_fm, self.d)
 
 
 class LCBlock(nn.Module):
@@ -100,8 +115,10 @@ class WukongLayer(nn.Module):
         k, m = self.fmb.proj.shape[1], self.lcb.weight.shape[0]
         mixes = [self.fmb.proj.t(), self.lcb.weight] + ([] if self.res is None else [self.res])
         mixed = torch.matmul(torch.cat(mixes), x)  # (B, k + n_lcb [+ n_out], d)
-        z = torch.bmm(x, mixed[:, :k].transpose(1, 2)).flatten(1)  # (B, n_in * k) = fm_interaction(x, Y)
-        y = torch.cat([self.fmb.finish(z), mixed[:, k:k + m]], dim=1)  # (B, n_out, d)
+        # fm_interaction(x, Y) transposed: (B, k, n_in). bmm with the small k x d operand first
+        # ran ~1.7x faster on CPU (500 x 25 x 32, k = 8: ~390 -> ~220 us, one thread).
+        zt = torch.bmm(mixed[:, :k], x.transpose(1, 2))
+        y = torch.cat([self.fmb.finish_t(zt), mixed[:, k:k + m]], dim=1)  # (B, n_out, d)
         r = x if self.res is None else mixed[:, k + m:]
         return self.norm(y + r)
 
