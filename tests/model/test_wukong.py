@@ -53,3 +53,5 @@ def test_the_fused_cpu_layer_equals_its_blocks_in_values_and_gradients():
         g2 = torch.autograd.grad(want.square().sum(), [x] + list(layer.parameters()))
         for a, b in zip(g1, g2):
             torch.testing.assert_close(a, b)
+        with torch.no_grad():  # the inference form (the FM interaction transposed)
+            torch.testing.assert_close(layer(x), want.detach())
