@@ -262,7 +262,8 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
                                            for t in tasks]) for r in seed_runs if m in r["models"]]
         if all(v and v.get("lo") is not None for _, x in per_seed for v in x):
             ok = all(v["lo"] > 0 for _, x in per_seed for v in x)
-            w(f"* Ablation {what} loses NE by a measured margin" + (" in every seed" if others else "")
+            w(f"* Ablation {what} loses NE by a measured margin"
+              + ((" in every seed" if len(per_seed) == len(seed_runs) else " in every seed it ran in") if others else "")
               + f": **{'yes' if ok else 'no'}** ("
               + "; ".join((f"seed {sd}: " if others else "")
                           + ", ".join(f"{t} {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]"
