@@ -185,8 +185,8 @@ class StoreConfig:
     # candidates); "all" -- organic items too (their views, likes, ... counted per item);
     # "none". True / False (the earlier bool) mean "all" / "none". On bench/ingest.py's 1M
     # simulator events (4 shards, ~25k-event commits) "ads" writes 151k item heads instead of
-    # 852k, and the worker's prepare + commit without the broker took 0.79x the CPU
-    # (3 alternating runs, /tmp scripts of issue 3's notes: 94.6k -> 120-134k events/s).
+    # 852k, and the worker's prepare + commit without the broker took 0.70-0.80x the CPU
+    # (3 alternating runs, /tmp scripts of issue 3's notes: 94.6k -> 119-134k events/s).
     item_features: str = "ads"
     # Format 2: a chunk whose events carry their items' first-seen category / advertiser_id
     # takes them from the shard's item attribute table (``A`` pages, codec.py) instead of
@@ -1011,14 +1011,10 @@ class SequenceStore(SequenceStoreBase):
                      ads_only: bool) -> tuple[_HeadCache, np.ndarray, np.ndarray] | None:
         """The item heads of ``cols``' items (``ads_only``: of its ad-kind events' items, from
         those events alone) into ``wb``; None when there are none."""
-        item_id, kind, ts = cols.item_id, cols.kind, cols.ts
-        sel = None
-        if ads_only:
-            sel = np.flatnonzero(kind < N_AD_KINDS)
-            if len(sel) == 0:
-                return None
-            item_id, kind, ts = item_id[sel], kind[sel], ts[sel]
-        order, items, starts, ends = _groups(item_id)
+        sel = np.flatnonzero(cols.kind < N_AD_KINDS) if ads_only else None
+        if sel is not None and len(sel) == 0:
+            return None
+        order, items, starts, ends = _groups(cols.item_id if sel is None else cols.item_id[sel])
         if sel is not None:
             order = sel[order]  # rows of ``cols``
         n, M = len(order), len(items)

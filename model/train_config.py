@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opengem.runtime import MAX_KEEP_MB
+
 SHARE_MODES = ("none", "frozen", "finetune")  # as opengem.model.student (kept here: no torch import)
 # What the server reads for a student (examples_batch's floor): a longer student history would be
 # trained on more events than it is served with.
@@ -154,7 +156,7 @@ class TrainConfig:
             "device": self.device in ("", "cpu", "cuda"),
             "report_every_s": self.report_every_s > 0,
             "threads": self.threads >= 0,
-            "malloc_keep_mb": 0 <= self.malloc_keep_mb <= 2047,
+            "malloc_keep_mb": 0 <= self.malloc_keep_mb <= MAX_KEEP_MB,  # mallopt takes a C int
             "negative_rate": 0 < self.negative_rate <= 1,
             "negative_rate_min": 0 < self.negative_rate_min <= 1,
             "max_delay_s": self.max_delay_s >= 0,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opengem.runtime import MAX_KEEP_MB
+
 MODEL_KINDS = ("gem", "student")  # what [serve] models may name per surface
 
 
@@ -81,8 +83,8 @@ class ServeConfig:
             problems.append("workers and inference_slots must be >= 1")
         if self.threads < 0:
             problems.append(f"threads={self.threads} (< 0)")
-        if not 0 <= self.malloc_keep_mb <= 2047:
-            problems.append(f"malloc_keep_mb={self.malloc_keep_mb} (must be in [0, 2047]: mallopt takes a C int)")
+        if not 0 <= self.malloc_keep_mb <= MAX_KEEP_MB:
+            problems.append(f"malloc_keep_mb={self.malloc_keep_mb} (must be in [0, {MAX_KEEP_MB}]: mallopt takes a C int)")
         if self.poll_s <= 0 or self.catch_up_s <= 0 or self.timeout_s <= 0:
             problems.append("poll_s, catch_up_s and timeout_s must be > 0")
         if problems:
