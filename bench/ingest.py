@@ -49,7 +49,8 @@ repeats) the shards are opened, compacted and sized:
 * ``bytes_per_event``: SST bytes of the sequence column family (chunks, tails,
   user heads, directories, offsets) / events stored, vs the raw 18-byte record;
 * ``read_last4096_p99_ms``: during that run, a RocksDB secondary reader of
-  partition 0's shard (catch-up thread every 0.2 s) in this process reads the
+  partition 0's shard (catch-up thread every ``ServeConfig.catch_up_s``, 0.5 s, and the
+  server's allocator setting, as ``opengem serve`` runs it) in this process reads the
   last 4096 events of one of the partition's 16 heaviest users, decoded into
   arrays, every ~5 ms, with the store's defaults (its decoded-chunk cache on:
   a repeated read decodes only what arrived since); ``..._nocache_...``: a
@@ -505,9 +506,11 @@ def store_size(datadir: str | Path, topic: str, users: np.ndarray, store_cfg: di
 
 
 def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.ndarray,
-                 pause_s: float = 0.005, idle_reads: int = 1000) -> Callable[[subprocess.Popen, Path], dict]:
+                 pause_s: float = 0.005, idle_reads: int = 1000,
+                 catch_up_s: float | None = None) -> Callable[[subprocess.Popen, Path], dict]:
     """A `during` hook: one secondary reader of partition 0's shard (catch-up thread every
-    0.2 s, as a serving process would run it) reads while the worker ingests, taking turns
+    ``catch_up_s``, the server's default, and its allocator setting) reads while the worker
+    ingests, taking turns
     as shipped (decoded-chunk cache on) and with its cache bypassed (what
     ``decoded_cache_bytes=0`` reads: the no-cache baseline, without a second secondary
     instance whose catch-ups would stall this process's reads too); then, once the worker
@@ -516,7 +519,12 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
 
     def during(proc: subprocess.Popen, result: Path) -> dict:
         from opengem.features.store import SequenceStore
+        from opengem.runtime import tune_allocator
+        from opengem.serving.config import ServeConfig
 
+        serve = ServeConfig()
+        tune_allocator(serve.malloc_keep_mb)  # as the server's process runs
+        interval = catch_up_s or serve.catch_up_s
         path = shard_dir(datadir, topic, 0)
         while not (path / "CURRENT").exists():
             if proc.poll() is not None or result.exists():
@@ -524,7 +532,7 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
             time.sleep(0.01)
         time.sleep(0.2)  # let the writer finish opening the DB (meta key, column families)
         secs = [Path(tempfile.mkdtemp(prefix="bench-ingest-secondary-"))]
-        reader = SequenceStore.open_reader(str(path), str(secs[0]), interval_s=0.2)
+        reader = SequenceStore.open_reader(str(path), str(secs[0]), interval_s=interval)
         cached = reader._decoded  # the no-cache turns set it aside (a read takes it once, at its start)
         assert cached is not None, "the shipped StoreConfig has a decoded-chunk cache"
         readers = [reader]
@@ -543,7 +551,7 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
             r.catch_up = timed(r.catch_up)  # the follower thread calls self.catch_up()
 
         def fresh() -> dict[str, Any]:
-            return {"single_s": [], "overlap": [], "batch_s": [], "lens": [], "batch_events": 0,
+            return {"single_s": [], "spans": [], "cpu_s": [], "batch_s": [], "lens": [], "batch_events": 0,
                     "nocache_single_s": [], "nocache_batch_s": []}
 
         out = fresh()
@@ -555,15 +563,17 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                 r = reader
                 r._decoded = None if nocache else cached
                 u = int(heavy[(i // 2) % len(heavy)])
+                c0 = time.thread_time()  # this thread's CPU: a read waiting for the GIL does not count
                 t = time.perf_counter()
                 seq = r.read(u, None, 4096)
                 t1 = time.perf_counter()
+                c1 = time.thread_time()
                 if nocache:
                     out["nocache_single_s"].append(t1 - t)
                 else:
                     out["single_s"].append(t1 - t)
-                    # did a catch-up run during this read? (rocksdict may hold the GIL in it)
-                    out["overlap"].append(bool(catch_ups) and catch_ups[-1][1] > t)
+                    out["spans"].append((t, t1))  # vs the catch-ups' spans, once all are known
+                    out["cpu_s"].append(c1 - c0)
                     out["lens"].append(len(seq.ts))
                 i += 1
                 if batch_every and (i // 2) % batch_every == 0 and i % 2 == 0:
@@ -577,7 +587,9 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                 time.sleep(pause_s)
 
         try:
+            t_ingest = time.perf_counter()
             sample(None)
+            t_ingest = (t_ingest, time.perf_counter())
             proc.wait(60)
             for r in readers:
                 r.catch_up()  # everything the worker wrote
@@ -590,8 +602,10 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                 r.close()
             for sec in secs:
                 shutil.rmtree(sec, ignore_errors=True)
+        during_ingest["catch_up_spans"] = [c for c in catch_ups if c[0] < t_ingest[1]]
+        during_ingest["ingest_span"] = t_ingest
         return {**during_ingest, "idle": idle,
-                "catch_up_s": [b - a for a, b in catch_ups]}
+                "catch_up_s": [b - a for a, b in during_ingest["catch_up_spans"]]}
 
     return during
 
@@ -605,6 +619,7 @@ def main() -> None:
     from opengem.stream.broker import EmbeddedBroker, ensure_topics, high_watermarks
     from opengem.stream.producer import partition_of
     from opengem.stream.simulator import SimConfig, Simulator
+    from opengem.serving.config import ServeConfig
     from opengem.stream.worker import WorkerConfig
 
     ap = parser("ingest", __doc__)
@@ -719,9 +734,15 @@ def main() -> None:
         if not reads or not reads["single_s"]:
             raise RuntimeError("the reader took no samples during ingest")
         idle = reads["idle"]
-        flags = np.asarray(reads["overlap"], bool)
+        # A read overlaps a catch-up when their spans intersect (rocksdict holds the GIL
+        # through try_catch_up_with_primary: such a read waits for it).
+        spans = np.asarray(reads["spans"]).reshape(-1, 2)
+        cu = np.asarray(reads["catch_up_spans"]).reshape(-1, 2)
+        j = np.searchsorted(cu[:, 0], spans[:, 1])  # catch-ups started before each read ended
+        flags = (j > 0) & (cu[np.maximum(j - 1, 0), 1] > spans[:, 0]) if len(cu) else np.zeros(len(spans), bool)
         lat = np.asarray(reads["single_s"])
         overlap, clear = lat[flags], lat[~flags]
+        ingest_s = reads["ingest_span"][1] - reads["ingest_span"][0]
 
         # Memory scenarios.
         mem: dict[str, dict] = {}
@@ -801,6 +822,11 @@ def main() -> None:
         "read_last4096_p99_ms_overlapping_catch_up": ms(overlap, 99) if len(overlap) else None,
         "read_last4096_p99_ms_not_overlapping": ms(clear, 99) if len(clear) else None,
         "reads_overlapping_catch_up": int(len(overlap)),
+        "read_last4096_cpu_p99_ms": ms(reads["cpu_s"], 99),
+        # The share of the ingest's wall time in the reader's catch-ups: the share of requests
+        # arriving at random (not this closed loop) that would wait for one.
+        "catch_up_interval_s": ServeConfig().catch_up_s,
+        "catch_up_duty": float(np.sum(reads["catch_up_s"])) / ingest_s,
         "catch_up_p50_ms": ms(reads["catch_up_s"], 50) if reads["catch_up_s"] else None,
         "catch_up_max_ms": float(np.max(reads["catch_up_s"]) * 1e3) if reads["catch_up_s"] else None,
         "batched_read_256_users_ms": ms(reads["batch_s"], 50) if reads["batch_s"] else None,
@@ -873,7 +899,9 @@ def main() -> None:
     print(f"\nreads during ingest overlapping a catch-up: {len(overlap):,}, p99 "
           f"{figures['read_last4096_p99_ms_overlapping_catch_up'] or 0:.3f} ms; others p99 "
           f"{figures['read_last4096_p99_ms_not_overlapping'] or 0:.3f} ms; catch-up p50 "
-          f"{figures['catch_up_p50_ms'] or 0:.2f} ms, max {figures['catch_up_max_ms'] or 0:.1f} ms")
+          f"{figures['catch_up_p50_ms'] or 0:.2f} ms, max {figures['catch_up_max_ms'] or 0:.1f} ms, every "
+          f"{figures['catch_up_interval_s']} s: {figures['catch_up_duty']:.1%} of the time (the GIL held); "
+          f"the reads' own CPU p99 {figures['read_last4096_cpu_p99_ms']:.3f} ms")
     print(f"read samples {len(reads['single_s']):,} (mean {np.mean(reads['lens']):,.0f} events); "
           f"read_batch returned {reads['batch_events']:,} events; Arrow run with reader "
           f"{reader_run_eps:,.0f} events/s; wall {figures['wall_s']:,.0f} s")
@@ -883,7 +911,7 @@ def main() -> None:
               "arrow_batch_size": 8192, "partitions": PARTITIONS, "repeats": repeats, "sim_seed": sim_cfg.seed,
               "sim_users": sim_cfg.n_users, "sim_span_s": span_s,
               "sim_events_per_second": {"json": sim_json.events_per_second, "arrow": sim_cfg.events_per_second},
-              "read_pause_s": 0.005, "quick": q,
+              "read_pause_s": 0.005, "read_catch_up_s": ServeConfig().catch_up_s, "quick": q,
               "worker": "stream.worker.build_app, WorkerConfig defaults (take_max {0.take_max}, within "
                         "{0.take_within_s} s, chunk_events {0.chunk_events}, examples_in_flight "
                         "{0.examples_in_flight}), IngestConfig defaults (store and joiner sync=False, "

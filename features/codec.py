@@ -1078,8 +1078,18 @@ class AttrTable:
         adv[hit] = recent[2][p2[f2]]
         return found, cat, adv
 
-    def add(self, items: np.ndarray, cat: np.ndarray, adv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Add the entries of ``items`` (distinct) that the table lacks; return them, sorted by id."""
+    # When the recent part is merged into main (``add``'s ``fold``): "soon" past an eighth of
+    # main (the writer; a reader's follower thread, after its catch-up), "late" once it is as
+    # large as main (a read that met new items: a merge rebuilds the dense map, an array of
+    # ~16 bytes per item on fresh pages -- 10-60 ms on the dev VM for 100k items -- which a
+    # read would wait for; a larger recent part costs a read's lookup ~0.2 ms at most).
+    FOLD_SOON, FOLD_LATE = 8, 1
+
+    def add(self, items: np.ndarray, cat: np.ndarray, adv: np.ndarray,
+            fold: str = "soon") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add the entries of ``items`` (distinct) that the table lacks; return them, sorted by id.
+        ``fold``: when to merge the recent part into main, ``"soon"`` or ``"late"`` (see
+        FOLD_SOON / FOLD_LATE)."""
         items = np.asarray(items, np.int64)
         new = ~self.lookup(items)[0]
         o = np.flatnonzero(new)[np.argsort(items[new], kind="stable")]
@@ -1088,14 +1098,15 @@ class AttrTable:
             main, recent = self._t
             at = np.searchsorted(recent[0], add[0])
             recent = tuple(np.insert(r, at, x) for r, x in zip(recent, add))
-            if len(recent[0]) > max(4096, len(main[0]) // 8):
-                at = np.searchsorted(main[0], recent[0])
-                main = tuple(np.insert(m, at, x) for m, x in zip(main, recent))
-                recent = tuple(x[:0] for x in recent)
-                dm = self._dense_map(main[0])
-                self._dense = None if dm is None else (main, dm)  # tagged with the main it maps
             self._t = (main, recent)
+            if self.needs_fold(fold):
+                self.fold()
         return add
+
+    def needs_fold(self, when: str = "soon") -> bool:
+        main, recent = self._t
+        div = self.FOLD_SOON if when == "soon" else self.FOLD_LATE
+        return len(recent[0]) > max(4096, len(main[0]) // div)
 
     def fold(self) -> None:
         """Merge the recent part into the main one (reads then search one table)."""
@@ -1104,11 +1115,11 @@ class AttrTable:
             at = np.searchsorted(main[0], recent[0])
             main = tuple(np.insert(m, at, x) for m, x in zip(main, recent))
             dm = self._dense_map(main[0])
-            self._dense = None if dm is None else (main, dm)
+            self._dense = None if dm is None else (main, dm)  # tagged with the main it maps
             self._t = (main, tuple(x[:0] for x in recent))
 
-    def add_key(self, seq: int, v: bytes) -> None:
-        self.add(*decode_attrs(v))
+    def add_key(self, seq: int, v: bytes, fold: str = "soon") -> None:
+        self.add(*decode_attrs(v), fold=fold)
         self.last_seq = max(self.last_seq, seq)
         self.keys[seq] = int.from_bytes(v[:4], "little")
 

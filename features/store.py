@@ -666,11 +666,13 @@ class SequenceStore(SequenceStoreBase):
         self._fetch_attrs()
         self._attrs.fold()
 
-    def _fetch_attrs(self) -> None:
+    def _fetch_attrs(self, fold: str = "late") -> None:
         """Add the ``A`` keys after the last one read (a reader meets items that the
         writer added after this reader's last look; :meth:`catch_up` calls it too, so
         that reads seldom have to). Serialized: two concurrent adds could each replace
-        the table and lose the other's entries behind an advanced ``last_seq``."""
+        the table and lose the other's entries behind an advanced ``last_seq``.
+        ``fold`` (codec.AttrTable.add): a read leaves the table's merge to the follower
+        ("late"); :meth:`catch_up` merges "soon", before the reads that follow it."""
         with self._attrs_lock:
             t = self._attrs
             it = self._db.iter()
@@ -679,9 +681,11 @@ class SequenceStore(SequenceStoreBase):
                 k = bytes(it.key())
                 if k[:1] != codec.ATTR_PREFIX:
                     break
-                t.add_key(int.from_bytes(k[1:9], "big"), bytes(it.value()))
+                t.add_key(int.from_bytes(k[1:9], "big"), bytes(it.value()), fold=fold)
                 it.next()
             del it
+            if fold == "soon" and t.needs_fold("soon"):
+                t.fold()
 
     def _decode_groups(self, blobs: list[bytes]) -> tuple | None:
         """codec.decode_chunk_groups with this store's attribute table; None if the
@@ -1164,7 +1168,7 @@ class SequenceStore(SequenceStoreBase):
         if self.read_only:
             self._db.try_catch_up_with_primary()
             if self._attrs is not None:
-                self._fetch_attrs()
+                self._fetch_attrs(fold="soon")
 
     def _follow(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):

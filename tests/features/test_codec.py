@@ -258,3 +258,27 @@ def test_attr_table_dense_map_matches_its_definition(seed: int) -> None:
     assert np.array_equal(found, np.isin(probe, ids))
     assert np.array_equal(cat[found], (probe[found] % 97).astype(np.int32))
     assert np.array_equal(adv[found], probe[found] % 1013)
+
+
+def test_attr_table_read_adds_leave_the_merge_to_the_follower() -> None:
+    """A read that meets new items adds them to the table's recent part and leaves the merge
+    into main (a dense-map rebuild) to the follower (fold "soon"), up to a recent part as
+    large as main; entries are found either way."""
+    rng = np.random.default_rng(7)
+    ids = rng.choice(500_000, 60_000, replace=False)  # dense enough for the direct map
+    t = codec.AttrTable()
+    t.add(ids[:40_000], ids[:40_000] % 7, ids[:40_000] % 11)
+    t.fold()
+    main = len(t._t[0][0])
+    assert main == 40_000 and not len(t._t[1][0])
+    t.add(ids[40_000:50_000], ids[40_000:50_000] % 7, ids[40_000:50_000] % 11, fold="late")
+    assert len(t._t[0][0]) == main and len(t._t[1][0]) == 10_000  # past main / 8, not merged
+    assert t.needs_fold("soon") and not t.needs_fold("late")
+    found, cat, adv = t.lookup(ids[:50_000])
+    assert found.all() and (cat == ids[:50_000] % 7).all() and (adv == ids[:50_000] % 11).all()
+    t.add(ids[50_000:], ids[50_000:] % 7, ids[50_000:] % 11)  # "soon": merged now
+    assert len(t._t[0][0]) == 60_000 and not len(t._t[1][0]) and t._dense is not None
+    assert t.lookup(ids)[0].all()
+    late = codec.AttrTable()
+    late.add(ids[:5000], ids[:5000] % 7, ids[:5000] % 11, fold="late")  # > max(4096, 0): merged anyway
+    assert len(late._t[0][0]) == 5000

@@ -70,3 +70,51 @@ def test_routed_reads_equal_each_shards_own_reads_and_see_new_events(tmp_path):
     finally:
         reader.close()
         ing.close()
+
+
+def test_follower_catches_up_one_shard_at_a_time_spread_over_the_interval(tmp_path):
+    """rocksdict holds the GIL through a catch-up: the follower thread takes the shards one by
+    one, spaced by interval / shards, so a request meets one shard's catch-up, not their sum;
+    every shard still catches up once per interval and new events show within it."""
+    import threading
+    import time
+
+    events, ing = build(tmp_path, n=3000)
+    interval = 0.3
+    reader = ShardedReader(tmp_path / "data", P, secondary_root=tmp_path / "sec", interval_s=interval)
+    spans: list[tuple[int, float, float]] = []
+    lock = threading.Lock()
+    try:
+        for p, s in reader._stores.items():
+            def timed(_orig=s.catch_up, _p=p):
+                t = time.monotonic()
+                _orig()
+                with lock:
+                    spans.append((_p, t, time.monotonic()))
+            s.catch_up = timed
+        u = events[0].user_id
+        p = partition_of(u, P)
+        n0 = len(reader.read(u))
+        from opengem.stream.events import Event
+
+        new = Event(event_id="s1", user_id=u, ts=max(e.ts for e in events) + 1, surface="feed",
+                    kind="view", item_id=1, is_ad=False)
+        ing.process([Record(p, 10**6, encode_json([new]))], now_ms=2**62)
+        t_new = time.monotonic()
+        while len(reader.read(u)) == n0:
+            assert time.monotonic() - t_new < 3 * interval, "the new event did not show"
+            time.sleep(0.01)
+        time.sleep(4 * interval)
+    finally:
+        reader.close()
+        ing.close()
+    with lock:
+        got = sorted(spans, key=lambda x: x[1])
+    per = Counter(p for p, _, _ in got)
+    assert set(per) == set(range(P)) and min(per.values()) >= 3, per
+    for (_, a0, a1), (_, b0, _) in zip(got, got[1:]):
+        assert b0 >= a1, "two shards caught up at once"
+        assert b0 - a0 >= 0.5 * interval / P, (b0 - a0, interval / P)
+    for q in range(P):  # each shard about once per interval (not once per interval x (shards + 1))
+        ts = [t for p_, t, _ in got if p_ == q]
+        assert np.median(np.diff(ts)) < 1.5 * interval, np.diff(ts)
