@@ -22,7 +22,9 @@ thread, in CPU milliseconds per request (``time.process_time``), per model, and
 Then sustained load with a new model version published every ``--swap-every``
 seconds: failed requests (must be 0), swaps seen in responses, and the latency
 of requests that overlapped a swap against the rest. Last, an in-process
-profile of one 500-candidate / 1k-history GEM request: what the time goes to.
+profile of one 500-candidate / 1k-history GEM request: what the time goes to, and
+what a full garbage collection costs with the server's objects in memory,
+before and after ``freeze_heap`` (``gc_full_collection_ms``).
 
     .venv/bin/python bench/serve.py [--quick] [--preset base]
 """
@@ -285,6 +287,56 @@ def cpu_per_request(data: Path, dirs: dict[str, Path], reqs: list[bytes], n: int
     return out
 
 
+def gc_pause(data: Path, mdir: Path, reqs: list[bytes], n: int = 3) -> dict[str, Any]:
+    """The garbage collector's full collection (``gc.collect()``; every thread waits: the GIL) in
+    this process once it holds what a server holds (torch, gRPC, the reader, a loaded GEM, a few
+    served requests), before and after ``opengem.runtime.freeze_heap`` -- what ``opengem serve``
+    calls once started (``[serve] gc_freeze``) -- with a second version loaded after the
+    freeze (a hot swap). Python starts such a collection by itself now and then."""
+    import gc
+
+    from opengem.features.sharded import ShardedReader
+    from opengem.model.registry import load as load_model
+    from opengem.runtime import freeze_heap
+    from opengem.serving import ranking_pb2 as pb
+    from opengem.serving.config import ServeConfig
+    from opengem.serving.ranker import Ranker
+    from opengem.serving.scoring import Scorer
+    from opengem.serving.server import rank_proto
+
+    reader = ShardedReader(data, P, secondary_root=data / "readers" / "gc")
+    msgs = [pb.RankRequest.FromString(r) for r in reqs[:4]]
+
+    def ranker_for(scorer: Any) -> Ranker:
+        class Models:  # what Ranker reads of a ModelManager
+            current, models_dir = scorer, mdir
+        return Ranker(reader, Models(), ServeConfig(max_candidates=1000, timeout_s=60.0))
+
+    def full_ms() -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            gc.collect()
+            out.append(1e3 * (time.perf_counter() - t))
+        return out
+
+    ranker = ranker_for(Scorer(load_model(mdir)))
+    for m in msgs:
+        rank_proto(ranker, m, None)
+    tracked = len(gc.get_objects())
+    before = full_ms()
+    frozen = freeze_heap()
+    ranker = ranker_for(Scorer(load_model(mdir)))  # a swap after the freeze
+    for m in msgs:
+        rank_proto(ranker, m, None)
+    after = full_ms()
+    gc.unfreeze()  # this process goes on as before
+    reader.close()
+    return {"objects_tracked": tracked, "objects_frozen": frozen,
+            "full_collection_ms": float(np.median(before)), "full_collection_ms_frozen": float(np.median(after)),
+            "runs_ms": {"before": before, "frozen": after}}
+
+
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Latencies of several load rounds pooled: p50 / p99 over all, qps = requests / time."""
     ms = np.concatenate([r["ms"] for r in runs]) if runs else np.zeros(0)
@@ -440,6 +492,11 @@ def main() -> None:
           f"DLRM {cpu['dlrm']['cpu_ms_median']:.1f} ms, GEM target-conditioned "
           f"{cpu['gem_target']['cpu_ms_median']:.1f} ms", flush=True)
 
+    gcp = gc_pause(data, model_dirs["gem"], reqs[(500, 1024)])
+    print(f"full garbage collection with the server's objects ({gcp['objects_tracked']:,} tracked): "
+          f"{gcp['full_collection_ms']:.1f} ms; after freeze_heap (as opengem serve runs) and a swap: "
+          f"{gcp['full_collection_ms_frozen']:.2f} ms", flush=True)
+
     figures: dict[str, Any] = {}
     for key, by in results.items():
         g, d = by["gem"], by["dlrm"]
@@ -457,6 +514,7 @@ def main() -> None:
         "p50_ratio_user_to_target": figures["500c_1k"]["p50_ms"] / ablation["p50_ms"]}
     figures["metrics_cost"] = mc
     figures["cpu_per_request_500c_1k"] = cpu
+    figures["gc_full_collection_ms"] = gcp
     figures["load_average_1m_at_end"] = os.getloadavg()[0]
     figures["failed_requests"] = swap_fig["failed_requests"] + sum(
         r["failed"] for by in results.values() for k in by.values() for r in k.values()) + ablation["failed"] + mc["failed"]

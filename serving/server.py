@@ -39,7 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opengem.ops import metrics
-from opengem.runtime import tune_allocator
+from opengem.runtime import freeze_heap, tune_allocator
 from opengem.serving import ranking_pb2 as pb
 from opengem.serving import ranking_pb2_grpc as pb_grpc
 from opengem.serving.config import ServeConfig
@@ -404,10 +404,17 @@ class Service:
             m.start()
         if metrics_port is not None:
             self.metrics_port = metrics.serve(metrics_port, host=self.server.cfg.host)
+        if self.server.cfg.gc_freeze:
+            self._frozen = freeze_heap()  # the first model loaded, before any request
         return self.server.start()
 
     def stop(self) -> None:
         self.server.stop()
+        if getattr(self, "_frozen", 0):
+            import gc
+
+            gc.unfreeze()  # what start froze (a process that goes on, e.g. tests, collects as before)
+            self._frozen = 0
         self.models.stop()
         for m in self.students.values():
             m.stop()  # closes their representation stores' secondaries
