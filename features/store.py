@@ -1166,7 +1166,11 @@ class SequenceStore(SequenceStoreBase):
         item attribute keys here rather than in the next read that meets their items (a
         merged key can hold the whole table: decoding it took a read ~7 ms during ingest)."""
         if self.read_only:
+            from opengem.ops import metrics
+
+            t = time.perf_counter()
             self._db.try_catch_up_with_primary()
+            metrics.STORE_CATCH_UP_SECONDS.observe(time.perf_counter() - t)
             if self._attrs is not None:
                 self._fetch_attrs(fold="soon")
 
