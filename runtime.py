@@ -44,10 +44,10 @@ def tune_allocator(keep_mb: int = 256, *, heap_only: bool = False) -> bool:
 
 def freeze_heap() -> int:
     """Collect once, then move every object the process holds now (imported modules, the
-    loaded model, gRPC and protobuf machinery: ~377k objects in ``opengem serve``) into the
+    loaded model, gRPC and protobuf machinery: ~377-426k objects in ``opengem serve``) into the
     garbage collector's permanent generation (``gc.freeze``), so that later full collections
     scan only what was made after. Measured in process with the server's objects: a full
-    collection took 204-237 ms, all threads stopped (the GIL), and 0.7 ms after the freeze
+    collection took 204-237 ms, all threads stopped (the GIL), and 0.23-0.7 ms after the freeze
     with a second model loaded since (``bench/serve.py``, ``gc_full_collection_ms``). Python
     starts a full collection on its own once enough objects have survived the younger
     generations (caches filling, model swaps), so without this a request now and then

@@ -243,6 +243,18 @@ def profile_one(data: Path, models: Path, users: list[int], n_cands: int) -> dic
             "top_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3)} for e in ops]}
 
 
+def in_process_ranker(reader: Any, scorer: Any, mdir: Path) -> Any:
+    """The server's Ranker over ``reader`` serving ``scorer`` (no model watcher: what the
+    in-process measurements below run ``rank_proto`` on)."""
+    from opengem.serving.config import ServeConfig
+    from opengem.serving.ranker import Ranker
+
+    class Models:  # what Ranker reads of a ModelManager
+        current, models_dir = scorer, mdir
+
+    return Ranker(reader, Models(), ServeConfig(max_candidates=1000, timeout_s=60.0))
+
+
 def cpu_per_request(data: Path, dirs: dict[str, Path], reqs: list[bytes], n: int = 10) -> dict[str, Any]:
     """In-process, the server's lifecycle on one thread (``rank_proto``: parse, validate, featurize,
     score, serialize) per model: CPU seconds per request (``time.process_time``), which, unlike
@@ -253,8 +265,6 @@ def cpu_per_request(data: Path, dirs: dict[str, Path], reqs: list[bytes], n: int
     from opengem.features.sharded import ShardedReader
     from opengem.model.registry import load as load_model
     from opengem.serving import ranking_pb2 as pb
-    from opengem.serving.config import ServeConfig
-    from opengem.serving.ranker import Ranker
     from opengem.serving.scoring import Scorer
     from opengem.serving.server import rank_proto
 
@@ -264,11 +274,7 @@ def cpu_per_request(data: Path, dirs: dict[str, Path], reqs: list[bytes], n: int
     out = {}
     for name, mdir in dirs.items():
         scorer = Scorer(load_model(mdir))
-
-        class Models:  # what Ranker reads of a ModelManager
-            current, models_dir = scorer, mdir
-
-        ranker = Ranker(reader, Models(), ServeConfig(max_candidates=1000, timeout_s=60.0))
+        ranker = in_process_ranker(reader, scorer, mdir)
         reps = n if scorer.shared or not scorer.uses_history else max(n // 3, 2)
         cpu, wall = [], []
         for i in range(reps + 1):
@@ -299,18 +305,11 @@ def gc_pause(data: Path, mdir: Path, reqs: list[bytes], n: int = 3) -> dict[str,
     from opengem.model.registry import load as load_model
     from opengem.runtime import freeze_heap
     from opengem.serving import ranking_pb2 as pb
-    from opengem.serving.config import ServeConfig
-    from opengem.serving.ranker import Ranker
     from opengem.serving.scoring import Scorer
     from opengem.serving.server import rank_proto
 
     reader = ShardedReader(data, P, secondary_root=data / "readers" / "gc")
     msgs = [pb.RankRequest.FromString(r) for r in reqs[:4]]
-
-    def ranker_for(scorer: Any) -> Ranker:
-        class Models:  # what Ranker reads of a ModelManager
-            current, models_dir = scorer, mdir
-        return Ranker(reader, Models(), ServeConfig(max_candidates=1000, timeout_s=60.0))
 
     def full_ms() -> list[float]:
         out = []
@@ -320,13 +319,13 @@ def gc_pause(data: Path, mdir: Path, reqs: list[bytes], n: int = 3) -> dict[str,
             out.append(1e3 * (time.perf_counter() - t))
         return out
 
-    ranker = ranker_for(Scorer(load_model(mdir)))
+    ranker = in_process_ranker(reader, Scorer(load_model(mdir)), mdir)
     for m in msgs:
         rank_proto(ranker, m, None)
     tracked = len(gc.get_objects())
     before = full_ms()
     frozen = freeze_heap()
-    ranker = ranker_for(Scorer(load_model(mdir)))  # a swap after the freeze
+    ranker = in_process_ranker(reader, Scorer(load_model(mdir)), mdir)  # a swap after the freeze
     for m in msgs:
         rank_proto(ranker, m, None)
     after = full_ms()

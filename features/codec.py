@@ -1081,15 +1081,16 @@ class AttrTable:
     # When the recent part is merged into main (``add``'s ``fold``): "soon" past an eighth of
     # main (the writer; a reader's follower thread, after its catch-up), "late" once it is as
     # large as main (a read that met new items: a merge rebuilds the dense map, an array of
-    # ~16 bytes per item on fresh pages -- 10-60 ms on the dev VM for 100k items -- which a
+    # up to 16 rows per item on fresh pages -- 10-60 ms on the dev VM at 50k-200k items -- which a
     # read would wait for; a larger recent part costs a read's lookup ~0.2 ms at most).
-    FOLD_SOON, FOLD_LATE = 8, 1
+    FOLD = {"soon": 8, "late": 1}  # recent part merged past this fraction of main (1 / value)
 
     def add(self, items: np.ndarray, cat: np.ndarray, adv: np.ndarray,
             fold: str = "soon") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Add the entries of ``items`` (distinct) that the table lacks; return them, sorted by id.
         ``fold``: when to merge the recent part into main, ``"soon"`` or ``"late"`` (see
-        FOLD_SOON / FOLD_LATE)."""
+        FOLD)."""
+        self._fold_div(fold)  # a bad value fails here, whether or not items are new
         items = np.asarray(items, np.int64)
         new = ~self.lookup(items)[0]
         o = np.flatnonzero(new)[np.argsort(items[new], kind="stable")]
@@ -1103,10 +1104,16 @@ class AttrTable:
                 self.fold()
         return add
 
+    @classmethod
+    def _fold_div(cls, when: str) -> int:
+        div = cls.FOLD.get(when)
+        if div is None:
+            raise ValueError(f"fold must be one of {', '.join(cls.FOLD)} (got {when!r})")
+        return div
+
     def needs_fold(self, when: str = "soon") -> bool:
         main, recent = self._t
-        div = self.FOLD_SOON if when == "soon" else self.FOLD_LATE
-        return len(recent[0]) > max(4096, len(main[0]) // div)
+        return len(recent[0]) > max(4096, len(main[0]) // self._fold_div(when))
 
     def fold(self) -> None:
         """Merge the recent part into the main one (reads then search one table)."""

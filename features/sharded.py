@@ -87,8 +87,8 @@ class ShardedReader:
     def _run(self, interval_s: float) -> None:
         """Every shard once per ``interval_s``, one at a time, evenly spread over the interval.
         rocksdict holds the GIL through a secondary's ``try_catch_up_with_primary`` (measured:
-        every other thread of the process stops for it; ~6 ms per shard at ~30k events/s into
-        the shard, up to ~100 ms when the writer has flushed), so the shards' catch-ups back to
+        every other thread of the process stops for it; ~6-12 ms per shard at ~20k events/s into
+        the shard, up to ~170 ms when the writer has flushed), so the shards' catch-ups back to
         back would stall a request thread for their sum; staggered it meets at most one."""
         k, n = 0, max(1, len(self._stores))
         while not self._stop.wait(interval_s / n):

@@ -282,3 +282,12 @@ def test_attr_table_read_adds_leave_the_merge_to_the_follower() -> None:
     late = codec.AttrTable()
     late.add(ids[:5000], ids[:5000] % 7, ids[:5000] % 11, fold="late")  # > max(4096, 0): merged anyway
     assert len(late._t[0][0]) == 5000
+
+
+def test_attr_table_refuses_an_unknown_fold_setting() -> None:
+    t = codec.AttrTable()
+    with pytest.raises(ValueError, match="fold must be one of soon, late"):
+        t.add(np.array([1]), np.array([0]), np.array([0]), fold="sooon")
+    assert len(t) == 0  # nothing added
+    with pytest.raises(ValueError, match="fold must be one of"):
+        t.needs_fold("never")
