@@ -56,6 +56,8 @@ def main() -> None:
                     "longest scaling window)")
     ap.add_argument("--seed", type=int, default=0, help="model seed (simulator seed: --sim-seed)")
     ap.add_argument("--sim-seed", type=int, default=0)
+    ap.add_argument("--sim", default="", help="simulator overrides KEY=VALUE[,KEY=VALUE] of SimConfig fields (e.g. "
+                    "long_range_cause=conversion,long_range_plant_prob=1); recorded in the dataset's fingerprint")
     ap.add_argument("--models", default=None, help="comma-separated (default: GEM, the baselines and the five "
                     "ablations; with --quick gem,dlrm,dcn); 'none' for no main comparison")
     ap.add_argument("--no-scaling", action="store_true")
@@ -107,7 +109,8 @@ def main() -> None:
         if ds.features != features:
             raise SystemExit(f"{work / 'dataset'} was built for other tables / surfaces")
     else:
-        ds = ev.materialize(ev.simulator_source(dcfg), work / "dataset", dcfg, features,
+        ds = ev.materialize(ev.simulator_source(dcfg, sim_config(args.sim, args.sim_seed, features.surfaces)),
+                            work / "dataset", dcfg, features,
                             echo=lambda s: print(s, flush=True))
     specs = ev.standard_models(preset, features)
     scaling = ev.scaling_models(preset, features, max_len)
@@ -549,6 +552,27 @@ def _configs(doc: dict) -> dict:
 
 def _hist(cfg: dict) -> int:
     return int(cfg["pyramid"]["max_len"]) if cfg.get("use_sequence") else 0
+
+
+def sim_config(overrides: str, seed: int, surfaces: Sequence[str]):
+    """SimConfig(seed, surfaces) with ``KEY=VALUE,...`` overrides (values read as JSON, else as strings);
+    unknown keys and wrong types raise SystemExit."""
+    from opengem.config import ConfigError, from_dict
+    from opengem.stream.simulator import SimConfig
+
+    d: dict = {"seed": seed, "surfaces": list(surfaces)}
+    for item in (x for x in overrides.split(",") if x.strip()):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--sim: {item!r} is not KEY=VALUE")
+        try:
+            d[k.strip()] = json.loads(v)
+        except ValueError:
+            d[k.strip()] = v.strip()
+    try:
+        return from_dict(SimConfig, d, "sim")
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"--sim: {e}") from None
 
 
 def argparse_hidden() -> str:

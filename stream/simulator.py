@@ -51,6 +51,7 @@ from opengem.stream.events import (
 )
 
 AD_ID_BASE = 1_000_000_000  # ad item ids start here; organic ids lie below
+LONG_RANGE_CAUSES = ("follow", "conversion")
 _BLOCK = 8192  # activations per generation block (fixed: the stream must not depend on batch sizes)
 _MS_PER_HOUR = 3_600_000
 _MS_PER_DAY = 24 * _MS_PER_HOUR
@@ -195,8 +196,13 @@ class SimConfig:
     long_range_strength: float = 2.0
     # An intent is active only from this many of the user's activations after the planting follow.
     long_range_min_gap: int = 200
-    # P(a follow plants an intent); ~1 plant per ~900 activations of a user at the default.
+    # P(a cause event plants an intent); ~1 plant per ~900 activations of a user at the default.
     long_range_plant_prob: float = 0.05
+    # The event that plants: "follow" (an organic follow of an item: the intent is that
+    # item's category; 1 in 20 follows plants at the default, the others are decoys) or
+    # "conversion" (a conversion on an ad: its category; with plant_prob 1 every conversion
+    # plants, so the cause is one identifiable event in the history).
+    long_range_cause: str = "follow"
     # XOR-like terms: age x format x hour and device x category (click), country x category (CVR).
     interactions: bool = True
     # Logit size of each interaction term.
@@ -250,6 +256,7 @@ class SimConfig:
             "max_click_delay_s": self.max_click_delay_s >= 0,
             "max_conversion_delay_s": self.max_conversion_delay_s >= 0,
         }
+        checks["long_range_cause"] = self.long_range_cause in LONG_RANGE_CAUSES
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"SimConfig: invalid value(s) for {bad}")
@@ -361,6 +368,12 @@ class _Ads:
 _NEVER = np.iinfo(np.int64).max
 
 
+IMPRESSION_TRACE_FIELDS = (
+    "req", "user", "ts", "surface", "p_click", "p_cvr", "z_click", "z_cvr", "click_interactions",
+    "cvr_interactions", "cvr_long_range", "long_range_gap",
+)
+
+
 class Simulator:
     """Seeded event generator; see the module docstring and ``docs/simulator.md``.
 
@@ -372,6 +385,10 @@ class Simulator:
 
     def __init__(self, cfg: SimConfig):
         self.cfg = cfg
+        # Opt-in analysis hook: a list that receives, per generated block, the ad impressions'
+        # logit terms (``IMPRESSION_TRACE_FIELDS``), for attributing NE to the signals
+        # (bench/signal_budget.py). None (the default) costs nothing.
+        self.trace: list[dict[str, np.ndarray]] | None = None
         self._init_world()
 
     # ------------------------------------------------------------------ world
@@ -638,7 +655,10 @@ class Simulator:
         cat[org] = oc
 
         # --- long-range intent: plants (follows) and the state each impression sees
-        if cfg.long_range:
+        if cfg.long_range and cfg.long_range_cause == "conversion":
+            # plants come from conversions (end of the block): this block reads the stored state
+            icat, ipos = self.intent_cat[users], self.intent_n[users]
+        elif cfg.long_range:
             plant = np.zeros(B, bool)
             plant[org] = (ok == 4) & (self._r_plant.random(len(org)) < cfg.long_range_plant_prob)
             ps = plant[order]
@@ -682,8 +702,11 @@ class Simulator:
             s = cfg.interactions_strength
             zc = zc + s * (AGE_SIGN[age] * FORMAT_SIGN[afmt] * HOUR_SIGN[hour] + DEVICE_SIGN[dev] * self.cat_sign[acat])
             zv = zv + s * COUNTRY_SIGN[ctry] * self.cat_sign2[acat]
+        lr_gap = None
         if cfg.long_range:
-            active = (icat[adi] == acat) & (uidx[adi] - ipos[adi] >= cfg.long_range_min_gap)
+            # activations since the planting follow, where the ad is in the user's intent category
+            lr_gap = np.where(icat[adi] == acat, uidx[adi] - ipos[adi], -1)
+            active = lr_gap >= cfg.long_range_min_gap
             zv = zv + cfg.long_range_strength * active
         p_click = _expit(zc)
         p_cvr = _expit(zv)
@@ -695,9 +718,29 @@ class Simulator:
         rz = self._r_out.standard_normal((2, B))
         clicked = rr[0][adi] < p_click
         converted = clicked & (rr[1][adi] < p_cvr)
+        if cfg.long_range and cfg.long_range_cause == "conversion":
+            # A conversion plants at its impression's activation index (the conversion event itself
+            # arrives minutes to hours later, well inside the min gap); the block's activations run
+            # in time order, so the last planting row of a user wins. Later blocks see it.
+            cv = np.flatnonzero(converted)
+            cv = cv[self._r_plant.random(len(cv)) < cfg.long_range_plant_prob]
+            self.intent_cat[ua[cv]] = acat[cv]
+            self.intent_n[ua[cv]] = uidx[adi][cv]
 
         c0 = self._counter
         counter = c0 + np.arange(B, dtype=np.int64)
+        if self.trace is not None:
+            zero = np.zeros(len(adi))
+            s_int = cfg.interactions_strength if cfg.interactions else 0.0
+            self.trace.append({
+                "req": counter[adi], "user": users[adi], "ts": ts[adi], "surface": sa, "p_click": p_click,
+                "p_cvr": p_cvr, "z_click": zc, "z_cvr": zv,
+                "click_interactions": (s_int * (AGE_SIGN[age] * FORMAT_SIGN[afmt] * HOUR_SIGN[hour]
+                                                + DEVICE_SIGN[dev] * self.cat_sign[acat])) if s_int else zero,
+                "cvr_interactions": (s_int * COUNTRY_SIGN[ctry] * self.cat_sign2[acat]) if s_int else zero,
+                "cvr_long_range": (cfg.long_range_strength * active) if cfg.long_range else zero,
+                "long_range_gap": lr_gap if lr_gap is not None else np.full(len(adi), -1, np.int64),
+            })
         fmt = np.full(B, -1, np.int64)
         adv = np.full(B, -1, np.int64)
         req = np.full(B, -1, np.int64)

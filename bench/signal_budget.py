@@ -1,0 +1,167 @@
+"""Signal budget of a model_quality dataset: the NE each simulator signal puts at stake, the part a
+model reading the history can reach, and how much of the long-range intent each trained model caught.
+
+Reads a dataset built by ``bench/model_quality.py`` (``--work``) and the models trained on it
+(every ``--work`` given: other seeds' directories hold the same dataset), reruns the simulator with
+its impression trace and joins it to the test rows exactly (see :mod:`opengem.model.signal_budget`).
+No training; about a minute for the 13M-event acceptance dataset.
+
+Figures (JSON): ``oracle_ne``; ``budget[<term>][<task>]`` = NE without the term - oracle NE;
+``long_range``: ``ne_no_intent``, ``ne_observable``, ``observable_budget`` (NE no intent - NE
+observable: what a sequence arch can earn), ``hidden`` (NE observable - oracle NE), rows and
+conversions per gap bucket; ``capture[<model>][seed]`` = conversion log-odds lift per gap bucket
+(``oracle`` and ``observable`` rows for reference).
+
+    .venv/bin/python bench/signal_budget.py --work data/model_quality-base-full,data/model_quality-base-full-seed1
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+
+def main() -> None:
+    ap = _common.parser("signal_budget", __doc__)
+    ap.add_argument("--work", required=True, help="comma-separated model_quality --work directories (the first "
+                    "one's dataset is read; models of the same dataset are read from all)")
+    ap.add_argument("--plot", default=None, help="PNG of the per-model capture (default next to --out)")
+    args = ap.parse_args()
+    import torch
+
+    from opengem.config import from_dict
+    from opengem.model import signal_budget as sb
+    from opengem.model.batch import NONSEQ_KEYS
+    from opengem.stream.simulator import SimConfig
+
+    works = [w for w in args.work.split(",") if w]
+    ds_dir = Path(works[0]) / "dataset"
+    meta = json.loads((ds_dir / "dataset.json").read_text())
+    src = meta["source"]
+    if src.get("kind") != "simulator":
+        raise SystemExit(f"{ds_dir}: not a simulator dataset")
+    sim = from_dict(SimConfig, src["sim"], "sim")
+    dcfg = meta["dataset"]
+    cdf = float(meta["conversion_window_cdf"])
+    t0 = time.monotonic()
+
+    cols: dict[str, list] = {k: [] for k in ("ts", "user", "oracle", "labels", "surface_idx", "seq_lengths",
+                                             "seq_kind", "seq_category", "seq_item", "target_category")}
+    ci = NONSEQ_KEYS.index("category")
+    for name in meta["files"]["test"]:
+        for d in torch.load(ds_dir / name, weights_only=True):
+            for k in cols:
+                v = d["sparse"][ci] if k == "target_category" else d[k]
+                cols[k].append(v.numpy())
+    T = {k: np.concatenate(v) for k, v in cols.items()}
+    n_rows = len(T["ts"])
+    print(f"test rows: {n_rows:,} ({time.monotonic() - t0:.0f}s)", flush=True)
+
+    trace = sb.impression_trace(sim, int(dcfg["events"]))
+    idx = sb.join_rows(trace, T["user"], T["ts"], T["oracle"][:, 0])
+    err_v = np.abs(trace["p_click"][idx] * trace["p_cvr"][idx] * cdf - T["oracle"][:, 1]).max()
+    if err_v > 1e-9:
+        raise SystemExit(f"trace and dataset disagree on the conversion oracle ({err_v:.3g})")
+    print(f"trace joined: {len(trace['req']):,} impressions ({time.monotonic() - t0:.0f}s)", flush=True)
+
+    y = T["labels"].astype(np.float64)
+    tasks = ("click", "conversion")
+    oracle_ne = {t: sb.ne(T["oracle"][:, i], y[:, i]) for i, t in enumerate(tasks)}
+    budget: dict[str, dict[str, float]] = {}
+    for term, task_list in (("click_interactions", ("click", "conversion")), ("cvr_interactions", ("conversion",)),
+                            ("cvr_long_range", ("conversion",))):
+        budget[term] = {}
+        for t in task_list:
+            i = tasks.index(t)
+            budget[term][t] = sb.ne(sb.without_term(trace, idx, term, t, cdf), y[:, i]) - oracle_ne[t]
+
+    # long-range intent: what the history shows
+    offs = np.concatenate([[0], np.cumsum(T["seq_lengths"].astype(np.int64))])
+    kind_codes = T["seq_kind"].astype(np.int64) - 1  # kind rows are codes + 1
+    post = sb.intent_posterior(kind_codes, T["seq_category"], T["seq_item"], offs, T["target_category"],
+                               cause=sim.long_range_cause, plant_prob=sim.long_range_plant_prob,
+                               min_gap=sim.long_range_min_gap)
+    print(f"intent posterior ({time.monotonic() - t0:.0f}s)", flush=True)
+    gap = trace["long_range_gap"][idx]
+    active = gap >= sim.long_range_min_gap
+    p_obs = sb.p_observable(trace, idx, post, sim.long_range_strength, cdf)
+    p_none = sb.without_term(trace, idx, "cvr_long_range", "conversion", cdf)
+    yv = y[:, 1]
+    masks = sb.gap_masks(gap, sim.long_range_min_gap)
+    lr = {
+        "cause": sim.long_range_cause, "plant_prob": sim.long_range_plant_prob, "min_gap": sim.long_range_min_gap,
+        "strength": sim.long_range_strength, "history_max_len": int(dcfg["max_len"]),
+        "active_rows": int(active.sum()), "active_conversions": int(yv[active].sum()),
+        "ne_oracle": oracle_ne["conversion"], "ne_no_intent": sb.ne(p_none, yv), "ne_observable": sb.ne(p_obs, yv),
+        "posterior_mean_active": float(post[active].mean()) if active.any() else None,
+        "posterior_mean_inactive": float(post[~active].mean()),
+        "buckets": {k: {"rows": int(m.sum()), "conversions": int(yv[m].sum())} for k, m in masks.items()},
+    }
+    lr["observable_budget"] = lr["ne_no_intent"] - lr["ne_observable"]
+    lr["hidden"] = lr["ne_observable"] - lr["ne_oracle"]
+
+    capture: dict[str, dict[str, dict[str, float]]] = {
+        "oracle": {"-": sb.lift(T["oracle"][:, 1], masks)}, "observable": {"-": sb.lift(p_obs, masks)}}
+    preds = sb.model_predictions(works, meta["fingerprint"])
+    for m in preds:
+        if len(m["p"]) != n_rows:
+            continue
+        capture.setdefault(m["model"], {})[str(m["seed"])] = sb.lift(m["p"][:, 1], masks)
+
+    # ----- report
+    print(f"\nsimulator: long-range cause {sim.long_range_cause}, plant prob {sim.long_range_plant_prob}, "
+          f"min gap {sim.long_range_min_gap}; histories read up to {dcfg['max_len']} events")
+    rows = [[term, t, oracle_ne[t], oracle_ne[t] + v, v] for term, d in budget.items() for t, v in d.items()]
+    print(_common.table(rows, ["term taken out", "task", "oracle NE", "NE without", "budget"]))
+    print(f"\nlong-range intent (conversion NE): oracle {lr['ne_oracle']:.4f}, best reading the history "
+          f"{lr['ne_observable']:.4f}, without the intent {lr['ne_no_intent']:.4f} -> observable budget "
+          f"{lr['observable_budget']:+.4f}, hidden {lr['hidden']:+.4f}; {lr['active_rows']:,} active rows, "
+          f"{lr['active_conversions']} conversions")
+    keys = [k for k in masks if k != "pre"]
+    rows = [[name, seed] + [d.get(k) for k in keys] for name, by in capture.items() for seed, d in sorted(by.items())]
+    print("\nconversion log-odds lift over the pre-active rows, by activation gap to the planting event:")
+    print(_common.table(rows, ["model", "seed"] + [f"gap {k}" for k in keys]))
+
+    plot = Path(args.plot or Path(args.out).with_suffix(".png"))
+    _plot(capture, keys, plot, f"long-range intent ({sim.long_range_cause} cause): lift caught per model")
+    _common.write(args.out, "signal_budget", {"work": works, "dataset": meta["fingerprint"], "sim": src["sim"],
+                                              "plot": str(plot)},
+                  {"oracle_ne": oracle_ne, "budget": budget, "long_range": lr, "capture": capture,
+                   "test_rows": n_rows, "elapsed_s": round(time.monotonic() - t0, 1)})
+
+
+def _plot(capture: dict, keys: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(capture)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.8))
+    w = 0.8 / len(keys)
+    for j, k in enumerate(keys):
+        for i, n in enumerate(names):
+            vals = [d.get(k) for d in capture[n].values() if d.get(k) is not None]
+            if vals:
+                ax.bar(i + j * w, float(np.mean(vals)), w, color=f"C{j}", label=f"gap {k}" if i == 0 else None)
+                ax.plot([i + j * w] * len(vals), vals, "k.", ms=3)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("conversion log-odds lift")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The signal budget: the simulator's impression trace, the join, and the intent posterior
+(checked against the simulator's own hidden state on a real stream)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from opengem.model import signal_budget as sb
+from opengem.stream.events import KIND_INDEX
+from opengem.stream.simulator import SimConfig, Simulator
+
+K = KIND_INDEX
+
+
+def _stream(cfg: SimConfig, n: int):
+    sim = Simulator(cfg)
+    sim.trace = []
+    chunks = list(sim._chunks(n, 8192))
+    cols = {k: np.concatenate([getattr(c, k) for c in chunks]) for k in ("user", "ts", "kind", "item", "cat", "req")}
+    trace = {k: np.concatenate([d[k] for d in sim.trace]) for k in sim.trace[0]}
+    return cols, trace
+
+
+def test_trace_terms_rebuild_the_probabilities_and_leave_the_stream_unchanged():
+    cfg = SimConfig(seed=3, n_users=300)
+    cols, tr = _stream(cfg, 40_000)
+    plain = list(Simulator(cfg)._chunks(40_000, 8192))
+    assert np.array_equal(np.concatenate([c.item for c in plain]), cols["item"])  # the trace changes nothing
+    np.testing.assert_allclose(1 / (1 + np.exp(-tr["z_click"])), tr["p_click"], rtol=1e-12)
+    np.testing.assert_allclose(1 / (1 + np.exp(-tr["z_cvr"])), tr["p_cvr"], rtol=1e-12)
+    active = tr["long_range_gap"] >= cfg.long_range_min_gap
+    np.testing.assert_array_equal(tr["cvr_long_range"], cfg.long_range_strength * active)
+    assert active.any() and (tr["click_interactions"] != 0).any()
+    # every impression of the stream is in the trace, once
+    imp = cols["kind"] == K["impression"]
+    assert set(cols["req"][imp]) <= set(tr["req"])
+    off = SimConfig(seed=3, n_users=300, interactions=False, long_range=False)
+    _, tr_off = _stream(off, 10_000)
+    assert not tr_off["click_interactions"].any() and not tr_off["cvr_long_range"].any()
+    assert (tr_off["long_range_gap"] == -1).all()
+
+
+def test_join_matches_rows_and_refuses_a_foreign_stream():
+    _, tr = _stream(SimConfig(seed=1, n_users=200), 20_000)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(tr["req"]), 500, replace=False)
+    idx = sb.join_rows(tr, tr["user"][pick], tr["ts"][pick], tr["p_click"][pick])
+    np.testing.assert_array_equal(tr["req"][idx], tr["req"][pick])
+    with pytest.raises(ValueError, match="disagree"):
+        sb.join_rows(tr, tr["user"][pick], tr["ts"][pick], tr["p_click"][pick] + 0.01)
+    with pytest.raises(ValueError, match="no impression"):
+        sb.join_rows(tr, tr["user"][pick], tr["ts"][pick] + 10**12, tr["p_click"][pick])
+
+
+def _posterior_one(kinds, cats, target, *, cause="follow", q=0.5, gap=3, items=None):
+    k = np.array([K[x] for x in kinds])
+    items = np.arange(len(k)) if items is None else np.array(items)
+    return float(sb.intent_posterior(k, np.array(cats), items, np.array([0, len(k)]), np.array([target]),
+                                     cause=cause, plant_prob=q, min_gap=gap)[0])
+
+
+def test_intent_posterior_follows_the_rule_by_hand():
+    # a follow of category 7 with 3 activations after it (+1: the impression) -> gap 4 >= 3
+    assert _posterior_one(["follow", "view", "view", "view"], [7, 1, 1, 1], 7) == pytest.approx(0.5)
+    assert _posterior_one(["follow", "view", "view", "view"], [7, 1, 1, 1], 6) == 0.0  # other category
+    assert _posterior_one(["follow", "view"], [7, 1], 7) == 0.0  # gap 2 < 3
+    # clicks and conversions are not activations
+    assert _posterior_one(["follow", "click", "conversion", "view"], [7, 7, 7, 1], 7) == 0.0
+    # a later follow (any category) may have replaced the intent: q (1 - q)
+    assert _posterior_one(["follow", "view", "follow", "view", "view"], [7, 1, 2, 1, 1], 7) == pytest.approx(0.25)
+    # two candidate plants in the category add up
+    assert _posterior_one(["follow", "follow", "view", "view", "view"], [7, 7, 1, 1, 1], 7) == pytest.approx(0.75)
+    # conversion cause: the plant sits at the converted impression (same item), not at the conversion
+    kinds = ["impression", "view", "click", "conversion", "view"]
+    assert _posterior_one(kinds, [7, 1, 7, 7, 1], 7, cause="conversion", q=1.0, gap=3,
+                          items=[9, 5, 9, 9, 4]) == 1.0  # impression + 2 views after it + 1 = 3
+    assert _posterior_one(kinds, [7, 1, 7, 7, 1], 7, cause="conversion", q=1.0, gap=4,
+                          items=[9, 5, 9, 9, 4]) == 0.0
+    assert _posterior_one(["follow", "view", "view", "view"], [7, 1, 1, 1], 7, cause="conversion", q=1.0) == 0.0
+
+
+@pytest.mark.parametrize("cause,q", [("conversion", 1.0), ("follow", 0.3)])
+def test_intent_posterior_is_the_simulators_hidden_state_seen_through_the_history(cause, q):
+    cfg = SimConfig(seed=5, n_users=100, events_per_second=1.0, heavy_tail=False, long_range_cause=cause,
+                    long_range_plant_prob=q, long_range_min_gap=100)
+    cols, tr = _stream(cfg, 80_000)
+    order = np.lexsort((cols["ts"], cols["user"]))
+    u, ts = cols["user"][order], cols["ts"][order]
+    kinds, cats, items = cols["kind"][order], cols["cat"][order], cols["item"][order]
+    starts, ends = np.searchsorted(u, np.arange(cfg.n_users)), np.searchsorted(u, np.arange(cfg.n_users), "right")
+    imp = cols["kind"] == K["impression"]
+    req_cat = dict(zip(cols["req"][imp].tolist(), cols["cat"][imp].tolist()))
+    rows = np.array([i for i, r in enumerate(tr["req"].tolist()) if r in req_cat])
+    ks, cs, its, offs = [], [], [], [0]
+    for r in rows:
+        s, e = starts[tr["user"][r]], ends[tr["user"][r]]
+        j = s + np.searchsorted(ts[s:e], tr["ts"][r], side="left")  # the events before the impression
+        ks.append(kinds[s:j]); cs.append(cats[s:j]); its.append(items[s:j]); offs.append(offs[-1] + j - s)
+    target = np.array([req_cat[r] for r in tr["req"][rows].tolist()])
+    post = sb.intent_posterior(np.concatenate(ks), np.concatenate(cs), np.concatenate(its), np.array(offs), target,
+                               cause=cause, plant_prob=q, min_gap=cfg.long_range_min_gap)
+    active = tr["long_range_gap"][rows] >= cfg.long_range_min_gap
+    assert active.sum() > 100
+    if q == 1.0:  # one identifiable cause: the history shows the state exactly (up to a conversion in flight)
+        assert np.mean(post[active] > 0.5) > 0.9  # the misses: a conversion still in flight
+        assert np.mean(post[~active] > 0.5) < 1e-3
+    else:  # decoys: a calibrated probability, higher where the intent is active
+        se = np.sqrt(np.sum(post * (1 - post))) / len(post)
+        assert abs(post.mean() - active.mean()) < 4 * se + 1e-3
+        assert post[active].mean() > 3 * post[~active].mean()
+
+
+def test_capture_lift_reads_the_oracle_and_ignores_a_flat_model():
+    gap = np.array([-1, 10, 20, 250, 300, 2000])
+    masks = sb.gap_masks(gap, 200)
+    assert masks["pre"].sum() == 2 and masks["256-1024"].sum() == 1 and masks["1024-inf"].sum() == 1
+    p = np.full(6, 0.01)
+    assert all(abs(v) < 1e-12 for v in sb.lift(p, masks).values())
+    q = p.copy()
+    q[3:] = 1 / (1 + np.exp(-(np.log(0.01 / 0.99) + 2)))
+    assert sb.lift(q, masks)["256-1024"] == pytest.approx(2.0)
+
+
+def test_without_term_keeps_the_mean_and_drops_the_term():
+    _, tr = _stream(SimConfig(seed=2, n_users=300), 30_000)
+    idx = np.arange(len(tr["req"]))
+    full = tr["p_click"] * tr["p_cvr"] * 0.75
+    cut = sb.without_term(tr, idx, "cvr_long_range", "conversion", 0.75)
+    assert cut.mean() == pytest.approx(full.mean())
+    act = tr["cvr_long_range"] > 0
+    assert (cut[act] < full[act]).all()
+    # a conversion-only term leaves the click oracle as it is
+    np.testing.assert_allclose(sb.without_term(tr, idx, "cvr_interactions", "click", 0.75), tr["p_click"])
+
+
+def test_model_quality_sim_overrides_are_typed_and_checked():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "model_quality.py"
+    spec = importlib.util.spec_from_file_location("_mq", path)
+    mq = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(mq)
+    finally:
+        sys.path.remove(str(path.parent))
+    cfg = mq.sim_config("long_range_cause=conversion, long_range_plant_prob=1", 4, ("feed", "reels"))
+    assert (cfg.long_range_cause, cfg.long_range_plant_prob, cfg.seed, cfg.surfaces) == \
+        ("conversion", 1.0, 4, ("feed", "reels"))
+    for bad in ("nope=1", "long_range_cause=sometimes", "long_range_plant_prob=2", "long_range"):
+        with pytest.raises(SystemExit):
+            mq.sim_config(bad, 0, ("feed",))
