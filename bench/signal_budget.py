@@ -9,8 +9,8 @@ No training; about a minute for the 13M-event acceptance dataset.
 Figures (JSON): ``oracle_ne``; ``budget[<term>][<task>]`` = NE without the term - oracle NE;
 ``long_range``: ``ne_no_intent``, ``ne_observable``, ``observable_budget`` (NE no intent - NE
 observable: what a sequence arch can earn), ``hidden`` (NE observable - oracle NE), rows and
-conversions per gap bucket; ``capture[<model>][seed]`` = conversion log-odds lift per gap bucket
-(``oracle`` and ``observable`` rows for reference).
+conversions per gap bucket; ``capture[<model>][seed]`` = the intent priced in per gap bucket (:func:`opengem.model.signal_budget.lift`;
+``oracle`` and ``observable`` rows for reference).
 
     .venv/bin/python bench/signal_budget.py --work data/model_quality-base-full,data/model_quality-base-full-seed1
 """
@@ -93,6 +93,7 @@ def main() -> None:
     active = gap >= sim.long_range_min_gap
     p_obs = sb.p_observable(trace, idx, post, sim.long_range_strength, cdf)
     p_none = sb.without_term(trace, idx, "cvr_long_range", "conversion", cdf)
+    p_none_raw = sb.p_observable(trace, idx, np.zeros(len(idx)), sim.long_range_strength, cdf)  # no intent
     yv = y[:, 1]
     masks = sb.gap_masks(gap, sim.long_range_min_gap)
     lr = {
@@ -108,12 +109,13 @@ def main() -> None:
     lr["hidden"] = lr["ne_observable"] - lr["ne_oracle"]
 
     capture: dict[str, dict[str, dict[str, float]]] = {
-        "oracle": {"-": sb.lift(T["oracle"][:, 1], masks)}, "observable": {"-": sb.lift(p_obs, masks)}}
+        "oracle": {"-": sb.lift(T["oracle"][:, 1], p_none_raw, masks)},
+        "observable": {"-": sb.lift(p_obs, p_none_raw, masks)}}
     preds = sb.model_predictions(works, meta["fingerprint"])
     for m in preds:
         if len(m["p"]) != n_rows:
             continue
-        capture.setdefault(m["model"], {})[str(m["seed"])] = sb.lift(m["p"][:, 1], masks)
+        capture.setdefault(m["model"], {})[str(m["seed"])] = sb.lift(m["p"][:, 1], p_none_raw, masks)
 
     # ----- report
     print(f"\nsimulator: long-range cause {sim.long_range_cause}, plant prob {sim.long_range_plant_prob}, "
@@ -124,9 +126,10 @@ def main() -> None:
           f"{lr['ne_observable']:.4f}, without the intent {lr['ne_no_intent']:.4f} -> observable budget "
           f"{lr['observable_budget']:+.4f}, hidden {lr['hidden']:+.4f}; {lr['active_rows']:,} active rows, "
           f"{lr['active_conversions']} conversions")
-    keys = [k for k in masks if k != "pre"]
+    keys = [k for k in masks if k != "none"]
     rows = [[name, seed] + [d.get(k) for k in keys] for name, by in capture.items() for seed, d in sorted(by.items())]
-    print("\nconversion log-odds lift over the pre-active rows, by activation gap to the planting event:")
+    print("\nintent priced in (conversion log-odds over the no-intent oracle, relative to rows without an intent),"
+          "\nby activation gap to the planting event (pre: not active yet):")
     print(_common.table(rows, ["model", "seed"] + [f"gap {k}" for k in keys]))
 
     plot = Path(args.plot or Path(args.out).with_suffix(".png"))
@@ -154,7 +157,7 @@ def _plot(capture: dict, keys: list[str], path: Path, title: str) -> None:
                 ax.plot([i + j * w] * len(vals), vals, "k.", ms=3)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("conversion log-odds lift")
+    ax.set_ylabel("intent priced in (log-odds)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

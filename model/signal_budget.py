@@ -19,10 +19,10 @@ measures that ceiling on a materialized simulator dataset (:mod:`opengem.model.e
   earn; NE(observable) - NE(oracle) is hidden from every model.
 * **Capture per model**: on the test rows where the intent is active, bucketed by
   the activation gap to the planting event (the ablations' windows: below 256 the
-  no-pyramid branch still sees it, beyond ``max_len`` nobody does), each model's
-  mean conversion log-odds relative to the *pre-active* rows (same category
-  intent, gap below the minimum: the same users and categories, no effect). The
-  oracle's lift there is about +1.2 to +1.4; a model that learned nothing of the
+  no-pyramid branch still sees it, beyond ``max_len`` nobody does), how much of
+  the intent each model priced in (:func:`lift`: its conversion log-odds over
+  those of the oracle without the intent, relative to rows without an intent).
+  The oracle's value there is about +1.4; a model that learned nothing of the
   rule shows ~0. Label-free, so it is not limited by the few conversions.
 """
 
@@ -177,18 +177,23 @@ def without_term(trace: dict[str, np.ndarray], idx: np.ndarray, term: str, task:
 
 def gap_masks(gap: np.ndarray, min_gap: int, buckets: Sequence[tuple[int, int | None]] = GAP_BUCKETS
               ) -> dict[str, np.ndarray]:
-    """Row masks: ``pre`` (intent in the ad's category, gap below ``min_gap``) and one per bucket."""
-    out = {"pre": (gap >= 0) & (gap < min_gap)}
+    """Row masks: ``none`` (no intent in the ad's category), ``pre`` (intent in the ad's category, gap
+    below ``min_gap``: not active yet) and one per active gap bucket."""
+    out = {"none": gap < 0, "pre": (gap >= 0) & (gap < min_gap)}
     for lo, hi in buckets:
         out[f"{lo}-{hi if hi is not None else 'inf'}"] = (gap >= lo) & ((gap < hi) if hi is not None else True)
     return out
 
 
-def lift(p_conv: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean conversion log-odds on each bucket minus that on the pre-active rows."""
-    lo = _logit(p_conv)
-    base = float(lo[masks["pre"]].mean()) if masks["pre"].any() else float("nan")
-    return {k: float(lo[m].mean()) - base for k, m in masks.items() if k != "pre" and m.any()}
+def lift(p_conv: np.ndarray, p_no_intent: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
+    """The intent a model priced in, per bucket: its conversion log-odds minus those of the oracle
+    without the intent term (which already holds everything else: affinity, surface, ...), averaged
+    over the bucket, minus the same average over the ``none`` rows. The oracle's own value is the
+    intent's effect (~ +1.4 on active rows, 0 on ``pre``); a model that learned nothing of the
+    intent has ~0 everywhere."""
+    r = _logit(p_conv) - _logit(p_no_intent)
+    base = float(r[masks["none"]].mean()) if masks["none"].any() else float("nan")
+    return {k: float(r[m].mean()) - base for k, m in masks.items() if k != "none" and m.any()}
 
 
 def model_predictions(work_dirs: Sequence[str | Path], dataset_fp: str | None = None) -> list[dict[str, Any]]:

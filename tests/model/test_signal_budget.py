@@ -111,15 +111,18 @@ def test_intent_posterior_is_the_simulators_hidden_state_seen_through_the_histor
         assert post[active].mean() > 3 * post[~active].mean()
 
 
-def test_capture_lift_reads_the_oracle_and_ignores_a_flat_model():
-    gap = np.array([-1, 10, 20, 250, 300, 2000])
+def test_capture_lift_reads_the_oracle_and_ignores_a_model_without_the_intent():
+    gap = np.array([-1, -1, 10, 20, 250, 300, 2000])
     masks = sb.gap_masks(gap, 200)
-    assert masks["pre"].sum() == 2 and masks["256-1024"].sum() == 1 and masks["1024-inf"].sum() == 1
-    p = np.full(6, 0.01)
-    assert all(abs(v) < 1e-12 for v in sb.lift(p, masks).values())
-    q = p.copy()
-    q[3:] = 1 / (1 + np.exp(-(np.log(0.01 / 0.99) + 2)))
-    assert sb.lift(q, masks)["256-1024"] == pytest.approx(2.0)
+    assert masks["none"].sum() == 2 and masks["pre"].sum() == 2 and masks["256-1024"].sum() == 1
+    no_intent = np.array([0.01, 0.02, 0.03, 0.01, 0.02, 0.05, 0.01])
+    # a model that is the no-intent oracle times a constant factor prices in nothing
+    assert all(abs(v) < 1e-9 for v in sb.lift(no_intent, no_intent, masks).values())
+    z = np.log(no_intent / (1 - no_intent))
+    with_intent = 1 / (1 + np.exp(-(z + 2.0 * (gap >= 200))))
+    got = sb.lift(with_intent, no_intent, masks)
+    assert got["pre"] == pytest.approx(0.0) and got["256-1024"] == pytest.approx(2.0)
+    assert got["1024-inf"] == pytest.approx(2.0)
 
 
 def test_without_term_keeps_the_mean_and_drops_the_term():
