@@ -72,19 +72,25 @@ def main() -> None:
                     "for --render")
     ap.add_argument("--seed-jsons", default="", help="--render: comma-separated results of other model seeds")
     ap.add_argument("--note", default="", help="--render: one more caveat, verbatim")
+    ap.add_argument("--signal-budget", default="", help="--render: comma-separated bench/signal_budget.py JSONs "
+                    "(a section on what the data rewards)")
+    ap.add_argument("--signal-runs", default="", help="--render: comma-separated model_quality JSONs of runs on "
+                    "the signal-budget datasets other than --out (their NE next to the budget)")
     ap.add_argument("--scaling-json", default=None, help="--render: take the scaling section from this run's JSON")
     ap.add_argument("--_one", default=None, help=argparse_hidden())
     args = ap.parse_args()
     if args.render:
         doc_dir = Path(args.render).parent
-        for j in [args.out, args.scaling_json, *[k for k in args.kuairand.split(",") if k]]:
+        sb_jsons = [k for k in args.signal_budget.split(",") if k]
+        for j in [args.out, args.scaling_json, *[k for k in args.kuairand.split(",") if k], *sb_jsons]:
             if j:  # the PNGs (bench/results/*.png are not committed) go next to the report
                 plot = json.loads(Path(j).read_text()).get("config", {}).get("plot") or str(Path(j).with_suffix(".png"))
                 if Path(plot).exists():
                     (doc_dir / "model-results").mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(plot, doc_dir / "model-results" / Path(plot).name)
         Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k], args.scaling_json,
-                                             args.note, [k for k in args.seed_jsons.split(",") if k]))
+                                             args.note, [k for k in args.seed_jsons.split(",") if k],
+                                             sb_jsons, [k for k in args.signal_runs.split(",") if k]))
         print(f"wrote {args.render}")
         return
     preset = args.preset or ("tiny" if args.quick else "base")
@@ -215,7 +221,7 @@ def _pct(v) -> str:
 
 
 def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, note: str = "",
-           seed_jsons: list[str] = ()) -> str:
+           seed_jsons: list[str] = (), signal_jsons: list[str] = (), signal_runs: list[str] = ()) -> str:
     doc = json.loads(Path(out_json).read_text())
     sdoc = json.loads(Path(scaling_json).read_text()) if scaling_json else doc
     c, models = doc["config"], doc["models"]
@@ -303,11 +309,20 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
     for f in seed_jsons:
         w("# another model seed (same data; builds its own copy of the dataset under its --work):")
         w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
+    for f in signal_runs:
+        w("# a run on another simulator setting (its own dataset):")
+        w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
+    for f in signal_jsons:
+        w("# the signal budget of a dataset (no training):")
+        sc = json.loads(Path(f).read_text())["config"]
+        w(f".venv/bin/python bench/signal_budget.py --work {','.join(sc['work'])} --out {f}")
     w("# this report:")
     w(".venv/bin/python bench/model_quality.py --out " + out_json + " --render docs/model-results.md"
       + (" --kuairand " + ",".join(kuairand) if kuairand else "")
       + (f" --scaling-json {scaling_json}" if scaling_json else "")
       + (f" --seed-jsons {','.join(seed_jsons)}" if seed_jsons else "")
+      + (f" --signal-budget {','.join(signal_jsons)}" if signal_jsons else "")
+      + (f" --signal-runs {','.join(signal_runs)}" if signal_runs else "")
       + (f" --note {shlex.quote(note)}" if note else ""))
     w("```\n")
     w("## Protocol\n")
@@ -434,6 +449,10 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
                 means.append(f"{sum(ds) / len(ds):+.4f}" if len(ds) == len(seed_runs) else "n/a")
             w(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
         w("")
+    if signal_jsons:
+        import signal_budget
+
+        L.extend(signal_budget.render_md(list(signal_jsons), [out_json, *signal_runs]))
     if sdoc.get("scaling"):
         scc = sdoc["config"]
         sst = sdoc["dataset"]["stats"]

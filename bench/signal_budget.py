@@ -140,6 +140,72 @@ def main() -> None:
                    "test_rows": n_rows, "elapsed_s": round(time.monotonic() - t0, 1)})
 
 
+def render_md(paths: list[str], experiments: list[str] = ()) -> list[str]:
+    """The report section (docs/model-results.md) from signal_budget JSONs; ``experiments``:
+    model_quality JSONs of the runs on those datasets (for their NE), matched by dataset."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = {}
+    for e in experiments:
+        d = json.loads(Path(e).read_text())
+        runs[d.get("dataset", {}).get("fingerprint")] = (e, d)
+    L: list[str] = []
+    w = L.append
+    w("## What the data rewards: the signal budget\n")
+    w("An ablation can only lose what the data pays its part for. `bench/signal_budget.py` reruns the simulator "
+      "with its impression trace, joins it exactly to the test rows (checked against the stored oracle) and "
+      "measures, per signal, the test NE the oracle loses without that term (*budget*); for the long-range "
+      "intent also the exact P(intent active | the history the models read) and the best predictor built on it "
+      "(*observable*: what any model reading up to `max_len` events can reach; the rest is *hidden* from every "
+      "model), and how much of the intent each trained model priced in (its conversion log-odds over the "
+      "no-intent oracle's, on active rows, relative to rows without an intent; the oracle's value is the "
+      "effect itself, ~+1.4; 0 = nothing learned). No training; ~1.5 min per dataset. "
+      "Code: `opengem/model/signal_budget.py`; the posterior is checked against the simulator's hidden state in "
+      "`tests/model/test_signal_budget.py`.\n")
+    for p, d in zip(paths, docs):
+        lr, c = d["long_range"], d["config"]
+        w(f"**Dataset {c['dataset']}** (`{c['work'][0]}`; long-range cause `{lr['cause']}`, plant probability "
+          f"{lr['plant_prob']:g}, min gap {lr['min_gap']}, histories of {lr['history_max_len']:,}; `{p}`):\n")
+        w("| term taken out of the oracle | task | oracle NE | NE without | budget |")
+        w("| --- | --- | --- | --- | --- |")
+        for term, by in d["budget"].items():
+            for t, v in by.items():
+                w(f"| {term} | {t} | {d['oracle_ne'][t]:.4f} | {d['oracle_ne'][t] + v:.4f} | {v:+.4f} |")
+        w("")
+        w(f"Long-range intent, conversion NE: oracle {lr['ne_oracle']:.4f}, best reading the history "
+          f"{lr['ne_observable']:.4f}, without the intent {lr['ne_no_intent']:.4f}: **observable budget "
+          f"{lr['observable_budget']:+.4f}**, hidden {lr['hidden']:+.4f}; {lr['active_rows']:,} active test rows "
+          f"({lr['active_conversions']} conversions).\n")
+        keys = [k for k in next(iter(d["capture"].values()))["-"]] if "oracle" in d["capture"] else []
+        w("| model | seed | " + " | ".join(f"gap {k}" for k in keys) + " |")
+        w("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
+        for m, by in d["capture"].items():
+            for seed, v in sorted(by.items()):
+                w(f"| {m} | {seed} | " + " | ".join(f"{v[k]:+.3f}" if k in v else "n/a" for k in keys) + " |")
+        w("")
+        k_in = next((k for k in keys if k.startswith("256-")), None)
+        if k_in and "pre" in keys:
+            def gain(v: dict) -> float:
+                return v[k_in] - v["pre"]
+            parts = [f"{m} {np.mean([gain(v) for v in by.values()]):+.2f}" for m, by in d["capture"].items()]
+            w(f"Intent priced in on active rows with gap {k_in} (the pyramid's reach beyond the no-pyramid "
+              f"branch's 256) minus that on not-yet-active rows of the same intent (the same users and categories; "
+              f"mean over seeds): " + ", ".join(parts) + ".\n")
+        run = runs.get(c["dataset"])
+        if run:
+            e, rd = run
+            w(f"Test NE of the models trained on this dataset (`{e}`):\n")
+            w("| model | NE click | NE conversion | AUC conversion |")
+            w("| --- | --- | --- | --- |")
+            for m, r in rd["models"].items():
+                a = r["all"]
+                w(f"| {m} | {a['click']['ne']:.4f} | {a['conversion']['ne']:.4f} | {a['conversion']['auc']:.4f} |")
+            w("")
+        png = Path(c.get("plot", ""))
+        if png.name:
+            w(f"![{png.stem}](model-results/{png.name})\n")
+    return L
+
+
 def _plot(capture: dict, keys: list[str], path: Path, title: str) -> None:
     import matplotlib
 
