@@ -62,7 +62,9 @@ surface; plus kind and time-delta buckets), looked up in one call for both.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec import (
@@ -136,8 +138,14 @@ def _history_ids(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor) -> tupl
     return out, hm
 
 
+# Kinds of the search branch's extra slots (PyramidConfig.search_strong): rare events that
+# carry intent, retrieved however many views / impressions of the category came after them.
+SEARCH_STRONG_KINDS = ("conversion", "click", "follow")
+
+
 def match_positions(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor, targets: KeyedJaggedTensor,
-                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+                    k: int, strong: int = 0, strong_rows: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """The search branch's selection without a (B, L) level matrix: the most recent ``k``
     events of each target's row that match it at any level (:func:`target_match` > 0).
 
@@ -145,10 +153,57 @@ def match_positions(batch: GemBatch, idx: torch.Tensor, mask: torch.Tensor, targ
     as :func:`~opengem.model.pyramid.recent_positions` and the match level (n,) of
     each selected event -- equal to ``target_match(...)[b, l]``; only O(B L) boolean
     compares, the rest is O(selected).
+
+    ``strong`` > 0: also the most recent ``strong`` matching events of the
+    :data:`SEARCH_STRONG_KINDS`, wherever they lie; the union is ranked by recency
+    (:func:`merge_selections`), so a row has up to k + strong slots.
     """
     ids, hm = _history_ids(batch, idx, mask)
     tg = {key: first_ids(targets, key) for _, key in MATCH_KEYS}  # (B,) each
-    if hm.shape[0] == 1 and targets.stride() > 1:
+    sel = _match_positions(ids, hm, tg, targets.stride(), k)
+    if strong:
+        if strong_rows is None:
+            raise ValueError("strong > 0 needs strong_rows (the kind rows of SEARCH_STRONG_KINDS)")
+        kinds = torch.zeros(hm.shape, dtype=torch.int64, device=hm.device)
+        kinds[hm] = batch.seq["kind"][idx]
+        sel2 = _match_positions(ids, hm & torch.isin(kinds, strong_rows), tg, targets.stride(), strong)
+        sel = merge_selections(sel, sel2, hm.shape[1])
+    return sel
+
+
+def strong_kind_rows(features: Any) -> torch.Tensor:
+    """The ``seq_kind`` table rows of :data:`SEARCH_STRONG_KINDS`."""
+    from opengem.model.batch import ids_to_rows
+    from opengem.stream.events import KIND_INDEX
+
+    codes = np.array([KIND_INDEX[x] for x in SEARCH_STRONG_KINDS], np.int64)
+    return torch.from_numpy(ids_to_rows("seq_kind", codes, features))
+
+
+def merge_selections(a: tuple, b: tuple, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """The union of two selections (b, l, pos, K, level) of the same rows, one entry per
+    (b, l), re-ranked by recency as :func:`~opengem.model.pyramid.recent_positions` ranks:
+    the most recent in slot K - 1, K = the largest row count; ordered by (b, l)."""
+    code = torch.cat([a[0] * L + a[1], b[0] * L + b[1]])
+    level = torch.cat([a[4], b[4]])
+    if not code.numel():
+        return a
+    code, order = torch.sort(code, stable=True)
+    level = level[order]
+    first = torch.ones_like(code, dtype=torch.bool)
+    first[1:] = code[1:] != code[:-1]
+    code, level = code[first], level[first]
+    bb, ll = code // L, code % L
+    counts = torch.bincount(bb)
+    start = torch.cumsum(counts, 0) - counts
+    rank = counts[bb] - (torch.arange(bb.numel(), device=bb.device) - start[bb])  # 1 = the most recent
+    K = int(counts.max())
+    return bb, ll, K - rank, K, level
+
+
+def _match_positions(ids: dict[str, torch.Tensor], hm: torch.Tensor, tg: dict[str, torch.Tensor], B: int,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    if hm.shape[0] == 1 and B > 1:
         return _shared_match_positions(ids, hm, tg, k)
     hit = None
     for seq_key, key in MATCH_KEYS:
@@ -324,6 +379,8 @@ class GemModel(FunnelRanker):
         self._user = [NONSEQ_KEYS.index(k) for k in USER_KEYS]
         self._user_rows = sorted(self._user)  # the same for every candidate of a request
         self.user_first = cfg.use_sequence and cfg.seq_conditioning == "user"
+        # the search's strong-kind rows (not a parameter, not in the state dict)
+        self.register_buffer("_strong_rows", strong_kind_rows(fc), persistent=False)
         if cfg.use_sequence:
             search = cfg.pyramid.search_len > 0
             self.seq = PyramidArch(d, cfg.pyramid, search_apart=self.user_first)
@@ -462,7 +519,9 @@ class GemModel(FunnelRanker):
         if not self.cfg.pyramid.search_len:
             return None
         idx, _, _ = truncate_recent(u.hist.seq_lengths, self.cfg.pyramid.max_len)
-        b, l, pos, K, level = match_positions(u.hist, idx, u.mask, cands.sparse, self.cfg.pyramid.search_len)
+        strong = self.cfg.pyramid.search_strong
+        b, l, pos, K, level = match_positions(u.hist, idx, u.mask, cands.sparse, self.cfg.pyramid.search_len,
+                                              strong, self._strong_rows if strong else None)
         return SearchSelection(B, K, b, l, pos, level)
 
     def _search_state(self, u: "UserEncoding", sel: "SearchSelection") -> PyramidState:

@@ -79,12 +79,19 @@ class PyramidConfig:
     # Target-matched events (same item / advertiser / category as the ad) in the
     # search branch; 0: no search branch.
     search_len: int = 32
+    # Extra search slots for the most recent matching events of rare, high-intent kinds
+    # (SEARCH_STRONG_KINDS: conversions, clicks, follows) wherever they lie inside max_len:
+    # a heavy user has ~100-170 category matches in 1,024 events, so one old conversion
+    # in the ad's category is rarely among the ``search_len`` most recent. 0: off.
+    search_strong: int = 0
 
     def __post_init__(self) -> None:
         if self.pyramid and self.max_len <= self.level_start(self.n_levels - 1):
             raise ValueError(f"max_len {self.max_len} does not reach the last pyramid level")
         if self.search_len < 0:
             raise ValueError(f"search_len must be >= 0, got {self.search_len}")
+        if self.search_strong < 0 or (self.search_strong and not self.search_len):
+            raise ValueError(f"search_strong must be >= 0 and needs a search branch, got {self.search_strong}")
 
     @property
     def n_branches(self) -> int:

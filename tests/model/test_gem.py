@@ -343,3 +343,67 @@ def test_candidates_of_one_request_reuse_the_users_tokens():
         other = dataclasses.replace(same, sparse=make_kjt(cols))
         assert m._shared_nonseq(u, other) is None  # falls back to the full lookup
         assert m._shared_nonseq(m.encode_user(synthetic_batch(TINY, [50, 60], seed=3)), same) is None
+
+
+def test_strong_search_slots_reach_an_old_conversion_past_the_recent_matches():
+    """search_strong: the most recent matching conversion / click / follow gets a slot even when
+    search_len more recent matches (views) came after it; the union keeps recency order."""
+    from opengem.model.gem import match_positions, strong_kind_rows, truncate_recent
+    from opengem.model.batch import ids_to_rows
+    from opengem.stream.events import KIND_INDEX
+
+    fc = TINY.features
+    L, cat = 120, 5
+    hist = synthetic_batch(TINY, [L], seed=3)
+    seq = {k: v.clone() for k, v in hist.seq.items()}
+    view, conv = (int(ids_to_rows("seq_kind", np.array([KIND_INDEX[x]]), fc)[0]) for x in ("view", "conversion"))
+    seq["kind"][:] = view
+    seq["category"][:] = cat + 1
+    seq["category"][-40:] = cat  # 40 recent views of the category
+    seq["category"][10] = cat
+    seq["kind"][10] = conv  # one old conversion of the category
+    hist = dataclasses.replace(hist, seq=seq)
+    cols = {k: torch.zeros(3, dtype=torch.int64) + hist.sparse[k].values()[0] for k in NONSEQ_KEYS}
+    cols["category"][:] = torch.tensor([cat, cat, cat + 2])  # two ads of the category, one of none of it
+    cols["item_id"][:] = 0
+    cols["advertiser_id"][:] = 0
+    targets = make_kjt(cols)
+    idx, _, mask = truncate_recent(hist.seq_lengths, L)
+    rows = strong_kind_rows(fc)
+    b0, l0, p0, K0, _ = match_positions(hist, idx, mask, targets, 16)
+    assert 10 not in l0.tolist() and K0 == 16
+    b, l, pos, K, lev = match_positions(hist, idx, mask, targets, 16, 4, rows)
+    assert K == 17 and set(b.tolist()) == {0, 1}
+    for r in (0, 1):
+        lr, pr = l[b == r], pos[b == r]
+        assert lr.tolist() == [10] + list(range(L - 16, L))  # the old conversion first, then the recent 16
+        assert pr.tolist() == list(range(17))
+    # the shared-history (server) path gives the same selection as rows that carry the history
+    rep = dataclasses.replace(hist, seq_lengths=hist.seq_lengths.repeat(3),
+                              seq={k: v.repeat(3) for k, v in hist.seq.items()},
+                              sparse=targets, dense=hist.dense.repeat(3, 1), surface_idx=hist.surface_idx.repeat(3),
+                              labels=hist.labels.repeat(3, 1))
+    idx3, _, mask3 = truncate_recent(rep.seq_lengths, L)
+    got = match_positions(rep, idx3, mask3, targets, 16, 4, rows)
+    for x, y in zip(got[:3] + got[4:], (b, l, pos, lev)):
+        torch.testing.assert_close(x, y)
+    assert got[3] == K
+
+
+def test_encode_user_once_equals_represent_per_row_with_strong_search_slots():
+    cfg = replace(TINY, pyramid=replace(TINY.pyramid, search_strong=4))
+    torch.manual_seed(0)
+    m = GemModel(cfg).eval()
+    B, L = 5, 300
+    hist = synthetic_batch(cfg, [L], seed=1)
+    cands = synthetic_batch(cfg, [0] * B, seed=2)
+    cols = {k: cands.sparse[k].values().clone() for k in NONSEQ_KEYS}
+    for k in ("user_id", "age_bucket", "country", "device", "hour", "surface"):
+        cols[k][:] = hist.sparse[k].values()[0]
+    cols["category"][:] = hist.seq["category"][[-1, -50, -120, -200, -299]]
+    cands = dataclasses.replace(cands, sparse=make_kjt(cols), surface_idx=hist.surface_idx.repeat(B))
+    rep = dataclasses.replace(cands, seq_lengths=torch.full((B,), L), seq={k: v.repeat(B) for k, v in hist.seq.items()})
+    with torch.no_grad():
+        shared = m.candidate_logits(m.encode_user(hist), cands)
+        torch.testing.assert_close(shared, m.raw_logits(rep), atol=1e-6, rtol=0)
+    assert "_strong_rows" not in m.state_dict()
