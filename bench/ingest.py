@@ -538,13 +538,19 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
         readers = [reader]
         catch_ups: list[tuple[float, float]] = []  # (start, end) of the follower threads' catch-ups
 
-        def timed(catch_up: Callable[[], None]) -> Callable[[], None]:
-            def timed_catch_up() -> None:
-                t = time.perf_counter()
+        skipped: list[float] = []  # start of catch-ups skipped: the shard's writer wrote nothing since (PrimaryWatch)
+
+        def timed(catch_up: Callable[..., bool]) -> Callable[..., bool]:
+            def timed_catch_up(*args: Any, **kw: Any) -> bool:
+                t, done = time.perf_counter(), True
                 try:
-                    catch_up()
+                    done = catch_up(*args, **kw)
+                    return done
                 finally:
-                    catch_ups.append((t, time.perf_counter()))
+                    if done:
+                        catch_ups.append((t, time.perf_counter()))
+                    else:
+                        skipped.append(t)
             return timed_catch_up
 
         for r in readers:
@@ -604,7 +610,7 @@ def read_sampler(datadir: str, topic: str, heavy: np.ndarray, batch_users: np.nd
                 shutil.rmtree(sec, ignore_errors=True)
         during_ingest["catch_up_spans"] = [c for c in catch_ups if c[0] < t_ingest[1]]
         during_ingest["ingest_span"] = t_ingest
-        return {**during_ingest, "idle": idle,
+        return {**during_ingest, "idle": idle, "catch_ups_skipped": sum(t < t_ingest[1] for t in skipped),
                 "catch_up_s": [b - a for a, b in during_ingest["catch_up_spans"]]}
 
     return during
@@ -827,6 +833,8 @@ def main() -> None:
         # arriving at random (not this closed loop) that would wait for one.
         "catch_up_interval_s": ServeConfig().catch_up_s,
         "catch_up_duty": float(np.sum(reads["catch_up_s"])) / ingest_s,
+        "catch_ups_done": len(reads["catch_up_s"]),
+        "catch_ups_skipped": reads["catch_ups_skipped"],
         "catch_up_p50_ms": ms(reads["catch_up_s"], 50) if reads["catch_up_s"] else None,
         "catch_up_max_ms": float(np.max(reads["catch_up_s"]) * 1e3) if reads["catch_up_s"] else None,
         "batched_read_256_users_ms": ms(reads["batch_s"], 50) if reads["batch_s"] else None,

@@ -146,8 +146,11 @@ class SequenceStoreBase(abc.ABC):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def catch_up(self) -> None:
-        """Readers: see the writer's latest committed writes. Writers: no-op."""
+    def catch_up(self, force: bool = False) -> bool:
+        """Readers: see the writer's latest committed writes (``force``: even when nothing
+        seems new). Returns whether anything was replayed (a backend may skip when it knows
+        nothing is new). Writers: no-op, False."""
+        return False
 
     def close(self) -> None:
         pass

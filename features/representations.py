@@ -32,6 +32,8 @@ from typing import Sequence
 import numpy as np
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from opengem.features.store import PrimaryWatch
+
 _MAGIC = b"R1"
 _HEAD = struct.Struct(">2sHB")
 _ENTRY = struct.Struct(">qI")
@@ -51,6 +53,7 @@ class RepresentationStore:
             raise ValueError("need 1 <= keep <= 255 and 1 <= dim <= 65535")
         self.path, self.dim, self.keep = str(path), dim, keep
         self.read_only = secondary_dir is not None
+        self._watch = PrimaryWatch(self.path)
         opts = Options()
         if self.read_only:
             opts.set_max_open_files(-1)  # required by RocksDB secondary instances
@@ -131,9 +134,17 @@ class RepresentationStore:
                     break
         return out, present
 
-    def catch_up(self) -> None:
-        if self.read_only:
-            self._db.try_catch_up_with_primary()
+    def catch_up(self, force: bool = False) -> bool:
+        """A secondary: replay the writer's new writes; skipped while it wrote nothing
+        (:class:`~opengem.features.store.PrimaryWatch`). Returns whether it caught up."""
+        if not self.read_only:
+            return False
+        state = self._watch.due(force)
+        if state is None:
+            return False
+        self._db.try_catch_up_with_primary()
+        self._watch.caught_up(state)
+        return True
 
     def close(self) -> None:
         self._db.close()

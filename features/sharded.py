@@ -79,17 +79,22 @@ class ShardedReader:
             stores = sorted(self._stores.items())
         return {p: s.applied_offsets() for p, s in stores}
 
-    def catch_up(self) -> None:
+    def catch_up(self, force: bool = False) -> bool:
+        """Open new shards, catch every shard up (each skips while its writer wrote nothing,
+        unless ``force``). Returns whether any shard caught up."""
         self._open_new()
+        done = False
         for s in list(self._stores.values()):
-            s.catch_up()
+            done = bool(s.catch_up(force)) or done
+        return done
 
     def _run(self, interval_s: float) -> None:
         """Every shard once per ``interval_s``, one at a time, evenly spread over the interval.
         rocksdict holds the GIL through a secondary's ``try_catch_up_with_primary`` (measured:
         every other thread of the process stops for it; ~6-12 ms per shard at ~20k events/s into
         the shard, up to ~170 ms when the writer has flushed), so the shards' catch-ups back to
-        back would stall a request thread for their sum; staggered it meets at most one."""
+        back would stall a request thread for their sum; staggered it meets at most one. A shard
+        whose writer wrote nothing since its last catch-up is skipped (``PrimaryWatch``)."""
         k, n = 0, max(1, len(self._stores))
         while not self._stop.wait(interval_s / n):
             try:

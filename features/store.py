@@ -413,6 +413,70 @@ def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return order, s[starts], starts, ends
 
 
+# A secondary catches up at least this often even when the primary's files look unchanged.
+FORCE_CATCH_UP_S = 5.0
+
+
+def _primary_files(path: str) -> tuple | None:
+    """(name, size, mtime_ns) of the files a secondary's catch-up replays from the primary at
+    ``path`` -- write-ahead logs (``*.log``), ``CURRENT``, ``MANIFEST-*`` -- sorted; None when
+    the directory cannot be read (then the caller catches up)."""
+    try:
+        with os.scandir(path) as it:
+            out = []
+            for e in it:
+                n = e.name
+                if n.endswith(".log") or n.startswith("MANIFEST-") or n == "CURRENT":
+                    st = e.stat()
+                    out.append((n, st.st_size, st.st_mtime_ns))
+    except OSError:
+        return None
+    out.sort()
+    return tuple(out)
+
+
+class PrimaryWatch:
+    """Whether a RocksDB secondary of the primary at ``path`` has anything to catch up with.
+
+    rocksdict holds the GIL through ``try_catch_up_with_primary`` -- ~1.2 ms per shard even
+    with nothing new -- so an idle shard's catch-ups stalled every thread of a server or
+    trainer for nothing. What a catch-up replays is in the primary's write-ahead logs
+    (appended by every write), ``CURRENT`` and the MANIFEST (every flush or compaction): while
+    their names, sizes and modification times are those of the last catch-up
+    (:func:`_primary_files`, one directory scan), there is nothing new. Usage::
+
+        state = watch.due(force)      # None: skip
+        if state is not None:
+            db.try_catch_up_with_primary()
+            watch.caught_up(state)
+
+    The state is taken before the catch-up, so a write during it is caught up next time.
+    ``force``, or ``FORCE_CATCH_UP_S`` since the last catch-up (file systems whose attributes
+    lag, e.g. NFS attribute caching), catches up whatever the files say.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._state: tuple | None = None
+        self._at = -float("inf")
+
+    def due(self, force: bool = False) -> tuple | None:
+        """The primary's current state when a catch-up is due, else None."""
+        from opengem.ops import metrics
+
+        state = _primary_files(self.path)
+        if force or state is None or state != self._state or time.monotonic() - self._at >= FORCE_CATCH_UP_S:
+            return state if state is not None else ()
+        metrics.STORE_CATCH_UPS.labels("skipped").inc()
+        return None
+
+    def caught_up(self, state: tuple) -> None:
+        from opengem.ops import metrics
+
+        metrics.STORE_CATCH_UPS.labels("done").inc()
+        self._state, self._at = (state or None), time.monotonic()
+
+
 class SequenceStore(SequenceStoreBase):
     """The RocksDB backend. ``SequenceStore(path)`` is the writer;
     :meth:`open_reader` opens a read-only RocksDB secondary instance."""
@@ -431,6 +495,7 @@ class SequenceStore(SequenceStoreBase):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._attrs_lock = threading.Lock()  # one _fetch_attrs at a time (a read thread, the follower)
+        self._watch = PrimaryWatch(self.path)  # a secondary's catch_up skips while the primary is unchanged
         cache = Cache(cfg.block_cache_bytes)  # one block cache for both column families
         cfs = {ITEMS_CF: _options(cfg, secondary=self.read_only, cache=cache)}
         if self.read_only:
@@ -1161,18 +1226,26 @@ class SequenceStore(SequenceStoreBase):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def catch_up(self) -> None:
+    def catch_up(self, force: bool = False) -> bool:
         """Secondary: replay what the writer wrote since the last catch-up, then read the new
         item attribute keys here rather than in the next read that meets their items (a
-        merged key can hold the whole table: decoding it took a read ~7 ms during ingest)."""
-        if self.read_only:
-            from opengem.ops import metrics
+        merged key can hold the whole table: decoding it took a read ~7 ms during ingest).
+        Skipped while the writer has written nothing since (:class:`PrimaryWatch`; ``force``:
+        catch up anyway). Returns whether it caught up."""
+        if not self.read_only:
+            return False
+        from opengem.ops import metrics
 
-            t = time.perf_counter()
-            self._db.try_catch_up_with_primary()
-            metrics.STORE_CATCH_UP_SECONDS.observe(time.perf_counter() - t)
-            if self._attrs is not None:
-                self._fetch_attrs(fold="soon")
+        state = self._watch.due(force)
+        if state is None:
+            return False
+        t = time.perf_counter()
+        self._db.try_catch_up_with_primary()
+        metrics.STORE_CATCH_UP_SECONDS.observe(time.perf_counter() - t)
+        self._watch.caught_up(state)
+        if self._attrs is not None:
+            self._fetch_attrs(fold="soon")
+        return True
 
     def _follow(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):

@@ -69,13 +69,36 @@ class FMBlock(nn.Module):
     def finish_t(self, zt: torch.Tensor) -> torch.Tensor:
         """:meth:`finish` of the interaction in transposed order: ``zt`` (B, k, n_in) = zᵀ per
         row, flattened as it lies. The norm's and the first linear's weights are read in that
-        order instead of copying zt into z's (the norm's statistics do not depend on it)."""
+        order (permuted once per weight version, :func:`_derived`) instead of copying zt into
+        z's (the norm's statistics do not depend on the order)."""
         B = zt.shape[0]
-        o = self._t_order
         n, lin, act, out = self.norm, self.mlp[0], self.mlp[1], self.mlp[2]
-        h = nn.functional.layer_norm(zt.reshape(B, -1), n.normalized_shape, n.weight[o], n.bias[o], n.eps)
-        h = out(act(nn.functional.linear(h, lin.weight[:, o], lin.bias)))
+        nw, nb, lw = _derived(self, (n.weight, n.bias, lin.weight), self._permuted)
+        h = nn.functional.layer_norm(zt.reshape(B, -1), n.normalized_shape, nw, nb, n.eps)
+        h = out(act(nn.functional.linear(h, lw, lin.bias)))
         return h.view(B, self.n_fm, self.d)
+
+    def _permuted(self) -> tuple[torch.Tensor, ...]:
+        o = self._t_order
+        return self.norm.weight[o], self.norm.bias[o], self.mlp[0].weight[:, o].contiguous()
+
+
+def _derived(owner: nn.Module, params: tuple[torch.Tensor, ...], make) -> tuple[torch.Tensor, ...]:
+    """``make()`` -- inference-only tensors derived from ``params`` (permuted or summed weights)
+    -- computed once per version of those parameters and kept on ``owner`` (not in its state
+    dict). Any in-place change (an optimizer step, ``load_state_dict``) bumps a parameter's
+    ``_version``, and a new tensor changes its ``data_ptr``: either makes it compute anew. With
+    autograd on, ``make()`` runs every time (the derived tensors must stay in the graph), and so
+    it does for parameters made under ``torch.inference_mode`` (they have no version counter)."""
+    if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+        return make()
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = owner.__dict__.get("_derived_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make())
+        owner.__dict__["_derived_cache"] = cached
+    return cached[1]
 
 
 class LCBlock(nn.Module):
@@ -112,21 +135,47 @@ class WukongLayer(nn.Module):
         """The same layer with its three mixes over the embedding axis -- the FM projection
         Yᵀ X, the LCB's W X, the residual's R X -- as one matmul: one pass over x
         instead of three (what the PyTorch path costs most on many rows)."""
+        if not torch.is_grad_enabled():
+            return self._forward_inference(x)
         k, m = self.fmb.proj.shape[1], self.lcb.weight.shape[0]
         mixes = [self.fmb.proj.t(), self.lcb.weight] + ([] if self.res is None else [self.res])
         mixed = torch.matmul(torch.cat(mixes), x)  # (B, k + n_lcb [+ n_out], d)
-        if torch.is_grad_enabled():
-            z = torch.bmm(x, mixed[:, :k].transpose(1, 2)).flatten(1)  # (B, n_in * k) = fm_interaction(x, Y)
-            fm = self.fmb.finish(z)
-        else:
-            # Inference (the server): fm_interaction(x, Y) transposed, (B, k, n_in). bmm with the
-            # small k x d operand first ran ~1.7x faster on CPU (500 x 25 x 32, k = 8: ~390 ->
-            # ~220 us, one thread). Not in training: there the permuted weights' backward (a
-            # scatter-add per step) made a base step slower (523 / 436 / 445 -> 575 / 537 / 469 ms).
-            fm = self.fmb.finish_t(torch.bmm(mixed[:, :k], x.transpose(1, 2)))
-        y = torch.cat([fm, mixed[:, k:k + m]], dim=1)  # (B, n_out, d)
+        z = torch.bmm(x, mixed[:, :k].transpose(1, 2)).flatten(1)  # (B, n_in * k) = fm_interaction(x, Y)
+        y = torch.cat([self.fmb.finish(z), mixed[:, k:k + m]], dim=1)  # (B, n_out, d)
         r = x if self.res is None else mixed[:, k + m:]
         return self.norm(y + r)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_forward_fused` without autograd (the server), in fewer passes over x:
+
+        * the LCB folded into the residual: ``FMB ‖ LCB + R X`` = ``(FMB + R_fm X) ‖ (W + R_lcb) X``
+          (rows n_fm: of R; with the identity residual, W plus the rows of the identity that
+          select x's last n_lcb tokens), so x is mixed by k + n_out rows (24 at base, was 32) and
+          only the FM's n_fm tokens take an add;
+        * the FM interaction transposed, (B, k, n_in): bmm with the small k x d operand first
+          ran ~1.7x faster on CPU (500 x 25 x 32, k = 8: ~390 -> ~220 us, one thread), and
+          :meth:`FMBlock.finish_t` reads it in that order. Not in training: there the permuted
+          weights' backward (a scatter-add per step) made a base step slower (523 / 436 / 445
+          -> 575 / 537 / 469 ms).
+        """
+        k, nf = self.fmb.proj.shape[1], self.fmb.n_fm
+        mix = _derived(self, (self.fmb.proj, self.lcb.weight) + (() if self.res is None else (self.res,)),
+                       self._inference_mix)[0]
+        mixed = torch.matmul(mix, x)  # (B, k + [n_fm +] n_lcb, d)
+        fm = self.fmb.finish_t(torch.bmm(mixed[:, :k], x.transpose(1, 2)))  # (B, n_fm, d)
+        if self.res is None:
+            y = torch.cat([fm + x[:, :nf], mixed[:, k:]], dim=1)
+        else:
+            y = torch.cat([fm + mixed[:, k:k + nf], mixed[:, k + nf:]], dim=1)
+        return self.norm(y)  # (B, n_out, d)
+
+    def _inference_mix(self) -> tuple[torch.Tensor]:
+        """[Yᵀ ‖ R_fm ‖ W + R_lcb] (k + n_out, n_in), or [Yᵀ ‖ W + I_lcb] with the identity residual."""
+        nf, w = self.fmb.n_fm, self.lcb.weight
+        if self.res is None:
+            eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)[nf:]  # selects x[:, n_fm:]
+            return (torch.cat([self.fmb.proj.t(), w + eye]),)
+        return (torch.cat([self.fmb.proj.t(), self.res[:nf], w + self.res[nf:]]),)
 
 
 class WukongArch(nn.Module):

@@ -158,6 +158,10 @@ STORE_CATCH_UP_SECONDS = Histogram(
     "A sequence-store secondary's catch-up with the stream worker (rocksdict holds the GIL through it: "
     "the reader process's other threads wait)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=REGISTRY)
+STORE_CATCH_UPS = Counter(
+    "opengem_store_catch_ups_total",
+    "A sequence-store secondary's catch-ups by result: done, or skipped because the writer's files "
+    "(write-ahead logs, MANIFEST) had not changed since the last one", ["result"], registry=REGISTRY)
 GC_PAUSE_SECONDS = Histogram(
     "opengem_gc_pause_seconds", "Garbage collections (every thread of the process waits), by generation",
     ["generation"], buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),

@@ -70,13 +70,13 @@ class Ranker:
             probs = scorer.probs(rb).double().numpy()
         finally:
             self._slots.release()
-        bids = np.fromiter((c.bid for c in q.candidates), np.float64, len(q.candidates))
+        bids = q.columns.bid
         values = bids * probs[:, tasks.index(value_task)]
         cols = [tasks.index(t) for t in q.tasks] if q.tasks else list(range(len(tasks)))
         return RankResult(
             model_version=scorer.loaded.version, model_kind=scorer.loaded.kind,
             tasks=tuple(tasks[i] for i in cols), value_task=value_task,
-            ad_ids=np.fromiter((c.ad_id for c in q.candidates), np.int64, len(q.candidates)),
+            ad_ids=q.columns.ad_id,
             scores=probs[:, cols], values=values, order=np.argsort(-values, kind="stable"),
             history_events=rb.history_events, request_id=q.request_id,
         )

@@ -32,6 +32,7 @@ a version where they disagree is served through ``predict`` instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -72,6 +73,60 @@ class AdCandidate(NamedTuple):
     bid: float = 1.0
 
 
+class CandidateColumns(NamedTuple):
+    """A request's candidates as columns, each (B,): ad_id, advertiser_id and category int64
+    (-1: not given), ad_format int64 (an index into AD_FORMATS; -1: not given), bid float64,
+    given int64 bits (1 advertiser_id, 2 category, 4 ad_format). Built with a few C-level
+    passes (the candidates are tuples); at 500 candidates the per-candidate Python of
+    validation and attribute columns cost ~1 ms a request."""
+
+    ad_id: np.ndarray
+    advertiser_id: np.ndarray
+    category: np.ndarray
+    ad_format: np.ndarray
+    bid: np.ndarray
+    given: np.ndarray
+
+
+def _int_column(col: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Ints or None -> (int64 column with -1 for None, bool "given"). Raises TypeError /
+    ValueError / OverflowError for anything else (the caller then checks value by value)."""
+    n = len(col)
+    missing = col.count(None)
+    if missing == n:
+        return np.full(n, -1, np.int64), np.zeros(n, bool)
+    if missing:
+        given = np.fromiter((v is not None for v in col), bool, n)
+        col = tuple(-1 if v is None else v for v in col)
+    else:
+        given = np.ones(n, bool)
+    if not all(type(v) is int for v in col):  # no bools, floats or strings through np.array
+        raise TypeError("not all ints")
+    return np.array(col, np.int64), given
+
+
+def candidate_columns(cands: Sequence[AdCandidate]) -> CandidateColumns:
+    """The candidates as :class:`CandidateColumns`. Raises TypeError / ValueError /
+    OverflowError / KeyError for values no column can hold (not ints, an unknown ad format):
+    :func:`validate` then reports the first one by candidate."""
+    n = len(cands)
+    if not n:
+        e = np.zeros(0, np.int64)
+        return CandidateColumns(e, e, e, e, np.zeros(0), e)
+    ad, adv, cat, fmt, bid = zip(*cands)
+    ad_id, _ = _int_column(ad)
+    if ad_id.min() < 0:  # -1 would read as "not given"
+        raise ValueError("negative ad_id")
+    advertiser_id, g_adv = _int_column(adv)
+    category, g_cat = _int_column(cat)
+    g_fmt = np.fromiter((f is not None for f in fmt), bool, n)
+    ad_format = np.fromiter((-1 if f is None else _FMT_CODE[f] for f in fmt), np.int64, n)
+    if not all(type(b) in (float, int) for b in bid):
+        raise TypeError("bid not a number")
+    given = g_adv.astype(np.int64) + 2 * g_cat + 4 * g_fmt
+    return CandidateColumns(ad_id, advertiser_id, category, ad_format, np.array(bid, np.float64), given)
+
+
 @dataclass(frozen=True)
 class RankQuery:
     """A validated-shape ranking request (values are checked by :func:`validate`)."""
@@ -87,6 +142,11 @@ class RankQuery:
     tasks: tuple[str, ...] = ()  # empty: all of the model's
     value_task: str = ""  # empty: the server's default
     request_id: str = ""
+
+    @functools.cached_property
+    def columns(self) -> CandidateColumns:
+        """:func:`candidate_columns` of the candidates, built once (raises as it does)."""
+        return candidate_columns(self.candidates)
 
 
 def _check_int(what: str, v: int | None, lo: int, hi: int) -> None:
@@ -120,7 +180,10 @@ def validate(q: RankQuery, *, surfaces: Sequence[str], tasks: Sequence[str], max
     for t in q.tasks + ((q.value_task,) if q.value_task else ()):
         if t not in tasks:
             raise RequestError(f"unknown task {t!r}; the model has {list(tasks)}")
-    for i, c in enumerate(q.candidates):
+    bad = _first_bad_candidate(q)
+    if bad is None:
+        return
+    for i, c in enumerate(q.candidates[bad:], start=bad):  # its message, by the rules below
         _check_int(f"candidates[{i}].ad_id", c.ad_id, 0, MAX_ID)
         _check_int(f"candidates[{i}].advertiser_id", c.advertiser_id, 0, MAX_ID)
         _check_int(f"candidates[{i}].category", c.category, 0, 2**31 - 1)
@@ -128,6 +191,23 @@ def validate(q: RankQuery, *, surfaces: Sequence[str], tasks: Sequence[str], max
             raise RequestError(f"candidates[{i}].ad_format={c.ad_format!r} not one of {list(AD_FORMATS)}")
         if not (math.isfinite(c.bid) and c.bid >= 0):
             raise RequestError(f"candidates[{i}].bid={c.bid} must be finite and >= 0")
+    raise RequestError(f"candidates[{bad}:] cannot be read as id / attribute / bid columns")
+
+
+def _first_bad_candidate(q: RankQuery) -> int | None:
+    """Index of the first candidate :func:`validate`'s per-candidate rules refuse (None: none),
+    checked on the columns; 0 when the columns cannot even be built (then every candidate is
+    checked one by one)."""
+    try:
+        c = q.columns
+    except (TypeError, ValueError, OverflowError, KeyError):
+        return 0
+    ok = (c.ad_id <= MAX_ID) & (c.ad_id >= 0)
+    ok &= ((c.given & 1) == 0) | ((c.advertiser_id >= 0) & (c.advertiser_id <= MAX_ID))
+    ok &= ((c.given & 2) == 0) | ((c.category >= 0) & (c.category <= 2**31 - 1))
+    ok &= np.isfinite(c.bid) & (c.bid >= 0)
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if bad.size else None
 
 
 # --------------------------------------------------------------------------- featurize
@@ -234,15 +314,9 @@ def attributes(q: RankQuery, reader: Any, items: ItemAttributeCache | None = Non
         age = age if age is not None else (int(uf.age_bucket[0]) if uf.age_bucket[0] >= 0 else None)
         country = country if country is not None else country_name(int(uf.country[0]))
         device = device if device is not None else (DEVICES[uf.device[0]] if uf.device[0] >= 0 else None)
-    cands = q.candidates
-    B = len(cands)
-    ad = np.fromiter((c.ad_id for c in cands), np.int64, B)
-    opt = lambda v: -1 if v is None else v  # noqa: E731
-    adv = np.fromiter((opt(c.advertiser_id) for c in cands), np.int64, B)
-    cat = np.fromiter((opt(c.category) for c in cands), np.int64, B)
-    fmt = np.fromiter((-1 if c.ad_format is None else _FMT_CODE[c.ad_format] for c in cands), np.int64, B)
-    given = np.fromiter(((c.advertiser_id is not None) + 2 * (c.category is not None) + 4 * (c.ad_format is not None)
-                         for c in cands), np.int64, B)
+    col = q.columns
+    ad, given = col.ad_id, col.given
+    adv, cat, fmt = col.advertiser_id.copy(), col.category.copy(), col.ad_format.copy()  # filled in below
     missing = np.flatnonzero(given != 7)
     if missing.size:
         try:

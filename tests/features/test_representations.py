@@ -46,9 +46,13 @@ def test_a_secondary_reader_catches_up(tmp_path):
         assert r.get([7], 11)[1].tolist() == [True]
         w.put([8], np.array([[1.0, 2.0]]), ts_ms=20, version=2)
         assert r.get([8], 21)[1].tolist() == [False]
-        r.catch_up()
+        assert r.catch_up()
         v, p = r.get([8], 21)
         assert p.tolist() == [True] and v[0].tolist() == [1.0, 2.0]
+        assert not r.catch_up()  # nothing written since: skipped (it would hold the GIL for nothing)
+        w.put([8], np.array([[3.0, 4.0]]), ts_ms=30, version=3)
+        assert r.catch_up()
+        assert r.get([8], 31)[0][0].tolist() == [3.0, 4.0]
         with pytest.raises(PermissionError):
             r.put([1], np.zeros((1, 2)), 1, 1)
     finally:

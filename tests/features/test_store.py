@@ -426,6 +426,34 @@ def test_writer_and_reader_reads_are_identical(tmp_path: Path) -> None:
         w.close()
 
 
+def test_catch_up_is_skipped_while_the_writer_wrote_nothing(tmp_path: Path) -> None:
+    """A secondary's catch-up holds the GIL (rocksdict); with nothing new it is skipped, and any
+    write -- one small commit, a flush to an SST, a compaction -- makes the next one happen."""
+    rng = np.random.default_rng(6)
+    w = SequenceStore(tmp_path / "db", SMALL)
+    w.apply(make_events(rng, 20, users=3), (0, 0))
+    r = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", SMALL)
+    try:
+        assert r.catch_up()  # the first one always runs
+        assert not r.catch_up() and not r.catch_up()  # nothing written since
+        for off in range(1, 4):  # every commit is seen, however small
+            w.apply(make_events(rng, 1, users=3, t0=T0 + off * 10**7), (0, off))
+            assert r.catch_up()
+            assert r.applied_offset(0) == off
+            assert all(w.read(u).equals(r.read(u)) for u in range(4))
+            assert not r.catch_up()
+        w.flush()  # memtable -> SST, a new MANIFEST entry and write-ahead log
+        assert r.catch_up()
+        w.compact()
+        assert r.catch_up()
+        assert all(w.read(u).equals(r.read(u)) for u in range(4))
+        assert r.catch_up(force=True)  # forced: runs even with nothing new
+        assert not w.catch_up()  # the writer has nothing to catch up with
+    finally:
+        r.close()
+        w.close()
+
+
 READER_SCRIPT = textwrap.dedent("""
     import hashlib, sys, time
     from opengem.features import SequenceStore, StoreConfig

@@ -55,3 +55,30 @@ def test_the_fused_cpu_layer_equals_its_blocks_in_values_and_gradients():
             torch.testing.assert_close(a, b)
         with torch.no_grad():  # the inference form (the FM interaction transposed)
             torch.testing.assert_close(layer(x), want.detach())
+
+
+def test_the_inference_path_follows_weight_updates():
+    """The inference form keeps weights derived from the parameters (the LCB folded into the
+    residual, the FM MLP's permuted weights) per parameter version: after an optimizer step or
+    a load_state_dict it must compute with the new weights, not the cached ones."""
+    from opengem.model.wukong import WukongLayer
+
+    torch.manual_seed(1)
+    for n_in in (9, 7):
+        layer = WukongLayer(n_in, 6, WukongConfig(n_fm=3, n_lcb=4, rank=5))
+        x = torch.randn(4, n_in, 6)
+        with torch.no_grad():
+            before = layer(x)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        layer(x).square().sum().backward()  # the training form
+        opt.step()
+        with torch.no_grad():
+            after = layer(x)
+        want = layer(x).detach()  # the training form, with the updated weights
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, want)
+        other = WukongLayer(n_in, 6, WukongConfig(n_fm=3, n_lcb=4, rank=5))
+        want = other(x).detach()  # the training form of the other weights
+        layer.load_state_dict(other.state_dict())
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), want)

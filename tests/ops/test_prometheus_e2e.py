@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opengem.ops import promserver
+from opengem.ops import metrics, promserver
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +165,14 @@ def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
                 examples = _read_examples(boot)
                 assert examples and ex_end > 0
 
-                # Rank calls: the serving metrics count them.
+                # Rank calls: the serving metrics count them. The counter lives in this process's
+                # registry, which earlier tests in the same pytest run may have counted into.
+                def served() -> dict[str, float]:
+                    return {m.labels["code"]: m.value for fam in metrics.REGISTRY.collect()
+                            if fam.name == "opengem_serve_requests" for m in fam.samples
+                            if m.name == "opengem_serve_requests_total"}
+
+                served_before = served()
                 with RankClient(f"127.0.0.1:{ends.grpc_port}", timeout_s=30) as client:
                     for ex in examples[:5]:
                         client.rank(ex.user_id, ex.surface, [ex.item_id, ex.item_id + 1], context={"ts_ms": ex.ts + 1})
@@ -230,7 +237,10 @@ def test_prometheus_scrapes_the_funnel_and_the_served_models_quality(tmp_path):
                     (got := _by(prom.url, 'sum by (group, topic) (opengem_kafka_consumer_lag_records)', "group", "topic"))
                     .get(("opengem-monitor", "opengem.examples")) == 0.0, got), 30, procs)
                 assert ("opengem-stream", "opengem.events") in lag
-                assert _by(prom.url, 'sum by (code) (opengem_serve_requests_total{job="opengem-serve"})', "code") == {"OK": 5.0}
+                want_codes = dict(served_before)
+                want_codes["OK"] = want_codes.get("OK", 0.0) + 5.0
+                assert _by(prom.url, 'sum by (code) (opengem_serve_requests_total{job="opengem-serve"})', "code") == \
+                    want_codes
                 assert _by(prom.url, "up", "job") == {"opengem-stream": 1.0, "opengem-serve": 1.0,
                                                       "opengem-monitor": 1.0}
                 # every shipped rule evaluates without error on real series

@@ -161,6 +161,56 @@ def test_validation_names_the_problem(change, msg):
         validate(dataclasses.replace(q, **change), **kw)
 
 
+def _scalar_rules(cands) -> str | None:
+    """validate's per-candidate rules, one candidate at a time (what the columnar check must
+    agree with): the message of the first refused candidate, None if all pass."""
+    for i, c in enumerate(cands):
+        for name, v, hi in (("ad_id", c.ad_id, 2**63 - 1), ("advertiser_id", c.advertiser_id, 2**63 - 1),
+                            ("category", c.category, 2**31 - 1)):
+            if v is not None and not 0 <= v <= hi:
+                return f"candidates[{i}].{name}"
+        if c.ad_format is not None and c.ad_format not in AD_FORMATS:
+            return f"candidates[{i}].ad_format"
+        if not (np.isfinite(c.bid) and c.bid >= 0):
+            return f"candidates[{i}].bid"
+    return None
+
+
+def test_columnar_candidate_checks_refuse_the_first_bad_candidate_as_the_rules_do():
+    """validate checks the candidates as columns; it must refuse exactly what the per-candidate
+    rules refuse and name the same (first) candidate and field, whatever else is wrong later."""
+    rng = np.random.default_rng(0)
+    kw = dict(surfaces=("feed",), tasks=("click", "conversion"), max_candidates=1000, now_ms=1_700_000_000_000)
+    bad_values = [("ad_id", -3), ("ad_id", 2**63), ("advertiser_id", -1), ("advertiser_id", 2**64),
+                  ("category", 2**31), ("category", -7), ("ad_format", "gif"), ("bid", float("inf")),
+                  ("bid", -0.5), ("bid", float("nan"))]
+    for trial in range(60):
+        n = int(rng.integers(1, 300))
+        cands = [AdCandidate(ad_id=int(rng.integers(0, 10**12)),
+                             advertiser_id=None if rng.random() < 0.5 else int(rng.integers(0, 10**6)),
+                             category=None if rng.random() < 0.5 else int(rng.integers(0, 2**31)),
+                             ad_format=None if rng.random() < 0.5 else AD_FORMATS[int(rng.integers(0, len(AD_FORMATS)))],
+                             bid=float(rng.random() * 3)) for _ in range(n)]
+        for _ in range(int(rng.integers(0, 3))):  # 0, 1 or 2 bad fields anywhere
+            field, value = bad_values[int(rng.integers(0, len(bad_values)))]
+            i = int(rng.integers(0, n))
+            cands[i] = cands[i]._replace(**{field: value})
+        q = RankQuery(user_id=1, surface="feed", candidates=tuple(cands), ts_ms=1_700_000_000_000)
+        want = _scalar_rules(cands)
+        if want is None:
+            validate(q, **kw)
+            c = q.columns
+            assert c.ad_id.tolist() == [x.ad_id for x in cands]
+            assert c.advertiser_id.tolist() == [-1 if x.advertiser_id is None else x.advertiser_id for x in cands]
+            assert c.bid.tolist() == [x.bid for x in cands]
+            assert c.given.tolist() == [(x.advertiser_id is not None) + 2 * (x.category is not None)
+                                        + 4 * (x.ad_format is not None) for x in cands]
+        else:
+            with pytest.raises(RequestError) as e:
+                validate(q, **kw)
+            assert str(e.value).startswith(want + "="), (str(e.value), want)
+
+
 def test_canary_rejects_a_model_with_nan_weights():
     model = GemModel(preset("tiny")).eval()
     canary_check(Scorer(_loaded(model, "gem")))
