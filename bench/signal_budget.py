@@ -144,10 +144,10 @@ def render_md(paths: list[str], experiments: list[str] = ()) -> list[str]:
     """The report section (docs/model-results.md) from signal_budget JSONs; ``experiments``:
     model_quality JSONs of the runs on those datasets (for their NE), matched by dataset."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    runs = {}
+    runs: dict[str, list[tuple[str, dict]]] = {}  # dataset fingerprint -> the runs on it, in the order given
     for e in experiments:
         d = json.loads(Path(e).read_text())
-        runs[d.get("dataset", {}).get("fingerprint")] = (e, d)
+        runs.setdefault(d.get("dataset", {}).get("fingerprint"), []).append((e, d))
     L: list[str] = []
     w = L.append
     w("## What the data rewards: the signal budget\n")
@@ -190,15 +190,23 @@ def render_md(paths: list[str], experiments: list[str] = ()) -> list[str]:
             w(f"Intent priced in on active rows with gap {k_in} (the pyramid's reach beyond the no-pyramid "
               f"branch's 256) minus that on not-yet-active rows of the same intent (the same users and categories; "
               f"mean over seeds): " + ", ".join(parts) + ".\n")
-        run = runs.get(c["dataset"])
-        if run:
-            e, rd = run
-            w(f"Test NE of the models trained on this dataset (`{e}`):\n")
-            w("| model | NE click | NE conversion | AUC conversion |")
-            w("| --- | --- | --- | --- |")
-            for m, r in rd["models"].items():
-                a = r["all"]
-                w(f"| {m} | {a['click']['ne']:.4f} | {a['conversion']['ne']:.4f} | {a['conversion']['auc']:.4f} |")
+        on_it = runs.get(c["dataset"], [])
+        if on_it:
+            names = ", ".join(f"`{e}`" for e, _ in on_it)
+            w(f"Test NE of the models trained on this dataset ({names}; NE − gem with its bootstrap 95 % "
+              "interval where the run has GEM's result to compare with):\n")
+            w("| model | NE click | NE conversion | AUC conversion | click NE − gem [95 %] | conversion NE − gem [95 %] | run |")
+            w("| --- | --- | --- | --- | --- | --- | --- |")
+            for e, rd in on_it:
+                for m, r in rd["models"].items():
+                    a = r["all"]
+                    ci = rd.get("ne_delta_vs_gem_ci", {}).get(m, {})
+
+                    def delta(task: str) -> str:
+                        x = ci.get(task, {}).get("all")
+                        return f"{x['delta']:+.4f} [{x['lo']:+.4f}, {x['hi']:+.4f}]" if x else ""
+                    w(f"| {m} | {a['click']['ne']:.4f} | {a['conversion']['ne']:.4f} | "
+                      f"{a['conversion']['auc']:.4f} | {delta('click')} | {delta('conversion')} | `{Path(e).name}` |")
             w("")
         png = Path(c.get("plot", ""))
         if png.name:
