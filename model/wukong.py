@@ -69,8 +69,8 @@ class FMBlock(nn.Module):
     def finish_t(self, zt: torch.Tensor) -> torch.Tensor:
         """:meth:`finish` of the interaction in transposed order: ``zt`` (B, k, n_in) = zᵀ per
         row, flattened as it lies. The norm's and the first linear's weights are read in that
-        order (permuted once per weight version, :func:`_derived`) instead of copying zt into
-        z's (the norm's statistics do not depend on the order)."""
+        order (permuted once for a served model, :func:`freeze_derived`) instead of copying zt
+        into z's (the norm's statistics do not depend on the order)."""
         B = zt.shape[0]
         n, lin, act, out = self.norm, self.mlp[0], self.mlp[1], self.mlp[2]
         nw, nb, lw = _derived(self, (n.weight, n.bias, lin.weight), self._permuted)
@@ -84,21 +84,36 @@ class FMBlock(nn.Module):
 
 
 def _derived(owner: nn.Module, params: tuple[torch.Tensor, ...], make) -> tuple[torch.Tensor, ...]:
-    """``make()`` -- inference-only tensors derived from ``params`` (permuted or summed weights)
-    -- computed once per version of those parameters and kept on ``owner`` (not in its state
-    dict). Any in-place change (an optimizer step, ``load_state_dict``) bumps a parameter's
-    ``_version``, and a new tensor changes its ``data_ptr``: either makes it compute anew. With
-    autograd on, ``make()`` runs every time (the derived tensors must stay in the graph), and so
-    it does for parameters made under ``torch.inference_mode`` (they have no version counter)."""
-    if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+    """``make()`` -- inference-only tensors derived from ``params`` (permuted or summed weights).
+
+    Computed every call unless ``owner`` was marked by :func:`freeze_derived` (a served
+    version, whose weights no longer change) and autograd is off: then computed once and kept
+    on ``owner`` (not in its state dict), again only if a parameter was replaced or changed in
+    place through autograd's view of it (``data_ptr``, ``_version``; a load_state_dict). Version
+    counters alone would not do for a model in training: a fused Adam step and writes through
+    ``.data`` change weights without bumping them."""
+    if torch.is_grad_enabled() or not owner.__dict__.get("_derived_frozen", False):
         return make()
-    key = tuple((p.data_ptr(), p._version) for p in params)
+    key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in params)
     cached = owner.__dict__.get("_derived_cache")
     if cached is None or cached[0] != key:
         with torch.no_grad():
             cached = (key, make())
         owner.__dict__["_derived_cache"] = cached
     return cached[1]
+
+
+def freeze_derived(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Mark ``model``'s Wukong layers as serving-only (``frozen``) or not: a frozen layer's
+    inference form keeps the weights it derives (the LCB folded into the residual, the FM MLP's
+    permuted weights) instead of deriving them every call (~0.5 ms of a 500-candidate base
+    request). Only for weights that no longer change -- the server calls it on every version
+    it loads; a model that trains again must be unfrozen first. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, (FMBlock, WukongLayer)):
+            m.__dict__["_derived_frozen"] = frozen
+            m.__dict__.pop("_derived_cache", None)
+    return model
 
 
 class LCBlock(nn.Module):
@@ -151,7 +166,8 @@ class WukongLayer(nn.Module):
         * the LCB folded into the residual: ``FMB ‖ LCB + R X`` = ``(FMB + R_fm X) ‖ (W + R_lcb) X``
           (rows n_fm: of R; with the identity residual, W plus the rows of the identity that
           select x's last n_lcb tokens), so x is mixed by k + n_out rows (24 at base, was 32) and
-          only the FM's n_fm tokens take an add;
+          only the FM's n_fm tokens take an add; the folded matrix is kept for a served model
+          (:func:`freeze_derived`);
         * the FM interaction transposed, (B, k, n_in): bmm with the small k x d operand first
           ran ~1.7x faster on CPU (500 x 25 x 32, k = 8: ~390 -> ~220 us, one thread), and
           :meth:`FMBlock.finish_t` reads it in that order. Not in training: there the permuted

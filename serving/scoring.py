@@ -49,6 +49,7 @@ from opengem.model.data import examples_batch
 from opengem.model.gem import GemModel
 from opengem.model.heads import funnel_probs
 from opengem.model.registry import LoadedModel
+from opengem.model.wukong import freeze_derived
 from opengem.stream.events import AD_FORMATS, DEVICES, MAX_ID, MIN_TS_MS
 from opengem.stream.joiner import Example
 
@@ -453,6 +454,7 @@ class Scorer:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         m = loaded.model
+        freeze_derived(m)  # a served version's weights never change: Wukong keeps what it derives
         self.uses_history = isinstance(m, GemModel) and m.cfg.use_sequence
         self.shared = self.uses_history  # cleared by canary_check if it disagrees with predict
 

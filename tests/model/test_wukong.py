@@ -58,18 +58,22 @@ def test_the_fused_cpu_layer_equals_its_blocks_in_values_and_gradients():
 
 
 def test_the_inference_path_follows_weight_updates():
-    """The inference form keeps weights derived from the parameters (the LCB folded into the
-    residual, the FM MLP's permuted weights) per parameter version: after an optimizer step or
-    a load_state_dict it must compute with the new weights, not the cached ones."""
-    from opengem.model.wukong import WukongLayer
+    """The inference form derives weights from the parameters (the LCB folded into the
+    residual, the FM MLP's permuted weights). In training it derives them every call, so it
+    follows every optimizer -- a fused Adam step changes weights without bumping their version
+    counters; frozen for serving (freeze_derived) it keeps them, and still follows a
+    load_state_dict."""
+    from opengem.model.wukong import WukongLayer, freeze_derived
 
     torch.manual_seed(1)
-    for n_in in (9, 7):
+    optimizers = [lambda ps: torch.optim.SGD(ps, lr=0.5), lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=True),
+                  lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True)]  # the trainer's dense optimizer is Adam
+    for n_in, make_opt in ((9, optimizers[0]), (7, optimizers[0]), (9, optimizers[1]), (7, optimizers[2])):
         layer = WukongLayer(n_in, 6, WukongConfig(n_fm=3, n_lcb=4, rank=5))
         x = torch.randn(4, n_in, 6)
         with torch.no_grad():
             before = layer(x)
-        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        opt = make_opt(list(layer.parameters()))
         layer(x).square().sum().backward()  # the training form
         opt.step()
         with torch.no_grad():
@@ -77,6 +81,13 @@ def test_the_inference_path_follows_weight_updates():
         want = layer(x).detach()  # the training form, with the updated weights
         assert not torch.allclose(after, before)
         torch.testing.assert_close(after, want)
+
+        freeze_derived(layer)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), want)
+            kept = layer.__dict__["_derived_cache"][1][0]
+            layer(x)
+            assert layer.__dict__["_derived_cache"][1][0] is kept  # derived once, then kept
         other = WukongLayer(n_in, 6, WukongConfig(n_fm=3, n_lcb=4, rank=5))
         want = other(x).detach()  # the training form of the other weights
         layer.load_state_dict(other.state_dict())
