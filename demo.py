@@ -403,7 +403,7 @@ class MetricsRecorder(_Thread):
         return f"{len(self.timeline)} metric snapshots"
 
 
-def _ops_summary(recorder: MetricsRecorder, data_dir: str) -> None:
+def _ops_summary(recorder: MetricsRecorder, data_dir: str, conversion_window_s: float | None = None) -> None:
     """The headline metrics of the last snapshot, the run's JSON and its PNG report."""
     from opengem.ops import headline, report
 
@@ -413,6 +413,10 @@ def _ops_summary(recorder: MetricsRecorder, data_dir: str) -> None:
     print("\nheadline metrics (scraped from " + ", ".join(f"{k} :{v.rsplit(':', 1)[1]}"
                                                         for k, v in recorder.targets.items()) + "):")
     print(headline.format_headline(recorder.timeline[-1][1], now=recorder.timeline[-1][0]))
+    if conversion_window_s:
+        print(f"  (CTR and CVR of the examples closed so far: a clicked impression without a conversion closes "
+              f"only when its {conversion_window_s:,.0f} s conversion window of event time has passed, a converted "
+              "one at once: until a run has covered that much event time, CVR reads high)")
     if len(recorder.timeline) >= 2:
         png = report.render(recorder.timeline, f"{data_dir}/logs/demo-report.png", "opengem demo")
         print(f"metrics timeline: {recorder.path}; plots: {png} (opengem report --run {recorder.path})")
@@ -546,7 +550,7 @@ def run_demo(cfg: Config, *, duration_s: float, rate: float, fmt: str, stop,
                if newest and "created_at" in meta else "")
         print(f"\ntrainer ({train_preset} preset): published version {meta['version']} after {meta['step']:,} steps "
               f"in {trainer.models_dir}{age}; progressive validation (scored before training): {figs or 'n/a'}")
-    _ops_summary(recorder, cfg.data_dir)
+    _ops_summary(recorder, cfg.data_dir, conversion_window_s)
     try:
         if rc == 0 and server.svc is not None:
             _rank_some(server, list(monitor.recent))
