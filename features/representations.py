@@ -139,8 +139,8 @@ class RepresentationStore:
         (:class:`~opengem.features.store.PrimaryWatch`). Returns whether it caught up."""
         if not self.read_only:
             return False
-        state = self._watch.due(force)
-        if state is None:
+        go, state = self._watch.due(force)
+        if not go:
             return False
         self._db.try_catch_up_with_primary()
         self._watch.caught_up(state)

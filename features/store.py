@@ -438,21 +438,23 @@ def _primary_files(path: str) -> tuple | None:
 class PrimaryWatch:
     """Whether a RocksDB secondary of the primary at ``path`` has anything to catch up with.
 
-    rocksdict holds the GIL through ``try_catch_up_with_primary`` -- ~1.2 ms per shard even
+    rocksdict holds the GIL through ``try_catch_up_with_primary`` -- ~1.2-3 ms per shard even
     with nothing new -- so an idle shard's catch-ups stalled every thread of a server or
     trainer for nothing. What a catch-up replays is in the primary's write-ahead logs
     (appended by every write), ``CURRENT`` and the MANIFEST (every flush or compaction): while
     their names, sizes and modification times are those of the last catch-up
     (:func:`_primary_files`, one directory scan), there is nothing new. Usage::
 
-        state = watch.due(force)      # None: skip
-        if state is not None:
+        go, state = watch.due(force)
+        if go:
             db.try_catch_up_with_primary()
             watch.caught_up(state)
 
-    The state is taken before the catch-up, so a write during it is caught up next time.
-    ``force``, or ``FORCE_CATCH_UP_S`` since the last catch-up (file systems whose attributes
-    lag, e.g. NFS attribute caching), catches up whatever the files say.
+    The state is taken before the catch-up, so a write during it is caught up next time; it
+    is passed back rather than kept here, so two threads catching up at once cannot record
+    each other's. ``force``, an unreadable directory, or ``FORCE_CATCH_UP_S`` since the last
+    catch-up (file systems whose attributes lag, e.g. NFS attribute caching) catch up
+    whatever the files say.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -460,21 +462,22 @@ class PrimaryWatch:
         self._state: tuple | None = None
         self._at = -float("inf")
 
-    def due(self, force: bool = False) -> tuple | None:
-        """The primary's current state when a catch-up is due, else None."""
+    def due(self, force: bool = False) -> tuple[bool, tuple | None]:
+        """(whether a catch-up is due, the primary's current files for :meth:`caught_up`)."""
         from opengem.ops import metrics
 
         state = _primary_files(self.path)
         if force or state is None or state != self._state or time.monotonic() - self._at >= FORCE_CATCH_UP_S:
-            return state if state is not None else ()
+            return True, state
         metrics.STORE_CATCH_UPS.labels("skipped").inc()
-        return None
+        return False, state
 
-    def caught_up(self, state: tuple) -> None:
+    def caught_up(self, state: tuple | None) -> None:
+        """Record a catch-up that started when the files were ``state`` (from :meth:`due`)."""
         from opengem.ops import metrics
 
         metrics.STORE_CATCH_UPS.labels("done").inc()
-        self._state, self._at = (state or None), time.monotonic()
+        self._state, self._at = state, time.monotonic()
 
 
 class SequenceStore(SequenceStoreBase):
@@ -1236,8 +1239,8 @@ class SequenceStore(SequenceStoreBase):
             return False
         from opengem.ops import metrics
 
-        state = self._watch.due(force)
-        if state is None:
+        go, state = self._watch.due(force)
+        if not go:
             return False
         t = time.perf_counter()
         self._db.try_catch_up_with_primary()

@@ -78,8 +78,8 @@ class CandidateColumns(NamedTuple):
     """A request's candidates as columns, each (B,): ad_id, advertiser_id and category int64
     (-1: not given), ad_format int64 (an index into AD_FORMATS; -1: not given), bid float64,
     given int64 bits (1 advertiser_id, 2 category, 4 ad_format). Built with a few C-level
-    passes (the candidates are tuples); at 500 candidates the per-candidate Python of
-    validation and attribute columns cost ~1 ms a request."""
+    passes (the candidates are tuples); at 500 candidates the per-candidate Python they replace
+    cost ~0.9 ms a request (``validate`` 0.58 ms, five attribute passes of ~0.06 ms each)."""
 
     ad_id: np.ndarray
     advertiser_id: np.ndarray
@@ -101,9 +101,14 @@ def _int_column(col: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
         col = tuple(-1 if v is None else v for v in col)
     else:
         given = np.ones(n, bool)
-    if not all(type(v) is int for v in col):  # no bools, floats or strings through np.array
+    if not all(_is_int(v) for v in col):  # no bools, floats or strings through np.array
         raise TypeError("not all ints")
     return np.array(col, np.int64), given
+
+
+def _is_int(v: Any) -> bool:
+    """A Python or NumPy integer, not a bool (np.array would cast floats and bools silently)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def candidate_columns(cands: Sequence[AdCandidate]) -> CandidateColumns:
@@ -122,7 +127,7 @@ def candidate_columns(cands: Sequence[AdCandidate]) -> CandidateColumns:
     category, g_cat = _int_column(cat)
     g_fmt = np.fromiter((f is not None for f in fmt), bool, n)
     ad_format = np.fromiter((-1 if f is None else _FMT_CODE[f] for f in fmt), np.int64, n)
-    if not all(type(b) in (float, int) for b in bid):
+    if not all(_is_int(b) or isinstance(b, (float, np.floating)) for b in bid):
         raise TypeError("bid not a number")
     given = g_adv.astype(np.int64) + 2 * g_cat + 4 * g_fmt
     return CandidateColumns(ad_id, advertiser_id, category, ad_format, np.array(bid, np.float64), given)
@@ -185,13 +190,20 @@ def validate(q: RankQuery, *, surfaces: Sequence[str], tasks: Sequence[str], max
     if bad is None:
         return
     for i, c in enumerate(q.candidates[bad:], start=bad):  # its message, by the rules below
-        _check_int(f"candidates[{i}].ad_id", c.ad_id, 0, MAX_ID)
-        _check_int(f"candidates[{i}].advertiser_id", c.advertiser_id, 0, MAX_ID)
-        _check_int(f"candidates[{i}].category", c.category, 0, 2**31 - 1)
+        if c.ad_id is None:
+            raise RequestError(f"candidates[{i}].ad_id is required")
+        for name, v, hi in (("ad_id", c.ad_id, MAX_ID), ("advertiser_id", c.advertiser_id, MAX_ID),
+                            ("category", c.category, 2**31 - 1)):
+            if v is not None and not _is_int(v):
+                raise RequestError(f"candidates[{i}].{name}={v!r} is not an integer")
+            _check_int(f"candidates[{i}].{name}", v, 0, hi)
         if c.ad_format is not None and c.ad_format not in AD_FORMATS:
             raise RequestError(f"candidates[{i}].ad_format={c.ad_format!r} not one of {list(AD_FORMATS)}")
+        if not (_is_int(c.bid) or isinstance(c.bid, (float, np.floating))):
+            raise RequestError(f"candidates[{i}].bid={c.bid!r} is not a number")
         if not (math.isfinite(c.bid) and c.bid >= 0):
             raise RequestError(f"candidates[{i}].bid={c.bid} must be finite and >= 0")
+    # Not reached: whatever the columns cannot hold, the rules above refuse by name.
     raise RequestError(f"candidates[{bad}:] cannot be read as id / attribute / bid columns")
 
 

@@ -211,6 +211,25 @@ def test_columnar_candidate_checks_refuse_the_first_bad_candidate_as_the_rules_d
             assert str(e.value).startswith(want + "="), (str(e.value), want)
 
 
+def test_columnar_candidate_checks_take_numpy_numbers_and_refuse_bools():
+    """In-process callers may build candidates from NumPy arrays: their integers and floats are
+    values like any other (the per-candidate path took them); a bool is not an id."""
+    kw = dict(surfaces=("feed",), tasks=("click", "conversion"), max_candidates=10, now_ms=1_700_000_000_000)
+    ids = np.array([5, 7], np.int64)
+    cands = (AdCandidate(ad_id=ids[0], advertiser_id=np.int32(3), bid=np.float32(1.5)),
+             AdCandidate(ad_id=ids[1], category=np.uint16(4), bid=np.float64(2.0)))
+    q = RankQuery(user_id=1, surface="feed", candidates=cands, ts_ms=1_700_000_000_000)
+    validate(q, **kw)
+    assert q.columns.ad_id.tolist() == [5, 7] and q.columns.bid.tolist() == [1.5, 2.0]
+    assert q.columns.advertiser_id.tolist() == [3, -1] and q.columns.category.tolist() == [-1, 4]
+    for bad, msg in ((AdCandidate(ad_id=True), r"candidates\[1\]\.ad_id=True is not an integer"),
+                     (AdCandidate(ad_id=2, category=3.0), r"candidates\[1\]\.category=3\.0 is not an integer"),
+                     (AdCandidate(ad_id=None), r"candidates\[1\]\.ad_id is required"),
+                     (AdCandidate(ad_id=2, bid="1"), r"candidates\[1\]\.bid='1' is not a number")):
+        with pytest.raises(RequestError, match=msg):
+            validate(dataclasses.replace(q, candidates=(cands[0], bad)), **kw)
+
+
 def test_canary_rejects_a_model_with_nan_weights():
     model = GemModel(preset("tiny")).eval()
     canary_check(Scorer(_loaded(model, "gem")))
