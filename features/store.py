@@ -78,8 +78,9 @@ with ts mostly increasing those are the most recent ``max_events`` by ts.
 Attributes: the latest *applied* non-null value wins.
 
 Each store object keeps the sealed chunks and tail segments its reads decoded
-(``decoded_cache_bytes``, LRU, default 64 MiB): their keys are written once,
-so a hit is exact, and a repeated read of a user fetches its head and
+(``decoded_cache_bytes``, LRU, default 64 MiB; a user's chunks as one
+concatenated run, extended by each newly sealed chunk): their keys are written
+once, so a hit is exact, and a repeated read of a user fetches its head and
 directory and decodes only what arrived since. A reader must be reopened if
 its shard's directory is replaced (rebuilt from the topic), as RocksDB
 requires anyway.
@@ -335,9 +336,48 @@ class _HeadCache:
         self.table[rows] = heads
 
 
+class _Run:
+    """One user's sealed chunks ``first .. stop - 1`` decoded and concatenated: the six
+    columns, chunk j's events at ``ends[j - first] : ends[j - first + 1]``. ``breaks``:
+    the chunk boundaries where ts goes down (a late event overlapping two chunks), as
+    indices ``j - first`` of the chunk after the boundary."""
+
+    __slots__ = ("first", "stop", "ends", "cols", "breaks", "nbytes")
+
+    def __init__(self, first: int, ends: list[int], cols: list[np.ndarray]):
+        self.first = first
+        self.stop = first + len(ends) - 1
+        self.ends = ends
+        self.cols = cols
+        ts = cols[0]
+        self.breaks = [j for j in range(1, len(ends) - 1)
+                       if ends[j - 1] < ends[j] < ends[j + 1] and ts[ends[j]] < ts[ends[j] - 1]]
+        self.nbytes = sum(c.nbytes for c in cols) + _DecodedCache.ENTRY_OVERHEAD + 8 * len(ends)
+
+    def covers(self, s: int, t: int) -> bool:
+        return self.first <= s and t <= self.stop
+
+    def parts(self, s: int, t: int) -> list[list[np.ndarray]]:
+        """Chunks ``s .. t - 1`` (covered) as one part (views), or one part per chunk where
+        a boundary inside is out of order (so that :func:`_finish` sees it and sorts)."""
+        a, z = s - self.first, t - self.first
+        if not any(a < j < z for j in self.breaks):
+            lo, hi = self.ends[a], self.ends[z]
+            return [[c[lo:hi] for c in self.cols]]
+        e = self.ends
+        return [[c[e[j]:e[j + 1]] for c in self.cols] for j in range(a, z)]
+
+
 class _DecodedCache:
-    """Decoded values of sealed chunks (``C`` keys) and tail segments (``T`` keys) by key:
-    the six columns, least recently used evicted past ``capacity`` bytes.
+    """Decoded values of sealed chunks and tail segments (``T`` keys), least recently used
+    evicted past ``capacity`` bytes (entries' array bytes plus an overhead each).
+
+    A user's sealed chunks are kept as one :class:`_Run` (key ``R`` + user): the chunks
+    its reads needed, decoded and concatenated, so that a latest read of a hot user takes
+    one slice of it instead of ~16 chunk entries (a read's concatenation and lookups were
+    most of its cost); a new chunk sealed since extends the run by that chunk alone. Tail
+    segments (and the chunks of a read whose chunks are not consecutive seqs) are kept per
+    key.
 
     Exact because those keys are written once: a chunk or segment is never rewritten
     under its key (seqs only grow; a merge writes a new segment key and deletes the old
@@ -350,9 +390,9 @@ class _DecodedCache:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._d: OrderedDict[bytes, tuple[list[np.ndarray], int]] = OrderedDict()
+        self._d: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
         self.bytes = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # chunks and segments read from here / not
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -374,6 +414,19 @@ class _DecodedCache:
             self.misses += len(keys) - hit
         return out
 
+    def get_run(self, key: bytes) -> _Run | None:
+        with self._lock:
+            e = self._d.get(key)
+            if e is None:
+                return None
+            self._d.move_to_end(key)
+            return e[0]
+
+    def count(self, hits: int, misses: int) -> None:
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+
     def put_many(self, entries: list[tuple[bytes, list[np.ndarray]]]) -> None:
         with self._lock:
             d = self._d
@@ -383,8 +436,22 @@ class _DecodedCache:
                 nb = sum(c.nbytes for c in cols) + self.ENTRY_OVERHEAD
                 d[k] = (cols, nb)
                 self.bytes += nb
-            while self.bytes > self.capacity and d:
-                self.bytes -= d.popitem(last=False)[1][1]
+            self._evict()
+
+    def put_run(self, key: bytes, run: _Run) -> None:
+        """Keep ``run`` under ``key``, replacing what was there."""
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._d[key] = (run, run.nbytes)
+            self.bytes += run.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        d = self._d
+        while self.bytes > self.capacity and d:
+            self.bytes -= d.popitem(last=False)[1][1]
 
     def clear(self) -> None:
         with self._lock:
@@ -1134,9 +1201,14 @@ class SequenceStore(SequenceStoreBase):
         else:
             cols = dict(zip(codec.READ_FIELDS, map(list, zip(*fields))))
         dirvals = vals[B:]
-        keys: list[bytes] = []  # per user: its chunks' keys, then its tail segments' keys (seq order)
-        plan: list[tuple[int, int]] = []  # per user: (chunks, segments)
+        cache = self._decoded
+        keys: list[bytes] = []  # per user: the chunks' keys it fetches or looks up, then its tail segments' keys
+        plan: list[tuple[int, int]] = []  # per user: (chunk keys, segment keys) in `keys`
         refs: list[tuple[int, int, int]] = []  # (user, pack seq, slot) of packed tails
+        # Users whose chunks are consecutive seqs s .. t - 1, with a decoded cache: their chunks
+        # come from (and go into) the user's cached run; `keys` holds only the ones it lacks.
+        runs: dict[int, tuple[bytes, int, int, _Run | None, int]] = {}  # user -> (run key, s, t, run kept, k0)
+        lookup: list[int] = []  # indices in `keys` to look up in the per-key cache
         bl = before.tolist() if before is not None else [None] * B
         for i, u in enumerate(uids.tolist()):
             b = bl[i]
@@ -1150,19 +1222,40 @@ class SequenceStore(SequenceStoreBase):
                                       cols["tail_min"][i], cols["tail_max"][i])
             ub = u.to_bytes(8, "big")
             pre = b"C" + ub
-            keys.extend([pre + s.to_bytes(4, "big") for s in seqs])
+            n0 = len(keys)
+            if cache is not None and len(seqs) and seqs[-1] - seqs[0] == len(seqs) - 1:
+                st, t = seqs[0], seqs[-1] + 1
+                rk = b"R" + ub
+                run = cache.get_run(rk)
+                if run is not None and not (st <= run.stop and run.first <= t):
+                    run = None  # disjoint from what this read needs: replaced
+                if run is not None and run.covers(st, t):
+                    seqs = ()
+                elif run is not None:
+                    seqs = [q for q in range(st, t) if not run.first <= q < run.stop]
+                runs[i] = (rk, st, t, run, k0)
+                keys.extend([pre + q.to_bytes(4, "big") for q in seqs])
+            else:
+                keys.extend([pre + q.to_bytes(4, "big") for q in seqs])
+                lookup.extend(range(n0, len(keys)))
+            nc = len(keys) - n0
             nseg = 0
             if cols["tail_n"][i] and (b is None or cols["tail_min"][i] < b):
                 lo, hi = cols["seg_lo"][i], cols["seg_hi"][i]
                 pre = b"T" + ub
+                n1 = len(keys)
                 keys.extend([pre + s.to_bytes(4, "big") for s in range(lo, hi)])
+                lookup.extend(range(n1, len(keys)))
                 nseg = hi - lo
                 if cols["pack"][i]:
                     refs.append((i, cols["pack"][i] - 1, cols["slot"][i]))
-            plan.append((len(seqs), nseg))
-        cache = self._decoded
-        got: list[list[np.ndarray] | None] = cache.get_many(keys) if cache is not None else [None] * len(keys)
+            plan.append((nc, nseg))
+        got: list[list[np.ndarray] | None] = [None] * len(keys)
+        if cache is not None:
+            for j, v in zip(lookup, cache.get_many([keys[j] for j in lookup])):
+                got[j] = v
         miss = [j for j, v in enumerate(got) if v is None]
+        per_key = set(lookup) if cache is not None else ()  # keys cached one by one (not in a run)
         pseqs = sorted({q for _, q, _ in refs})
         fetch = [keys[j] for j in miss] + [codec.pack_key(q) for q in pseqs]
         data = self._get(fetch) if fetch else []
@@ -1193,15 +1286,19 @@ class SequenceStore(SequenceStoreBase):
                 if decoded is None:
                     return None
                 groups, group, start, lens = decoded
-                copy = cache is not None  # a cached chunk must not hold its whole group's arrays
                 for j, g, a, n in zip(enc, group.tolist(), start.tolist(), lens.tolist()):
-                    got[j] = [c[a : a + n].copy() if copy else c[a : a + n] for c in groups[g]]
+                    # a cached entry must not hold its whole group's arrays (a run's chunks are
+                    # copied into the run)
+                    got[j] = [c[a : a + n].copy() if j in per_key else c[a : a + n] for c in groups[g]]
             if cache is not None:
-                cache.put_many([(keys[j], got[j]) for j in miss])
+                cache.put_many([(keys[j], got[j]) for j in miss if j in per_key])
         out = []
         pos = 0
         for i, (nc, ns) in enumerate(plan):
-            parts = got[pos : pos + nc]
+            if i in runs:
+                parts = self._run_parts(cache, runs[i], got[pos : pos + nc])
+            else:
+                parts = got[pos : pos + nc]
             if i in packed:  # the tail's packed part: before its raw segments
                 parts.append(packed[i])
             parts.extend(got[pos + nc : pos + nc + ns])
@@ -1209,6 +1306,38 @@ class SequenceStore(SequenceStoreBase):
             # every tail segment is checked for order (raw ones are in arrival order)
             out.append(_finish(parts, bl[i], max_len, cache is not None, ns))
         return out
+
+    @staticmethod
+    def _run_parts(cache: _DecodedCache, spec: tuple[bytes, int, int, _Run | None, int],
+                   fetched: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """A user's chunks s .. t - 1 as parts for :func:`_finish`, from its cached run and
+        ``fetched`` (the chunks the run lacked, in seq order); a run missing some of them is
+        replaced by one holding its chunks from the user's first kept chunk on, together
+        with the new ones."""
+        rk, s, t, run, k0 = spec
+        if run is not None and run.covers(s, t):
+            cache.count(t - s, 0)
+            return run.parts(s, t)
+        cache.count(0 if run is None else t - s - len(fetched), len(fetched))
+        if run is None:
+            first, pieces, lens = s, fetched, [len(f[0]) for f in fetched]
+        else:
+            first = max(min(s, run.first), k0)
+            older = max(0, run.first - s)  # fetched chunks older than the run, then newer ones
+            before, after = fetched[:older], fetched[older:]
+            keep = max(run.first, first)
+            e = run.ends
+            a = e[keep - run.first]
+            pieces = [*before, [c[a:] for c in run.cols], *after]
+            lens = [len(f[0]) for f in before] + [e[j + 1] - e[j] for j in range(keep - run.first, len(e) - 1)] \
+                + [len(f[0]) for f in after]
+        ends = [0]
+        for n in lens:
+            ends.append(ends[-1] + n)
+        new = _Run(first, ends, [np.concatenate([p[j] for p in pieces]) if len(pieces) > 1 else pieces[0][j].copy()
+                                 for j in range(6)])  # (one piece: a view into its decode group)
+        cache.put_run(rk, new)
+        return new.parts(s, t)
 
     def user_features(self, user_ids: Sequence[int] | np.ndarray) -> UserFeatures:
         uids = np.asarray(user_ids, np.int64).reshape(-1)
@@ -1454,6 +1583,8 @@ def _finish(parts: list[tuple[np.ndarray, ...]], b: int | None, max_len: int | N
             k -= 1
             n += len(parts[k][0])
         parts = parts[k:]
+        if n > max_len:  # sorted as a whole: the last max_len start inside the first part
+            parts[0] = [c[n - max_len :] for c in parts[0]]
     if len(parts) == 1:
         cols = [c.copy() for c in parts[0]] if shared else list(parts[0])
     else:

@@ -7,6 +7,7 @@ retention all happen within a few dozen events.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import hashlib
 import subprocess
 import sys
@@ -1047,3 +1048,69 @@ def test_needed_chunks_fast_path_equals_the_general_rule(data) -> None:
     if tail_n:
         later += np.where(tail_min > d["max"], tail_n, 0)
     assert got == (7 + np.flatnonzero(later < max_len)).tolist()
+
+
+def test_cached_runs_extend_by_new_chunks_and_stay_exact(tmp_path: Path) -> None:
+    """A user's sealed chunks are cached as one run: after a new seal, the next latest read
+    fetches that chunk alone; a point-in-time read needing older chunks fetches only those;
+    retention trims the run; late events across chunk boundaries are still sorted. Every
+    read equals the reference's and a cache-less reader's."""
+    cfg = replace(SMALL, max_events=64, chunk_events=8, max_raw_tail=4)
+    s = SequenceStore(tmp_path / "db", cfg)
+    bare = SequenceStore.open_reader(tmp_path / "db", tmp_path / "sec", replace(cfg, decoded_cache_bytes=0))
+    ref = Reference(cfg)
+    fetched: list[bytes] = []
+    get = s._get
+
+    def spy(keys: Any) -> Any:
+        if isinstance(keys, list):
+            fetched.extend(k for k in keys if k[:1] == b"C")
+        return get(keys)
+
+    s._get = spy
+    rng = np.random.default_rng(5)
+    t = T0
+    off = 0
+
+    def append(n: int, late: bool = False) -> None:
+        nonlocal t, off
+        ev = make_events(rng, n, users=1)
+        ts = t + np.arange(n) * 1000
+        if late:  # a few events older than the last sealed chunk's: boundaries out of order
+            ts[rng.integers(0, n, 3)] -= 40_000
+        ev["ts"] = ts
+        t = int(ts.max()) + 1000
+        s.apply(ev, (0, off))
+        ref.append(ref_cols(ev))
+        off += 1
+
+    def check(before: int | None, max_len: int | None) -> int:
+        fetched.clear()
+        got = rows(s.read(0, before, max_len))
+        assert got == ref.read(0, before, max_len)
+        bare.catch_up(force=True)
+        assert rows(bare.read(0, before, max_len)) == got
+        return len(fetched)
+
+    append(40)  # 5 sealed chunks
+    assert check(None, 32) == 4  # chunks 1..4 (the tail is empty)
+    assert check(None, 32) == 0  # all from the run
+    append(8)  # one more seal
+    assert check(None, 32) == 1  # only the new chunk
+    run = s._decoded.get_run(b"R" + (0).to_bytes(8, "big"))
+    assert (run.first, run.stop) == (1, 6)
+    assert check(None, None) == 1  # chunk 0, older than the run: fetched, the run extended down
+    assert s._decoded.get_run(b"R" + (0).to_bytes(8, "big")).first == 0
+    assert check(T0 + 20_000, 8) == 0  # point in time, inside the run
+    append(40)  # 11 chunks seen, 8 kept (retention dropped 0..2)
+    assert check(None, 64) == 5  # 6..10 fetched; the run trimmed to the kept chunks
+    run = s._decoded.get_run(b"R" + (0).to_bytes(8, "big"))
+    assert (run.first, run.stop) == (3, 11)
+    append(16, late=True)  # late events: chunks whose ts ranges overlap
+    append(3)  # and a tail
+    for before in (None, t - 30_000, t - 70_000):
+        for max_len in (None, 1, 10, 40, 64):
+            check(before, max_len)
+    assert s._decoded.get_run(b"R" + (0).to_bytes(8, "big")).breaks  # the late events made some
+    bare.close()
+    s.close()
