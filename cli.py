@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from opengem import config as cfgmod
 
@@ -273,9 +274,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError("--tls-cert and --tls-key go together")
         with open(args.tls_key, "rb") as k, open(args.tls_cert, "rb") as c:
             tls = (k.read(), c.read())
-    stop = Stop()
-    svc = Service(cfg, token=_secret(args.token_file, "OPENGEM_SERVE_TOKEN"), tls=tls)
+    if args.processes is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, processes=args.processes))
     mport = args.metrics_port if args.metrics_port is not None else cfg.serve.metrics_port
+    from opengem.serving.processes import CHILD_ENV
+
+    child = bool(os.environ.get(CHILD_ENV))
+    if cfg.serve.processes > 1 and not child:
+        return _serve_processes(cfg, mport)
+    stop = Stop()
+    parent = os.getppid()
+    svc = Service(cfg, token=_secret(args.token_file, "OPENGEM_SERVE_TOKEN"), tls=tls, reuse_port=child)
     ends = svc.start(metrics_port=None if mport < 0 else mport)
     cur = svc.models.current
     print(f"opengem serve: gRPC {'(TLS) ' if tls else ''}on {cfg.serve.host}:{ends.grpc_port}"
@@ -287,9 +298,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     for s, m in svc.students.items()), flush=True)
     try:
         while not stop.sleep(0.5):
-            pass
+            if child and os.getppid() != parent:  # the supervisor is gone (killed): do not serve on alone
+                break
     finally:
         svc.stop()
+    return 0
+
+
+def _serve_processes(cfg: Any, metrics_port: int) -> int:
+    """``[serve] processes`` > 1: supervise that many `opengem serve` children on one port."""
+    from opengem.serving.processes import Supervisor, strip_args
+
+    argv = sys.argv[sys.argv.index("serve") + 1:]
+    argv = strip_args(argv, ("--processes", "--port", "--http-port", "--metrics-port"))
+    sc = cfg.serve
+    stop = Stop()
+    lock = threading.Lock()
+
+    def echo(line: str) -> None:  # whole lines: the children's relays write from their own threads
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    sup = Supervisor(argv, sc.processes, sc.host, sc.port, sc.http_port, metrics_port, echo=echo)
+    try:
+        sup.start()
+        echo(f"opengem serve: {sc.processes} processes, gRPC on {sc.host}:{sup.port}"
+             + (f", JSON on http://{sc.host}:{sup.http_port}/v1/rank" if sup.http_port >= 0 else "")
+             + (f", metrics (all processes) on :{sup.metrics_port}" if sup.metrics_port else ""))
+        while not stop.sleep(0.5):
+            sup.check()
+    finally:
+        sup.stop()
     return 0
 
 
@@ -510,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", action="append", metavar="SURFACE",
                    help="serve SURFACE with its student (<data-dir>/students/SURFACE) instead of GEM; repeatable "
                         "(as [serve] models = {SURFACE = \"student\"})")
+    p.add_argument("--processes", type=int,
+                   help="server processes on the one port (SO_REUSEPORT, supervised; default [serve] processes, 1): "
+                        "one runs about one request at a time, and a client channel stays on one process")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("rank", help="send one Rank request to a server and print the ranking")

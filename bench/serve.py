@@ -151,14 +151,20 @@ def requests_for(users: list[int], n_cands: int, n: int, seed: int) -> list[byte
 
 def load(target: str, reqs: list[bytes], concurrency: int, duration_s: float, min_requests: int,
          on_result: Any = None) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` threads send back to back for ``duration_s`` (and ``min_requests``)."""
+    """Closed loop: ``concurrency`` threads send back to back for ``duration_s`` (and ``min_requests``),
+    each on a channel of its own (one connection per caller, as independent callers have: a
+    server with several processes gets each connection on one of them)."""
     import grpc
 
     from opengem.serving import ranking_pb2 as pb
 
-    channel = grpc.insecure_channel(target, [("grpc.max_send_message_length", 16 << 20)])
-    grpc.channel_ready_future(channel).result(timeout=30)
-    call = channel.unary_unary("/opengem.serving.v1.Ranker/Rank", response_deserializer=pb.RankResponse.FromString)
+    channels = [grpc.insecure_channel(target, [("grpc.max_send_message_length", 16 << 20),
+                                               ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(concurrency)]
+    for channel in channels:
+        grpc.channel_ready_future(channel).result(timeout=30)
+    calls = [ch.unary_unary("/opengem.serving.v1.Ranker/Rank", response_deserializer=pb.RankResponse.FromString)
+             for ch in channels]
     lat: list[float] = []
     failed: list[str] = []
     lock = threading.Lock()
@@ -167,6 +173,7 @@ def load(target: str, reqs: list[bytes], concurrency: int, duration_s: float, mi
 
     def worker(k: int) -> None:
         i = k
+        call = calls[k]
         while time.monotonic() < stop_at or len(lat) + len(failed) < min_requests:
             t0 = time.monotonic()
             try:
@@ -187,7 +194,8 @@ def load(target: str, reqs: list[bytes], concurrency: int, duration_s: float, mi
     for t in threads:
         t.join()
     elapsed = time.monotonic() - t_start
-    channel.close()
+    for channel in channels:
+        channel.close()
     ms = np.array(lat) * 1e3
     return {"n": len(lat), "failed": len(failed), "errors": failed[:3],
             "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,

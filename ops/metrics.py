@@ -99,13 +99,15 @@ SERVE_SECONDS = Histogram("opengem_serve_request_seconds",
                           registry=REGISTRY)
 SERVE_CANDIDATES = Histogram("opengem_serve_candidates", "Candidates per Rank request",
                              buckets=(1, 10, 50, 100, 250, 500, 1000, 2000), registry=REGISTRY)
+# multiprocess_mode: with `[serve] processes` > 1 every server process has its own series (a
+# ``pid`` label), dropped when the process exits; one process: ignored.
 SERVE_MODEL = Gauge("opengem_serve_model_info", "The served model version (value 1)", ["version", "kind"],
-                    registry=REGISTRY)
+                    registry=REGISTRY, multiprocess_mode="liveall")
 SERVE_SWAPS = Counter("opengem_serve_model_loads_total",
                       "Published versions the server loaded (loaded) or refused after validation (rejected)",
                       ["outcome"], registry=REGISTRY)
 SERVE_LOAD_SECONDS = Gauge("opengem_serve_model_load_seconds", "Load + canary validation time of the last version",
-                           registry=REGISTRY)
+                           registry=REGISTRY, multiprocess_mode="liveall")
 
 # -- live monitor (ops/live.py, `opengem monitor`) ------------------------------------------------
 # The conversion funnel from labelled impressions (opengem.examples), each example counted once

@@ -35,11 +35,16 @@ def build_request(user_id: int, surface: str, candidates: Iterable[int | Mapping
 
 
 class RankClient:
-    """A channel to one server. ``token``: bearer token; ``root_certificates``: PEM to use TLS."""
+    """A channel to one server. ``token``: bearer token; ``root_certificates``: PEM to use TLS.
+
+    Each client has a connection of its own (gRPC would otherwise share one between the
+    channels of a process to the same target): against a server with several processes
+    (``[serve] processes``), which the kernel assigns per connection, callers in several
+    threads each with a client spread over them."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
                  root_certificates: bytes | None = None, timeout_s: float = 2.0):
-        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
         if root_certificates is not None:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), opts)
         else:

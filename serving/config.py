@@ -47,6 +47,13 @@ class ServeConfig:
     # 500-candidate GEM request ~15x slower (in-process, load average ~18 on 2 cores:
     # p50 130 ms with 1 thread, 1980 ms with 2; issue 6).
     threads: int = 1
+    # Server processes on the one port (SO_REUSEPORT; `opengem serve` supervises them and
+    # restarts one that dies). A model forward holds its process's GIL between ops, so one
+    # process uses about one core: with N processes, N requests run at once. The kernel
+    # spreads *connections*, not calls: a client's channel (one HTTP/2 connection) stays on
+    # one process, so a caller needs several channels to use several processes, as many
+    # callers do anyway. Metrics of all processes are summed on the supervisor's port.
+    processes: int = 1
     # glibc only: keep freed memory in the heap up to this many MiB instead of handing each
     # large tensor back to the kernel (mmap / munmap and a page fault per 4 KiB on every
     # request: ~4k faults per 500-candidate GEM request); 0: the allocator's defaults.
@@ -85,6 +92,8 @@ class ServeConfig:
             problems.append(f"max_request_bytes={self.max_request_bytes} (< 1024)")
         if self.workers < 1 or self.inference_slots < 1:
             problems.append("workers and inference_slots must be >= 1")
+        if self.processes < 1:
+            problems.append(f"processes={self.processes} (< 1)")
         if self.threads < 0:
             problems.append(f"threads={self.threads} (< 0)")
         if not 0 <= self.malloc_keep_mb <= MAX_KEEP_MB:

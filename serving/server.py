@@ -235,11 +235,14 @@ class RankServer:
     """gRPC (+ optional HTTP/JSON) front of a :class:`Ranker`; ``start()`` → bound ports."""
 
     def __init__(self, ranker: Ranker | SurfaceRouter, cfg: ServeConfig = ServeConfig(), *, token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None):
+                 tls: tuple[bytes, bytes] | None = None, reuse_port: bool = False):
         if not is_loopback(cfg.host) and not token:
             raise ValueError(f"refusing to serve on {cfg.host} without a bearer token "
                              "(--token-file or OPENGEM_SERVE_TOKEN); use TLS too for non-local clients")
         self.ranker, self.cfg, self.token, self.tls = ranker, cfg, token, tls
+        # One of several processes on the same ports (serving/processes.py): bind with SO_REUSEPORT.
+        # Otherwise not, so that a port another server holds is an error, not a shared port.
+        self.reuse_port = reuse_port
         self.health = health.HealthServicer()
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -252,7 +255,7 @@ class RankServer:
     def start(self) -> Endpoints:
         cfg = self.cfg
         opts = [("grpc.max_receive_message_length", cfg.max_request_bytes),
-                ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
+                ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", int(self.reuse_port))]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rank"),
                              interceptors=[_BearerToken(self.token)] if self.token else [], options=opts)
         pb_grpc.add_RankerServicer_to_server(RankerService(self.ranker), server)
@@ -268,7 +271,8 @@ class RankServer:
         self._grpc = server
         http_port = None
         if cfg.http_port >= 0:
-            self._http = ThreadingHTTPServer((cfg.host, cfg.http_port), _json_handler(self.ranker, self.token))
+            server_cls = _ReusePortHTTPServer if self.reuse_port else ThreadingHTTPServer
+            self._http = server_cls((cfg.host, cfg.http_port), _json_handler(self.ranker, self.token))
             self._http.daemon_threads = True
             http_port = self._http.server_address[1]
             threading.Thread(target=self._http.serve_forever, name="rank-http", daemon=True).start()
@@ -284,6 +288,10 @@ class RankServer:
 
 
 # --------------------------------------------------------------------------- JSON / HTTP
+
+
+class _ReusePortHTTPServer(ThreadingHTTPServer):
+    allow_reuse_port = True  # the JSON port shared by the server's processes
 
 
 def _json_handler(ranker: Ranker, token: str | None) -> type[BaseHTTPRequestHandler]:
@@ -349,7 +357,7 @@ class Service:
     """
 
     def __init__(self, cfg: Any, *, reader: Any = None, token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None):
+                 tls: tuple[bytes, bytes] | None = None, reuse_port: bool = False):
         from opengem.features.sharded import ShardedReader
 
         sc: ServeConfig = cfg.serve
@@ -374,7 +382,7 @@ class Service:
         slots = threading.BoundedSemaphore(sc.inference_slots)
         self.ranker = SurfaceRouter(Ranker(self.reader, self.models, sc, slots=slots),
                                     {s: Ranker(self.reader, m, sc, slots=slots) for s, m in self.students.items()})
-        self.server = RankServer(self.ranker, sc, token=token, tls=tls)
+        self.server = RankServer(self.ranker, sc, token=token, tls=tls, reuse_port=reuse_port)
         self.metrics_port: int | None = None
 
     def _on_model_change(self, name: str, event: str, obj: Any, detail: Any) -> None:
@@ -382,6 +390,7 @@ class Service:
         if event == "loaded":
             old = self._model_labels.get(name)
             if old is not None and old not in {v for k, v in self._model_labels.items() if k != name}:
+                metrics.SERVE_MODEL.labels(*old).set(0)  # what a scrape of several processes' files keeps
                 try:
                     metrics.SERVE_MODEL.remove(*old)
                 except KeyError:
