@@ -26,7 +26,11 @@ profile of one 500-candidate / 1k-history GEM request: what the time goes to, an
 what a full garbage collection costs with the server's objects in memory,
 before and after ``freeze_heap`` (``gc_full_collection_ms``).
 
-    .venv/bin/python bench/serve.py [--quick] [--preset base]
+With ``--processes-only``: GEM 500 candidates x 1k served by ``opengem serve
+--processes 2`` against one process, alternating load rounds at concurrency
+1 / 2 / 4 / 8 (``bench/results/serve-processes.json``).
+
+    .venv/bin/python bench/serve.py [--quick] [--preset base] [--processes-only]
 """
 
 from __future__ import annotations
@@ -105,19 +109,22 @@ def publish(models: Path, kind: str, preset_name: str, seed: int, **gem: Any) ->
 class Server:
     """`opengem serve` as a child process on a free port; ``env``: extra environment (e.g. metrics off)."""
 
-    def __init__(self, data: Path, models: Path, workdir: Path, env: dict[str, str] | None = None, tag: str = ""):
+    def __init__(self, data: Path, models: Path, workdir: Path, env: dict[str, str] | None = None, tag: str = "",
+                 processes: int = 1):
         conf = workdir / "serve.toml"
         conf.write_text(f"[kafka]\npartitions = {P}\n[serve]\nmax_candidates = 1000\nmax_request_bytes = 4194304\n"
                         "timeout_s = 60.0\npoll_s = 0.5\n")
         self.log = open(workdir / f"server-{models.name}{tag}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opengem.cli", "serve", "--config", str(conf), "--data-dir", str(data),
-             "--models-dir", str(models), "--port", "0", "--metrics-port", "-1"],
+             "--models-dir", str(models), "--port", "0", "--metrics-port", "-1", "--processes", str(processes)],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             self.log.seek(0)
-            m = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", self.log.read())
+            # (several processes: the supervisor's line, once every child serves)
+            m = re.search(r"^opengem serve: " + (f"{processes} processes, " if processes > 1 else "")
+                          + r"gRPC on 127\.0\.0\.1:(\d+)", self.log.read(), re.M)
             if m:
                 self.target = f"127.0.0.1:{m.group(1)}"
                 return
@@ -378,6 +385,35 @@ def metrics_cost(data: Path, models: Path, work: Path, reqs: list[bytes], rounds
             "requests": on["n"] + off["n"], "failed": on["failed"] + off["failed"]}
 
 
+def processes_scaling(data: Path, mdir: Path, work: Path, reqs: list[bytes], levels: tuple[int, ...],
+                      rounds: int, duration: float, min_req: int, n: int = 2) -> dict[str, Any]:
+    """`opengem serve --processes n` against one process (the baseline), GEM on the same
+    requests: both servers up at once, load rounds alternating between them per
+    concurrency level (each load thread its own connection; the kernel assigns a
+    connection to one process, so with few connections the split can be uneven)."""
+    srvs = {1: Server(data, mdir, work, tag="-p1"), n: Server(data, mdir, work, tag=f"-p{n}", processes=n)}
+    runs: dict[int, dict[int, list[dict]]] = {k: {c: [] for c in levels} for k in srvs}
+    try:
+        for k, srv in srvs.items():
+            load(srv.target, reqs[:2], 2, 0.0, 4)  # warm-up
+        for r in range(rounds):
+            for conc in levels:
+                for k in (srvs if r % 2 == 0 else reversed(list(srvs))):
+                    runs[k][conc].append(load(srvs[k].target, reqs, conc, duration, min_req))
+    finally:
+        for srv in srvs.values():
+            srv.stop()
+    out: dict[str, Any] = {"processes": n, "rounds": rounds, "round_s": duration, "by_concurrency": {}}
+    for conc in levels:
+        one, many = pooled(runs[1][conc]), pooled(runs[n][conc])
+        out["by_concurrency"][str(conc)] = {
+            "p50_ms_1": one["p50_ms"], "p99_ms_1": one["p99_ms"], "qps_1": one["qps"],
+            f"p50_ms_{n}": many["p50_ms"], f"p99_ms_{n}": many["p99_ms"], f"qps_{n}": many["qps"],
+            "qps_ratio": many["qps"] / one["qps"], "p99_ratio": many["p99_ms"] / one["p99_ms"],
+            "failed": one["failed"] + many["failed"]}
+    return out
+
+
 def main() -> None:
     ap = parser("serve", __doc__)
     ap.add_argument("--preset", default="base", help="GEM preset (default base)")
@@ -385,7 +421,26 @@ def main() -> None:
     ap.add_argument("--no-metrics", action="store_true",
                     help="the daemons with OPENGEM_METRICS=off (no Prometheus metrics recorded); compare with a "
                          "default run to get the cost of metrics (JSON: bench/results/serve-no-metrics.json)")
+    ap.add_argument("--processes-only", action="store_true",
+                    help="only GEM 500 candidates x 1k served by `--processes 2` vs one process (JSON: "
+                         "bench/results/serve-processes.json)")
     args = ap.parse_args()
+    if args.processes_only:
+        if args.out == ap.get_default("out"):
+            args.out = "bench/results/serve-processes.json"
+        work = Path(tempfile.mkdtemp(prefix="opengem-bench-serve-"))
+        data = work / "data"
+        users = build_store(data, users_per_len=8 if args.quick else 32, lengths=(1024,))
+        publish(data / "models-gem", "gem", args.preset, seed=0)
+        reqs = requests_for(users[1024], 500, 32, seed=1524)
+        ps = processes_scaling(data, data / "models-gem", work, reqs, (1, 2, 4, 8), 2 if args.quick else 4,
+                               4.0 if args.quick else 8.0, 8 if args.quick else 20)
+        rows = [[c, v["p50_ms_1"], v["p99_ms_1"], v["qps_1"], v["p50_ms_2"], v["p99_ms_2"], v["qps_2"],
+                 v["qps_ratio"], v["failed"]] for c, v in ps["by_concurrency"].items()]
+        print(table(rows, ["conc", "p50 1p", "p99 1p", "qps 1p", "p50 2p", "p99 2p", "qps 2p", "qps 2p/1p", "failed"]))
+        write(args.out, "serve-processes", {"preset": args.preset, "case": "500c_1k", "quick": args.quick,
+                                            "levels": [1, 2, 4, 8]}, ps)
+        return
     if args.no_metrics:
         os.environ["OPENGEM_METRICS"] = "off"  # inherited by the child processes
         if args.out == ap.get_default("out"):

@@ -115,8 +115,10 @@ class Supervisor:
 
     def _spawn(self, index: int, fast_exits: int = 0) -> _Child:
         env = {**os.environ, CHILD_ENV: "1", "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir, "PYTHONUNBUFFERED": "1"}
+        # Its own session: a terminal's Ctrl-C reaches the supervisor only, which then stops each child
+        # once (a second signal would make a child leave without finishing its requests).
         proc = subprocess.Popen(self.child_argv(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, start_new_session=True)
         child = _Child(index, proc, time.monotonic(), fast_exits=fast_exits)
         threading.Thread(target=self._relay, args=(child,), name=f"serve-{index}-out", daemon=True).start()
         return child
