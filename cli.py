@@ -283,7 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     child = bool(os.environ.get(CHILD_ENV))
     if cfg.serve.processes > 1 and not child:
-        return _serve_processes(cfg, mport)
+        return _serve_processes(cfg, mport, args.argv[args.argv.index("serve") + 1:])
     stop = Stop()
     parent = os.getppid()
     svc = Service(cfg, token=_secret(args.token_file, "OPENGEM_SERVE_TOKEN"), tls=tls, reuse_port=child)
@@ -305,12 +305,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_processes(cfg: Any, metrics_port: int) -> int:
-    """``[serve] processes`` > 1: supervise that many `opengem serve` children on one port."""
-    from opengem.serving.processes import Supervisor, strip_args
+def _serve_processes(cfg: Any, metrics_port: int, argv: list[str]) -> int:
+    """``[serve] processes`` > 1: supervise that many `opengem serve` children on one port;
+    ``argv``: this command's arguments after ``serve``, which the children get too."""
+    from opengem.serving.processes import Supervisor
 
-    argv = sys.argv[sys.argv.index("serve") + 1:]
-    argv = strip_args(argv, ("--processes", "--port", "--http-port", "--metrics-port"))
     sc = cfg.serve
     stop = Stop()
     lock = threading.Lock()
@@ -648,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # (what `opengem serve --processes` hands its children)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # kafka-python warns about its own event loop timing under load

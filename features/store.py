@@ -1311,9 +1311,9 @@ class SequenceStore(SequenceStoreBase):
     def _run_parts(cache: _DecodedCache, spec: tuple[bytes, int, int, _Run | None, int],
                    fetched: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         """A user's chunks s .. t - 1 as parts for :func:`_finish`, from its cached run and
-        ``fetched`` (the chunks the run lacked, in seq order); a run missing some of them is
-        replaced by one holding its chunks from the user's first kept chunk on, together
-        with the new ones."""
+        ``fetched`` (the chunks the run lacked, in seq order). A run missing some of them is
+        replaced by one holding both: the run's chunks that the user still keeps (retention
+        drops the oldest, from ``k0`` on they are kept) and the fetched ones, older or newer."""
         rk, s, t, run, k0 = spec
         if run is not None and run.covers(s, t):
             cache.count(t - s, 0)

@@ -198,7 +198,8 @@ def watch_gc() -> None:
     gc.callbacks.append(on_gc)
 
 
-def serve(port: int, host: str | None = None, fallback: bool = True) -> int:
+def serve(port: int, host: str | None = None, fallback: bool = True,
+          registry: CollectorRegistry | None = None) -> int:
     """Serve REGISTRY at http://host:port/metrics (port 0: a free one). Returns the port.
 
     ``host``: default ``OPENGEM_METRICS_HOST`` or 127.0.0.1 (containers set 0.0.0.0 so that
@@ -206,22 +207,37 @@ def serve(port: int, host: str | None = None, fallback: bool = True) -> int:
     still stay inside a private network).
 
     ``fallback``: if ``port`` is taken (a second daemon on one machine), take a free one.
+
+    ``registry``: serve this one instead (e.g. `opengem serve --processes`' supervisor: the
+    children's figures); this process's garbage collections are then not watched.
     """
     host = host or os.environ.get("OPENGEM_METRICS_HOST") or "127.0.0.1"
-    watch_gc()
+    if registry is None:
+        registry = REGISTRY
+        watch_gc()
     with _server_lock:
         key = (host, port)
         if port and key in _servers:
             return port
         try:
-            server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+            server, _thread = start_http_server(port, addr=host, registry=registry)
         except OSError:
             if not fallback or port == 0:
                 raise
-            server, _thread = start_http_server(0, addr=host, registry=REGISTRY)
+            server, _thread = start_http_server(0, addr=host, registry=registry)
         real = server.server_address[1]
         _servers[(host, real)] = server
         return real
+
+
+def stop_serving(port: int, host: str | None = None) -> None:
+    """Stop the endpoint :func:`serve` started on ``port`` (nothing if there is none)."""
+    host = host or os.environ.get("OPENGEM_METRICS_HOST") or "127.0.0.1"
+    with _server_lock:
+        server = _servers.pop((host, port), None)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 def observe_examples(examples: Iterable) -> None:

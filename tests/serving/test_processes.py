@@ -20,7 +20,7 @@ from opengem.model import registry
 from opengem.model.config import preset
 from opengem.model.gem import GemModel
 from opengem.serving.client import RankClient
-from opengem.serving.processes import reserve_port, strip_args
+from opengem.serving.processes import reserve_port
 from opengem.stream.simulator import SimConfig, Simulator
 
 from ingest_testing import ingest_json
@@ -165,7 +165,7 @@ def test_sigterm_stops_every_process(served) -> None:
         assert not Path(f"/proc/{p}").exists()
 
 
-def test_port_holding_and_argument_stripping() -> None:
+def test_port_holding() -> None:
     held = reserve_port("127.0.0.1", 0)
     port = held.getsockname()[1]
     try:
@@ -179,5 +179,25 @@ def test_port_holding_and_argument_stripping() -> None:
         plain.close()
     finally:
         held.close()
-    assert strip_args(["--config", "c.toml", "--port", "5", "--processes=3", "--http-port", "0", "-v"],
-                      ("--port", "--processes", "--http-port")) == ["--config", "c.toml", "-v"]
+
+
+def test_children_that_cannot_serve_stop_the_supervisor_with_their_error(tmp_path: Path) -> None:
+    """A config every child refuses (a public address without a token): the children's error
+    is shown, the supervisor exits with status 2 and names the child, no process is left."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "opengem.cli", "serve", "--data-dir", str(tmp_path), "--processes", "2",
+         "--host", "0.0.0.0", "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=240, env={k: v for k, v in os.environ.items()
+                                                          if k != "OPENGEM_SERVE_TOKEN"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "refusing to serve on 0.0.0.0 without a bearer token" in out
+    assert re.search(r"error: server process \d exited with code 2 before serving", out), out
+    left = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(tmp_path).encode() in (d / "cmdline").read_bytes():
+                left.append(d.name)
+        except OSError:  # exited meanwhile
+            pass
+    assert not left, left
