@@ -75,8 +75,12 @@ def main() -> None:
     tasks = ("click", "conversion")
     oracle_ne = {t: sb.ne(T["oracle"][:, i], y[:, i]) for i, t in enumerate(tasks)}
     budget: dict[str, dict[str, float]] = {}
-    for term, task_list in (("click_interactions", ("click", "conversion")), ("cvr_interactions", ("conversion",)),
-                            ("cvr_long_range", ("conversion",))):
+    terms = [("click_interactions", ("click", "conversion")), ("cvr_interactions", ("conversion",)),
+             ("cvr_long_range", ("conversion",))]
+    lc = float(getattr(sim, "long_range_click_strength", 0.0))
+    if lc:
+        terms.append(("click_long_range", ("click", "conversion")))
+    for term, task_list in terms:
         budget[term] = {}
         for t in task_list:
             i = tasks.index(t)
@@ -91,9 +95,9 @@ def main() -> None:
     print(f"intent posterior ({time.monotonic() - t0:.0f}s)", flush=True)
     gap = trace["long_range_gap"][idx]
     active = gap >= sim.long_range_min_gap
-    p_obs = sb.p_observable(trace, idx, post, sim.long_range_strength, cdf)
-    p_none = sb.without_term(trace, idx, "cvr_long_range", "conversion", cdf)
-    p_none_raw = sb.p_observable(trace, idx, np.zeros(len(idx)), sim.long_range_strength, cdf)  # no intent
+    p_obs = sb.p_observable(trace, idx, post, sim.long_range_strength, cdf, lc)
+    p_none = sb.without_intent(trace, idx, "conversion", cdf)
+    p_none_raw = sb.p_observable(trace, idx, np.zeros(len(idx)), sim.long_range_strength, cdf, lc)  # no intent
     yv = y[:, 1]
     masks = sb.gap_masks(gap, sim.long_range_min_gap)
     lr = {
@@ -107,6 +111,18 @@ def main() -> None:
     }
     lr["observable_budget"] = lr["ne_no_intent"] - lr["ne_observable"]
     lr["hidden"] = lr["ne_observable"] - lr["ne_oracle"]
+    capture_click: dict[str, dict[str, dict[str, float]]] = {}
+    if lc:  # the intent on the click logit too: the same figures for the click label
+        yc = y[:, 0]
+        pc_obs = sb.p_observable(trace, idx, post, sim.long_range_strength, cdf, lc, task="click")
+        pc_none_raw = sb.p_observable(trace, idx, np.zeros(len(idx)), sim.long_range_strength, cdf, lc, task="click")
+        ck = {"strength": lc, "active_clicks": int(yc[active].sum()), "ne_oracle": oracle_ne["click"],
+              "ne_no_intent": sb.ne(sb.without_intent(trace, idx, "click", cdf), yc), "ne_observable": sb.ne(pc_obs, yc)}
+        ck["observable_budget"] = ck["ne_no_intent"] - ck["ne_observable"]
+        ck["hidden"] = ck["ne_observable"] - ck["ne_oracle"]
+        lr["click"] = ck
+        capture_click = {"oracle": {"-": sb.lift(T["oracle"][:, 0], pc_none_raw, masks)},
+                         "observable": {"-": sb.lift(pc_obs, pc_none_raw, masks)}}
 
     capture: dict[str, dict[str, dict[str, float]]] = {
         "oracle": {"-": sb.lift(T["oracle"][:, 1], p_none_raw, masks)},
@@ -116,6 +132,8 @@ def main() -> None:
         if len(m["p"]) != n_rows:
             continue
         capture.setdefault(m["model"], {})[str(m["seed"])] = sb.lift(m["p"][:, 1], p_none_raw, masks)
+        if capture_click:
+            capture_click.setdefault(m["model"], {})[str(m["seed"])] = sb.lift(m["p"][:, 0], pc_none_raw, masks)
 
     # ----- report
     print(f"\nsimulator: long-range cause {sim.long_range_cause}, plant prob {sim.long_range_plant_prob}, "
@@ -126,17 +144,31 @@ def main() -> None:
           f"{lr['ne_observable']:.4f}, without the intent {lr['ne_no_intent']:.4f} -> observable budget "
           f"{lr['observable_budget']:+.4f}, hidden {lr['hidden']:+.4f}; {lr['active_rows']:,} active rows, "
           f"{lr['active_conversions']} conversions")
+    if lc:
+        ck = lr["click"]
+        print(f"long-range intent (click NE, click strength {lc:g}): oracle {ck['ne_oracle']:.4f}, best reading the "
+              f"history {ck['ne_observable']:.4f}, without the intent {ck['ne_no_intent']:.4f} -> observable budget "
+              f"{ck['observable_budget']:+.4f}, hidden {ck['hidden']:+.4f}; {ck['active_clicks']:,} clicks on active rows")
     keys = [k for k in masks if k != "none"]
-    rows = [[name, seed] + [d.get(k) for k in keys] for name, by in capture.items() for seed, d in sorted(by.items())]
-    print("\nintent priced in (conversion log-odds over the no-intent oracle, relative to rows without an intent),"
-          "\nby activation gap to the planting event (pre: not active yet):")
-    print(_common.table(rows, ["model", "seed"] + [f"gap {k}" for k in keys]))
+    for label, cap in (("conversion", capture), ("click", capture_click)):
+        if not cap:
+            continue
+        rows = [[name, seed] + [d.get(k) for k in keys] for name, by in cap.items() for seed, d in sorted(by.items())]
+        print(f"\nintent priced in ({label} log-odds over the no-intent oracle, relative to rows without an intent),"
+              "\nby activation gap to the planting event (pre: not active yet):")
+        print(_common.table(rows, ["model", "seed"] + [f"gap {k}" for k in keys]))
 
     plot = Path(args.plot or Path(args.out).with_suffix(".png"))
     _plot(capture, keys, plot, f"long-range intent ({sim.long_range_cause} cause): lift caught per model")
+    plot_click = plot.with_name(plot.stem + "_click.png")
+    if capture_click:
+        _plot(capture_click, keys, plot_click, f"long-range intent on clicks ({sim.long_range_cause} cause): "
+              "click lift caught per model")
     _common.write(args.out, "signal_budget", {"work": works, "dataset": meta["fingerprint"], "sim": src["sim"],
-                                              "plot": str(plot)},
+                                              "plot": str(plot),
+                                              **({"plot_click": str(plot_click)} if capture_click else {})},
                   {"oracle_ne": oracle_ne, "budget": budget, "long_range": lr, "capture": capture,
+                   **({"capture_click": capture_click} if capture_click else {}),
                    "test_rows": n_rows, "elapsed_s": round(time.monotonic() - t0, 1)})
 
 
@@ -175,21 +207,35 @@ def render_md(paths: list[str], experiments: list[str] = ()) -> list[str]:
           f"{lr['ne_observable']:.4f}, without the intent {lr['ne_no_intent']:.4f}: **observable budget "
           f"{lr['observable_budget']:+.4f}**, hidden {lr['hidden']:+.4f}; {lr['active_rows']:,} active test rows "
           f"({lr['active_conversions']} conversions).\n")
+        ck = lr.get("click")
+        if ck:
+            w(f"The intent also moves the click logit here (+{ck['strength']:g} on active rows). Long-range intent, "
+              f"click NE: oracle {ck['ne_oracle']:.4f}, best reading the history {ck['ne_observable']:.4f}, "
+              f"without the intent {ck['ne_no_intent']:.4f}: **observable budget {ck['observable_budget']:+.4f}**, "
+              f"hidden {ck['hidden']:+.4f}; {ck['active_clicks']:,} clicks on active test rows.\n")
         keys = [k for k in next(iter(d["capture"].values()))["-"]] if "oracle" in d["capture"] else []
-        w("| model | seed | " + " | ".join(f"gap {k}" for k in keys) + " |")
-        w("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
-        for m, by in d["capture"].items():
-            for seed, v in sorted(by.items()):
-                w(f"| {m} | {seed} | " + " | ".join(f"{v[k]:+.3f}" if k in v else "n/a" for k in keys) + " |")
-        w("")
+        for label, cap in (("conversion", d["capture"]), ("click", d.get("capture_click") or {})):
+            if not cap:
+                continue
+            if label == "click":
+                w("The same capture for the click label (click log-odds over the no-intent click oracle):\n")
+            w("| model | seed | " + " | ".join(f"gap {k}" for k in keys) + " |")
+            w("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
+            for m, by in cap.items():
+                for seed, v in sorted(by.items()):
+                    w(f"| {m} | {seed} | " + " | ".join(f"{v[k]:+.3f}" if k in v else "n/a" for k in keys) + " |")
+            w("")
         k_in = next((k for k in keys if k.startswith("256-")), None)
         if k_in and "pre" in keys:
             def gain(v: dict) -> float:
                 return v[k_in] - v["pre"]
-            parts = [f"{m} {np.mean([gain(v) for v in by.values()]):+.2f}" for m, by in d["capture"].items()]
-            w(f"Intent priced in on active rows with gap {k_in} (the pyramid's reach beyond the no-pyramid "
-              f"branch's 256) minus that on not-yet-active rows of the same intent (the same users and categories; "
-              f"mean over seeds): " + ", ".join(parts) + ".\n")
+            for label, cap in (("conversion", d["capture"]), ("click", d.get("capture_click") or {})):
+                if not cap:
+                    continue
+                parts = [f"{m} {np.mean([gain(v) for v in by.values()]):+.2f}" for m, by in cap.items()]
+                w(f"Intent priced in ({label}) on active rows with gap {k_in} (the pyramid's reach beyond the "
+                  f"no-pyramid branch's 256) minus that on not-yet-active rows of the same intent (the same users and "
+                  f"categories; mean over seeds): " + ", ".join(parts) + ".\n")
         on_it = runs.get(c["dataset"], [])
         if on_it:
             names = ", ".join(f"`{e}`" for e, _ in on_it)
@@ -208,9 +254,10 @@ def render_md(paths: list[str], experiments: list[str] = ()) -> list[str]:
                     w(f"| {m} | {a['click']['ne']:.4f} | {a['conversion']['ne']:.4f} | "
                       f"{a['conversion']['auc']:.4f} | {delta('click')} | {delta('conversion')} | `{Path(e).name}` |")
             w("")
-        png = Path(c.get("plot", ""))
-        if png.name:
-            w(f"![{png.stem}](model-results/{png.name})\n")
+        for key in ("plot", "plot_click"):
+            png = Path(c.get(key, ""))
+            if png.name:
+                w(f"![{png.stem}](model-results/{png.name})\n")
     return L
 
 

@@ -157,8 +157,21 @@ def simulator_source(dcfg: DatasetConfig, sim_cfg: Any = None, surfaces: Sequenc
     return EventSource(
         batches=lambda: Simulator(sim_cfg).record_batches(total, dcfg.block_events),
         train_events=dcfg.events - dcfg.test_events, window_events=dcfg.events, oracle=sim_cfg,
-        describe={"kind": "simulator", "sim": dataclasses.asdict(sim_cfg), "tail_events": tail},
+        describe={"kind": "simulator", "sim": _sim_describe(sim_cfg), "tail_events": tail},
     )
+
+
+# SimConfig fields added after datasets were fingerprinted, with the value that means "as before":
+# left out of the description at that value, so those datasets keep their fingerprints.
+_SIM_FIELDS_ADDED = {"long_range_click_strength": 0.0}
+
+
+def _sim_describe(sim_cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(sim_cfg)
+    for k, v in _SIM_FIELDS_ADDED.items():
+        if d.get(k) == v:
+            d.pop(k)
+    return d
 
 
 def event_list_source(events: Sequence[Any], test_fraction: float, block: int = 16384,

@@ -153,11 +153,32 @@ def intent_posterior(kind: np.ndarray, category: np.ndarray, item: np.ndarray, o
 
 
 def p_observable(trace: dict[str, np.ndarray], idx: np.ndarray, posterior: np.ndarray,
-                 strength: float, cdf: float) -> np.ndarray:
-    """The windowed-conversion oracle with the intent term replaced by its posterior."""
+                 strength: float, cdf: float, click_strength: float = 0.0, task: str = "conversion") -> np.ndarray:
+    """The oracle of ``task`` with the intent replaced by its posterior: the windowed conversion
+    (default), or the click. The intent moves the CVR logit by ``strength`` and the click logit by
+    ``click_strength`` (``SimConfig.long_range_click_strength``); one hidden state drives both, so
+    the conversion mixes the two products, not the two marginals."""
+    zc0 = trace["z_click"][idx] - trace["click_long_range"][idx] if "click_long_range" in trace else \
+        trace["z_click"][idx]
     z0 = trace["z_cvr"][idx] - trace["cvr_long_range"][idx]
-    pv = posterior * _expit(z0 + strength) + (1 - posterior) * _expit(z0)
-    return trace["p_click"][idx] * pv * cdf
+    if task == "click":
+        return posterior * _expit(zc0 + click_strength) + (1 - posterior) * _expit(zc0)
+    if task != "conversion":
+        raise ValueError(f"task {task!r}: click or conversion")
+    on = _expit(zc0 + click_strength) * _expit(z0 + strength)
+    return (posterior * on + (1 - posterior) * _expit(zc0) * _expit(z0)) * cdf
+
+
+def without_intent(trace: dict[str, np.ndarray], idx: np.ndarray, task: str, cdf: float) -> np.ndarray:
+    """The oracle of ``task`` with the long-range intent taken out of both logits, scaled to the
+    oracle's mean (what :func:`without_term` does for one term)."""
+    zc, zv = trace["z_click"][idx], trace["z_cvr"][idx] - trace["cvr_long_range"][idx]
+    zc = zc - trace["click_long_range"][idx] if "click_long_range" in trace else zc
+    if task == "click":
+        full, cut = trace["p_click"][idx], _expit(zc)
+    else:
+        full, cut = trace["p_click"][idx] * trace["p_cvr"][idx] * cdf, _expit(zc) * _expit(zv) * cdf
+    return np.clip(cut * (full.mean() / max(cut.mean(), 1e-12)), 0, 1)
 
 
 def without_term(trace: dict[str, np.ndarray], idx: np.ndarray, term: str, task: str, cdf: float) -> np.ndarray:

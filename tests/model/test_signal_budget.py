@@ -157,3 +157,36 @@ def test_model_quality_sim_overrides_are_typed_and_checked():
     for bad in ("nope=1", "long_range_cause=sometimes", "long_range_plant_prob=2", "long_range"):
         with pytest.raises(SystemExit):
             mq.sim_config(bad, 0, ("feed",))
+
+
+def test_intent_on_clicks_moves_the_click_logit_only_where_active_and_the_observable_oracle_rebuilds_it():
+    cfg = SimConfig(seed=5, n_users=300, long_range_cause="conversion", long_range_plant_prob=1.0,
+                    long_range_click_strength=1.5)
+    _, tr = _stream(cfg, 60_000)
+    active = tr["long_range_gap"] >= cfg.long_range_min_gap
+    assert active.sum() > 50
+    np.testing.assert_array_equal(tr["click_long_range"], 1.5 * active)
+    idx = np.arange(len(tr["req"]))
+    # with the hidden state itself as the posterior, the observable oracle is the oracle, for both tasks
+    post = active.astype(np.float64)
+    np.testing.assert_allclose(sb.p_observable(tr, idx, post, cfg.long_range_strength, 0.75, 1.5, task="click"),
+                               tr["p_click"], rtol=1e-10)
+    np.testing.assert_allclose(sb.p_observable(tr, idx, post, cfg.long_range_strength, 0.75, 1.5),
+                               tr["p_click"] * tr["p_cvr"] * 0.75, rtol=1e-10)
+    # without the intent: both logits lose it (active rows drop, the mean is kept)
+    for task, full in (("click", tr["p_click"]), ("conversion", tr["p_click"] * tr["p_cvr"] * 0.75)):
+        cut = sb.without_intent(tr, idx, task, 0.75)
+        assert cut.mean() == pytest.approx(full.mean())
+        assert (cut[active] < full[active]).all() and (cut[~active] > full[~active]).all()
+    # the default (0) leaves the click oracle alone and the stream as it was
+    _, tr0 = _stream(SimConfig(seed=5, n_users=300, long_range_cause="conversion", long_range_plant_prob=1.0), 20_000)
+    assert not tr0["click_long_range"].any()
+    with pytest.raises(ValueError, match="long_range_click_strength"):
+        SimConfig(long_range_click_strength=float("nan"))
+
+
+def test_a_new_simulator_field_at_its_default_keeps_old_dataset_fingerprints():
+    from opengem.model.evaluate import _sim_describe
+
+    assert "long_range_click_strength" not in _sim_describe(SimConfig())
+    assert _sim_describe(SimConfig(long_range_click_strength=1.0))["long_range_click_strength"] == 1.0
