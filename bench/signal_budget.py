@@ -80,6 +80,8 @@ def main() -> None:
     lc = float(getattr(sim, "long_range_click_strength", 0.0))
     if lc:
         terms.append(("click_long_range", ("click", "conversion")))
+    if float(getattr(sim, "surface_affinity_spread", 0.0)):  # what a shared head has to model per surface
+        terms.append(("click_surface_affinity", ("click", "conversion")))
     for term, task_list in terms:
         budget[term] = {}
         for t in task_list:

@@ -163,7 +163,7 @@ def simulator_source(dcfg: DatasetConfig, sim_cfg: Any = None, surfaces: Sequenc
 
 # SimConfig fields added after datasets were fingerprinted, with the value that means "as before":
 # left out of the description at that value, so those datasets keep their fingerprints.
-_SIM_FIELDS_ADDED = {"long_range_click_strength": 0.0}
+_SIM_FIELDS_ADDED = {"long_range_click_strength": 0.0, "surface_affinity_spread": 0.0}
 
 
 def _sim_describe(sim_cfg: Any) -> dict[str, Any]:

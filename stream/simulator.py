@@ -87,17 +87,22 @@ class SurfaceProfile:
     cvr_logit: float  # base logit of P(conversion | click)
     kind_logits: tuple[float, float, float, float]  # like, share, comment, follow
     format_effect: tuple[float, float, float, float]  # click-logit effect of image, video, carousel, collection
+    # How much more (or less) the user-ad affinity drives clicks here than on average: the click
+    # logit's affinity weight is A * (1 + surface_affinity_spread * affinity_shift) (off at spread 0).
+    affinity_shift: float = 0.0
 
 
 SURFACE_PROFILES = {
     # feed: the main surface, most ads, image formats do well
-    "feed": SurfaceProfile(0.40, 0.22, -3.4, -2.4, (-2.8, -4.6, -4.3, -4.5), (0.2, -0.1, 0.1, 0.0)),
+    # (affinity: relevance matters on feed, less in stories, least on reels -- people watch
+    # entertainment there -- and most in messaging, where people come with an intent)
+    "feed": SurfaceProfile(0.40, 0.22, -3.4, -2.4, (-2.8, -4.6, -4.3, -4.5), (0.2, -0.1, 0.1, 0.0), 0.25),
     # stories: short sessions, video favoured, lower CTR
-    "stories": SurfaceProfile(0.20, 0.18, -3.9, -2.6, (-3.4, -4.8, -4.0, -4.8), (-0.2, 0.3, -0.1, 0.0)),
+    "stories": SurfaceProfile(0.20, 0.18, -3.9, -2.6, (-3.4, -4.8, -4.0, -4.8), (-0.2, 0.3, -0.1, 0.0), -0.25),
     # reels: organic-heavy, video strongly favoured, many likes and follows
-    "reels": SurfaceProfile(0.30, 0.12, -3.6, -2.8, (-2.5, -4.0, -4.5, -4.1), (-0.4, 0.5, -0.2, 0.1)),
+    "reels": SurfaceProfile(0.30, 0.12, -3.6, -2.8, (-2.5, -4.0, -4.5, -4.1), (-0.4, 0.5, -0.2, 0.1), -0.75),
     # messaging: few ads, lowest CTR but high CVR, many shares/comments
-    "messaging": SurfaceProfile(0.10, 0.08, -4.3, -2.0, (-4.0, -3.2, -3.0, -5.5), (0.1, -0.3, 0.0, 0.2)),
+    "messaging": SurfaceProfile(0.10, 0.08, -4.3, -2.0, (-4.0, -3.2, -3.0, -5.5), (0.1, -0.3, 0.0, 0.2), 0.75),
 }
 
 
@@ -113,6 +118,7 @@ def surface_profile(name: str) -> SurfaceProfile:
         cvr_logit=float(r.uniform(-2.8, -2.0)),
         kind_logits=tuple(float(x) for x in r.uniform([-4, -5, -5, -5.5], [-2.5, -3, -3, -4])),
         format_effect=tuple(float(x) for x in r.normal(0, 0.25, 4)),
+        affinity_shift=float(r.uniform(-0.75, 0.75)),  # drawn last: the fields above stay as they were
     )
 
 
@@ -149,6 +155,11 @@ class SimConfig:
     engagement_scale: float = 1.0
     # Weight of the user-ad affinity in the click logit.
     affinity_scale: float = 0.8
+    # Surface-specific response (multi-domain): on surface s the click logit's affinity weight is
+    # affinity_scale * (1 + surface_affinity_spread * SurfaceProfile.affinity_shift), so how much
+    # relevance drives a click depends on the surface (reels 0.25x, messaging 1.75x at 1.0). 0 (the
+    # default): one weight everywhere, the surface effects stay additive.
+    surface_affinity_spread: float = 0.0
     # Weight of the user-ad affinity in the CVR logit.
     cvr_affinity_scale: float = 0.5
     # Std of the per-advertiser CVR logit offset.
@@ -249,6 +260,7 @@ class SimConfig:
             "long_range_plant_prob": 0 <= self.long_range_plant_prob <= 1,
             "long_range_min_gap": self.long_range_min_gap >= 0,
             "long_range_click_strength": math.isfinite(self.long_range_click_strength),
+            "surface_affinity_spread": 0 <= self.surface_affinity_spread <= 1 / 0.75,
             "drift_strength": self.drift_strength >= 0,
             "interest_shift_at_s": self.interest_shift_at_s >= 0,
             "interest_shift_strength": 0 <= self.interest_shift_strength <= 1,
@@ -375,7 +387,8 @@ _NEVER = np.iinfo(np.int64).max
 
 IMPRESSION_TRACE_FIELDS = (
     "req", "user", "ts", "surface", "p_click", "p_cvr", "z_click", "z_cvr", "click_interactions",
-    "cvr_interactions", "cvr_long_range", "click_long_range", "long_range_gap",
+    "cvr_interactions", "cvr_long_range", "click_long_range", "click_surface_affinity",
+    "long_range_gap",
 )
 
 
@@ -433,6 +446,7 @@ class Simulator:
         self.surf_cvr = np.array([p.cvr_logit for p in prof])
         self.surf_kind_logits = np.array([(0.0,) + tuple(p.kind_logits) for p in prof])  # (S, 5)
         self.surf_fmt = np.array([p.format_effect for p in prof])  # (S, 4)
+        self.surf_aff = np.array([p.affinity_shift for p in prof])  # (S,)
 
         # users
         ru = self._r_users
@@ -700,6 +714,9 @@ class Simulator:
             self.surf_ctr[sa] + self.surf_fmt[sa, afmt] + HOUR_EFFECT[hour] + AGE_EFFECT[age]
             + DEVICE_EFFECT[dev] + self.cat_effect[acat] + a.bias[pick] + cfg.affinity_scale * aaff
         )
+        surf_aff = cfg.affinity_scale * cfg.surface_affinity_spread * self.surf_aff[sa] * aaff
+        if cfg.surface_affinity_spread:
+            zc = zc + surf_aff
         if cfg.market_drift_std:
             zc = zc + self.market_offset(ts[adi])
         zv = self.surf_cvr[sa] + self.adv_cvr[aadv] + cfg.cvr_affinity_scale * aaff
@@ -747,6 +764,7 @@ class Simulator:
                 "cvr_interactions": (s_int * COUNTRY_SIGN[ctry] * self.cat_sign2[acat]) if s_int else zero,
                 "cvr_long_range": (cfg.long_range_strength * active) if cfg.long_range else zero,
                 "click_long_range": (cfg.long_range_click_strength * active) if cfg.long_range else zero,
+                "click_surface_affinity": surf_aff,
                 "long_range_gap": lr_gap if lr_gap is not None else np.full(len(adi), -1, np.int64),
             })
         fmt = np.full(B, -1, np.int64)

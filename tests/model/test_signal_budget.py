@@ -190,3 +190,25 @@ def test_a_new_simulator_field_at_its_default_keeps_old_dataset_fingerprints():
 
     assert "long_range_click_strength" not in _sim_describe(SimConfig())
     assert _sim_describe(SimConfig(long_range_click_strength=1.0))["long_range_click_strength"] == 1.0
+
+
+def test_surface_affinity_spread_scales_the_affinity_per_surface_and_is_off_by_default():
+    from opengem.stream.simulator import SURFACE_PROFILES
+
+    cfg = SimConfig(seed=6, n_users=300, surface_affinity_spread=1.0)
+    _, tr = _stream(cfg, 30_000)
+    _, tr0 = _stream(SimConfig(seed=6, n_users=300), 30_000)
+    assert not tr0["click_surface_affinity"].any()
+    # same stream of draws up to the click logit: the difference is exactly the surface term
+    np.testing.assert_allclose(tr["z_click"] - tr0["z_click"], tr["click_surface_affinity"], atol=1e-12)
+    shift = np.array([SURFACE_PROFILES[s].affinity_shift for s in cfg.surfaces])
+    assert len(set(np.sign(shift))) == 2  # the surfaces disagree about how much relevance matters
+    # term / (A * spread * shift_s) is the user-ad affinity, the same law on every surface
+    scale = []
+    for s in range(len(cfg.surfaces)):
+        m = tr["surface"] == s
+        assert m.sum() > 100
+        scale.append(np.std(tr["click_surface_affinity"][m] / (cfg.affinity_scale * shift[s])))
+    assert max(scale) / min(scale) < 1.3, scale
+    with pytest.raises(ValueError, match="surface_affinity_spread"):
+        SimConfig(surface_affinity_spread=-0.1)
