@@ -209,7 +209,8 @@ def main() -> None:
 
 ABLATIONS = {"gem_no_sequence": "no sequence arch", "gem_short_history": "short history only (last 50 events)",
              "gem_no_pyramid": "no pyramid (one full-resolution branch, last 256)",
-             "gem_no_interleave": "no interleaving", "gem_shared_head": "one shared head"}
+             "gem_no_interleave": "no interleaving", "gem_shared_head": "one shared head",
+             "gem_no_strong": "no strong-kind search slots"}
 
 
 def _f(v, nd: int = 4) -> str:

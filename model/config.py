@@ -109,7 +109,10 @@ def _base() -> GemConfig:
     return GemConfig(
         d=32,
         wukong=WukongConfig(n_layers=3, n_fm=8, n_lcb=8, rank=8),
-        pyramid=PyramidConfig(n_layers=2, max_len=1024, recent=64, n_levels=3, level_factor=4, min_tokens=16),
+        # search_strong: 8 slots for the most recent matching conversions / clicks / follows anywhere in
+        # the 1,024 events (docs/model-results.md, 2026-12-07: what lets GEM read an old purchase intent)
+        pyramid=PyramidConfig(n_layers=2, max_len=1024, recent=64, n_levels=3, level_factor=4, min_tokens=16,
+                              search_strong=8),
         heads=HeadConfig(trunk=(128,), tower=(64,)),
         seq_conditioning="user",
     )

@@ -446,7 +446,9 @@ def standard_models(preset_name: str, features: FeatureConfig) -> dict[str, Mode
         ModelSpec("gem_no_interleave", "gem", replace(g, interleave=False), "sequence arch first, then Wukong"),
         ModelSpec("gem_shared_head", "gem", replace(g, heads=replace(g.heads, per_surface=False)),
                   "one head for every surface"),
-        # not an ablation: the search branch with extra slots for rare high-intent kinds (a candidate change)
+        ModelSpec("gem_no_strong", "gem", replace(g, pyramid=replace(g.pyramid, search_strong=0)),
+                  "no strong-kind search slots (only the most recent matches)"),
+        # the run of 2026-12-03/06 that tried the slots before the base preset had them
         ModelSpec("gem_search_strong", "gem", replace(g, pyramid=replace(g.pyramid, search_strong=8)),
                   "GEM + 8 search slots for the most recent matching conversions / clicks / follows"),
     ]
