@@ -56,6 +56,16 @@ N_ADS = 5000
 T0 = 1_700_000_000_000
 
 
+def _kinds(rng: np.random.Generator, ad: np.ndarray) -> np.ndarray:
+    """Event kinds at about the simulator's rates: ad rows are impressions, 5 % of them clicks and
+    0.7 % conversions (the search branch's strong-kind slots look for those, and follows);
+    organic rows views, likes, shares, comments, 2 % follows."""
+    r = rng.random(len(ad))
+    ad_kind = np.where(r < 0.007, "conversion", np.where(r < 0.057, "click", "impression"))
+    organic = rng.choice(["view", "like", "share", "comment", "follow"], len(ad), p=[0.70, 0.15, 0.06, 0.07, 0.02])
+    return np.where(ad, ad_kind, organic)
+
+
 def build_store(data: Path, users_per_len: int, lengths: tuple[int, ...]) -> dict[int, list[int]]:
     """RocksDB shards (as the stream worker lays them out) with users of exactly these history lengths."""
     from opengem.features.sharded import shard_dir
@@ -76,7 +86,7 @@ def build_store(data: Path, users_per_len: int, lengths: tuple[int, ...]) -> dic
             cols[partition_of(uid, P)].append({
                 "user_id": np.full(n, uid), "ts": T0 + np.sort(rng.integers(0, 30 * 86_400_000, n)),
                 "item_id": item, "surface": rng.choice(DEFAULT_SURFACES, n),
-                "kind": np.where(ad, "impression", rng.choice(["view", "like", "share"], n)),
+                "kind": _kinds(rng, ad),
                 "category": item % 97, "advertiser_id": np.where(ad, item % 331, -1),
                 "ad_format": np.where(ad, np.array(AD_FORMATS)[item % 4], None),
                 "device": np.full(n, DEVICES[uid % 4]), "country": np.full(n, "US"), "age_bucket": np.full(n, uid % 8),
