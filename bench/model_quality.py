@@ -29,6 +29,7 @@ bias still shows in their NE at that size).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -76,6 +77,8 @@ def main() -> None:
                     "(a section on what the data rewards)")
     ap.add_argument("--signal-runs", default="", help="--render: comma-separated model_quality JSONs of runs on "
                     "the signal-budget datasets other than --out (their NE next to the budget)")
+    ap.add_argument("--ablation-runs", default="", help="--render: comma-separated model_quality JSONs of one "
+                    "other dataset (model seeds), checked ablation by ablation in their own section")
     ap.add_argument("--scaling-json", default=None, help="--render: take the scaling section from this run's JSON")
     ap.add_argument("--_one", default=None, help=argparse_hidden())
     args = ap.parse_args()
@@ -90,7 +93,8 @@ def main() -> None:
                     shutil.copyfile(plot, doc_dir / "model-results" / Path(plot).name)
         Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k], args.scaling_json,
                                              args.note, [k for k in args.seed_jsons.split(",") if k],
-                                             sb_jsons, [k for k in args.signal_runs.split(",") if k]))
+                                             sb_jsons, [k for k in args.signal_runs.split(",") if k],
+                                             [k for k in args.ablation_runs.split(",") if k]))
         print(f"wrote {args.render}")
         return
     preset = args.preset or ("tiny" if args.quick else "base")
@@ -221,8 +225,87 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.2f} %"
 
 
+def _ablation_lines(seed_runs: list[dict], tasks: tuple[str, ...]) -> list[str]:
+    """Checklist lines: does each ablation lose NE (all surfaces) outside the paired bootstrap
+    interval, in every model seed of ``seed_runs`` (runs on one dataset; the first is the main one)?"""
+    L: list[str] = []
+    w = L.append
+    doc, others = seed_runs[0], seed_runs[1:]
+    dl = doc.get("ne_delta_vs_gem") or {}
+    for m, what in ABLATIONS.items():
+        if not any(m in r["models"] for r in seed_runs):
+            w(f"* Ablation {what}: not run.")
+            continue
+        per_seed = [(r["config"]["seed"], [(((r.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
+                                           for t in tasks]) for r in seed_runs if m in r["models"]]
+        if all(v and v.get("lo") is not None for _, x in per_seed for v in x):
+            ok = all(v["lo"] > 0 for _, x in per_seed for v in x)
+            w(f"* Ablation {what} loses NE by a measured margin"
+              + ((" in every seed" if len(per_seed) == len(seed_runs) else " in every seed it ran in") if others else "")
+              + f": **{'yes' if ok else 'no'}** ("
+              + "; ".join((f"seed {sd}: " if others else "")
+                          + ", ".join(f"{t} {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]"
+                                      for t, v in zip(tasks, x)) for sd, x in per_seed) + ").")
+        else:
+            d = [((dl.get(m) or {}).get(t) or {}).get("all") for t in tasks]
+            w(f"* Ablation {what}: NE deltas " + ", ".join(f"{t} {_f(v)}" for t, v in zip(tasks, d))
+              + " (no interval).")
+    return L
+
+
+def _ablation_section(runs: list[dict], paths: list[str], tasks: tuple[str, ...]) -> list[str]:
+    """The ablations, seed by seed, on one dataset other than the main run's."""
+    L: list[str] = []
+    w = L.append
+    c0 = runs[0]["config"]
+    st = runs[0]["dataset"]["stats"]
+    fps = {r.get("dataset", {}).get("fingerprint") for r in runs}
+    w("## Ablations on a dataset where every signal can be learned\n")
+    sim = re.search(r"--sim (\S+)", c0.get("command", ""))
+    w(f"Simulator overrides `{sim.group(1) if sim else '-'}` (dataset {', '.join(sorted(str(f) for f in fps))}; "
+      f"{c0['events']:,} events, {st['train']['examples'] + st['test']['examples']:,} impressions, "
+      f"{st['train']['kept']:,} train examples, preset `{c0['preset']}`, histories up to {c0['max_len']:,}), model seeds "
+      + ", ".join(str(r["config"]["seed"]) for r in runs) + " (" + ", ".join(f"`{p}`" for p in paths) + "). "
+      "What the overrides add and why is under 'What the data rewards' below; each run's `gem` is the preset "
+      "the run recorded.\n")
+    w(f"* Label: {c0.get('label', '')}.")
+    L.extend(_ablation_lines(runs, tasks))
+    w("")
+    w("NE (all surfaces) per seed, and NE − GEM of the same seed with its paired 95 % interval:\n")
+    w("| model | seed | NE click | NE conversion | click NE − gem [95 %] | conversion NE − gem [95 %] |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        ci = r.get("ne_delta_vs_gem_ci") or {}
+        for m, by in r["models"].items():
+            cells = []
+            for t in tasks:
+                x = ((ci.get(m) or {}).get(t) or {}).get("all")
+                cells.append(f"{x['delta']:+.4f} [{x['lo']:+.4f}, {x['hi']:+.4f}]" if x and x.get("lo") is not None
+                             else "")
+            w(f"| {m} | {r['config']['seed']} | {_f(by['all']['click']['ne'])} | {_f(by['all']['conversion']['ne'])} | "
+              + " | ".join(cells) + " |")
+    w("")
+    surfaces = [s for s in next(iter(runs[0]["models"].values())) if s != "all"]
+    w("Per surface, NE − GEM (mean over the seeds that ran the model; positive = worse than GEM):\n")
+    w("| model | task | " + " | ".join(surfaces) + " |")
+    w("| --- | --- | " + " | ".join("---" for _ in surfaces) + " |")
+    names = [m for m in runs[0]["models"] if m != "gem"]
+    for m in names:
+        for t in tasks:
+            cells = []
+            for sname in surfaces:
+                ds = [r["models"][m][sname][t]["ne"] - r["models"]["gem"][sname][t]["ne"] for r in runs
+                      if m in r["models"] and "gem" in r["models"]
+                      and r["models"][m][sname][t]["ne"] is not None and r["models"]["gem"][sname][t]["ne"] is not None]
+                cells.append(f"{sum(ds) / len(ds):+.4f}" if ds else "n/a")
+            w(f"| {m} | {t} | " + " | ".join(cells) + " |")
+    w("")
+    return L
+
+
 def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, note: str = "",
-           seed_jsons: list[str] = (), signal_jsons: list[str] = (), signal_runs: list[str] = ()) -> str:
+           seed_jsons: list[str] = (), signal_jsons: list[str] = (), signal_runs: list[str] = (),
+           ablation_runs: list[str] = ()) -> str:
     doc = json.loads(Path(out_json).read_text())
     sdoc = json.loads(Path(scaling_json).read_text()) if scaling_json else doc
     c, models = doc["config"], doc["models"]
@@ -264,24 +347,7 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
         w(f"* GEM's NE beats {b.upper()} on every surface and task" + (" in every seed" if others else "")
           + f": **{'yes' if not lost else 'no'}**"
           + ("" if not lost else f" (not on: {', '.join('/'.join(x) for x in lost)})") + ".")
-    for m, what in ABLATIONS.items():
-        if m not in models:
-            w(f"* Ablation {what}: not run.")
-            continue
-        per_seed = [(r["config"]["seed"], [(((r.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
-                                           for t in tasks]) for r in seed_runs if m in r["models"]]
-        if all(v and v.get("lo") is not None for _, x in per_seed for v in x):
-            ok = all(v["lo"] > 0 for _, x in per_seed for v in x)
-            w(f"* Ablation {what} loses NE by a measured margin"
-              + ((" in every seed" if len(per_seed) == len(seed_runs) else " in every seed it ran in") if others else "")
-              + f": **{'yes' if ok else 'no'}** ("
-              + "; ".join((f"seed {sd}: " if others else "")
-                          + ", ".join(f"{t} {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]"
-                                      for t, v in zip(tasks, x)) for sd, x in per_seed) + ").")
-        else:
-            d = [((dl.get(m) or {}).get(t) or {}).get("all") for t in tasks]
-            w(f"* Ablation {what}: NE deltas " + ", ".join(f"{t} {_f(v)}" for t, v in zip(tasks, d))
-              + " (no interval).")
+    L.extend(_ablation_lines(seed_runs, tasks))
     w(f"* Gap to oracle reported: yes ({_pct(doc.get('ne_gap_to_oracle'))} mean over surfaces and tasks).")
     sc = sdoc.get("scaling") or {}
     ref_len = _hist(next((r for n, r in _configs(sdoc).items() if n == "gem"), {})) if sc else 0
@@ -313,6 +379,9 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
     for f in signal_runs:
         w("# a run on another simulator setting (its own dataset):")
         w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
+    for f in ablation_runs:
+        w("# the ablations on the dataset where every signal can be learned (one model seed each):")
+        w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
     for f in signal_jsons:
         w("# the signal budget of a dataset (no training):")
         sc = json.loads(Path(f).read_text())["config"]
@@ -324,6 +393,7 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
       + (f" --seed-jsons {','.join(seed_jsons)}" if seed_jsons else "")
       + (f" --signal-budget {','.join(signal_jsons)}" if signal_jsons else "")
       + (f" --signal-runs {','.join(signal_runs)}" if signal_runs else "")
+      + (f" --ablation-runs {','.join(ablation_runs)}" if ablation_runs else "")
       + (f" --note {shlex.quote(note)}" if note else ""))
     w("```\n")
     w("## Protocol\n")
@@ -450,6 +520,9 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
                 means.append(f"{sum(ds) / len(ds):+.4f}" if len(ds) == len(seed_runs) else "n/a")
             w(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
         w("")
+    if ablation_runs:
+        L.extend(_ablation_section([json.loads(Path(f).read_text()) for f in ablation_runs], list(ablation_runs),
+                                   tasks))
     if signal_jsons:
         import signal_budget
 
