@@ -87,10 +87,11 @@ def main() -> None:
         sb_jsons = [k for k in args.signal_budget.split(",") if k]
         for j in [args.out, args.scaling_json, *[k for k in args.kuairand.split(",") if k], *sb_jsons]:
             if j:  # the PNGs (bench/results/*.png are not committed) go next to the report
-                plot = json.loads(Path(j).read_text()).get("config", {}).get("plot") or str(Path(j).with_suffix(".png"))
-                if Path(plot).exists():
-                    (doc_dir / "model-results").mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(plot, doc_dir / "model-results" / Path(plot).name)
+                jc = json.loads(Path(j).read_text()).get("config", {})
+                for plot in (jc.get("plot") or str(Path(j).with_suffix(".png")), jc.get("plot_click")):
+                    if plot and Path(plot).exists():
+                        (doc_dir / "model-results").mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(plot, doc_dir / "model-results" / Path(plot).name)
         Path(args.render).write_text(render(args.out, [k for k in args.kuairand.split(",") if k], args.scaling_json,
                                              args.note, [k for k in args.seed_jsons.split(",") if k],
                                              sb_jsons, [k for k in args.signal_runs.split(",") if k],
