@@ -152,15 +152,22 @@ def intent_posterior(kind: np.ndarray, category: np.ndarray, item: np.ndarray, o
     return np.minimum(out, 1.0)
 
 
+def _no_intent_logits(trace: dict[str, np.ndarray], idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(click, CVR) logits without the long-range intent (a trace without ``click_long_range``
+    predates the click term: its click logit has none)."""
+    zc = trace["z_click"][idx]
+    if "click_long_range" in trace:
+        zc = zc - trace["click_long_range"][idx]
+    return zc, trace["z_cvr"][idx] - trace["cvr_long_range"][idx]
+
+
 def p_observable(trace: dict[str, np.ndarray], idx: np.ndarray, posterior: np.ndarray,
                  strength: float, cdf: float, click_strength: float = 0.0, task: str = "conversion") -> np.ndarray:
     """The oracle of ``task`` with the intent replaced by its posterior: the windowed conversion
     (default), or the click. The intent moves the CVR logit by ``strength`` and the click logit by
     ``click_strength`` (``SimConfig.long_range_click_strength``); one hidden state drives both, so
     the conversion mixes the two products, not the two marginals."""
-    zc0 = trace["z_click"][idx] - trace["click_long_range"][idx] if "click_long_range" in trace else \
-        trace["z_click"][idx]
-    z0 = trace["z_cvr"][idx] - trace["cvr_long_range"][idx]
+    zc0, z0 = _no_intent_logits(trace, idx)
     if task == "click":
         return posterior * _expit(zc0 + click_strength) + (1 - posterior) * _expit(zc0)
     if task != "conversion":
@@ -172,8 +179,7 @@ def p_observable(trace: dict[str, np.ndarray], idx: np.ndarray, posterior: np.nd
 def without_intent(trace: dict[str, np.ndarray], idx: np.ndarray, task: str, cdf: float) -> np.ndarray:
     """The oracle of ``task`` with the long-range intent taken out of both logits, scaled to the
     oracle's mean (what :func:`without_term` does for one term)."""
-    zc, zv = trace["z_click"][idx], trace["z_cvr"][idx] - trace["cvr_long_range"][idx]
-    zc = zc - trace["click_long_range"][idx] if "click_long_range" in trace else zc
+    zc, zv = _no_intent_logits(trace, idx)
     if task == "click":
         full, cut = trace["p_click"][idx], _expit(zc)
     else:

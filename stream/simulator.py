@@ -158,7 +158,8 @@ class SimConfig:
     # Surface-specific response (multi-domain): on surface s the click logit's affinity weight is
     # affinity_scale * (1 + surface_affinity_spread * SurfaceProfile.affinity_shift), so how much
     # relevance drives a click depends on the surface (reels 0.25x, messaging 1.75x at 1.0). 0 (the
-    # default): one weight everywhere, the surface effects stay additive.
+    # default): one weight everywhere, the surface effects stay additive. At most 1 / 0.75, where the
+    # weight of the least relevance-driven surface (shift -0.75) reaches 0.
     surface_affinity_spread: float = 0.0
     # Weight of the user-ad affinity in the CVR logit.
     cvr_affinity_scale: float = 0.5
@@ -714,8 +715,9 @@ class Simulator:
             self.surf_ctr[sa] + self.surf_fmt[sa, afmt] + HOUR_EFFECT[hour] + AGE_EFFECT[age]
             + DEVICE_EFFECT[dev] + self.cat_effect[acat] + a.bias[pick] + cfg.affinity_scale * aaff
         )
-        surf_aff = cfg.affinity_scale * cfg.surface_affinity_spread * self.surf_aff[sa] * aaff
+        surf_aff = None
         if cfg.surface_affinity_spread:
+            surf_aff = cfg.affinity_scale * cfg.surface_affinity_spread * self.surf_aff[sa] * aaff
             zc = zc + surf_aff
         if cfg.market_drift_std:
             zc = zc + self.market_offset(ts[adi])
@@ -764,7 +766,7 @@ class Simulator:
                 "cvr_interactions": (s_int * COUNTRY_SIGN[ctry] * self.cat_sign2[acat]) if s_int else zero,
                 "cvr_long_range": (cfg.long_range_strength * active) if cfg.long_range else zero,
                 "click_long_range": (cfg.long_range_click_strength * active) if cfg.long_range else zero,
-                "click_surface_affinity": surf_aff,
+                "click_surface_affinity": surf_aff if surf_aff is not None else zero,
                 "long_range_gap": lr_gap if lr_gap is not None else np.full(len(adi), -1, np.int64),
             })
         fmt = np.full(B, -1, np.int64)
