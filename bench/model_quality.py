@@ -290,7 +290,7 @@ def _ablation_section(runs: list[dict], paths: list[str], tasks: tuple[str, ...]
     w("Per surface, NE − GEM (mean over the seeds that ran the model; positive = worse than GEM):\n")
     w("| model | task | " + " | ".join(surfaces) + " |")
     w("| --- | --- | " + " | ".join("---" for _ in surfaces) + " |")
-    names = [m for m in runs[0]["models"] if m != "gem"]
+    names = [m for m in dict.fromkeys(m for r in runs for m in r["models"]) if m != "gem"]
     for m in names:
         for t in tasks:
             cells = []

@@ -448,6 +448,10 @@ def standard_models(preset_name: str, features: FeatureConfig) -> dict[str, Mode
                   "one head for every surface"),
         ModelSpec("gem_no_strong", "gem", replace(g, pyramid=replace(g.pyramid, search_strong=0)),
                   "no strong-kind search slots (only the most recent matches)"),
+        # a variant, not an ablation: shared expert MLPs mixed per surface by a gate, linear surface towers
+        # (the per-surface towers fragment the rare conversion labels four ways; one shared head does not)
+        ModelSpec("gem_mmoe", "gem", replace(g, heads=replace(g.heads, n_experts=4)),
+                  "4 gated experts shared by the surfaces (MMoE), a linear tower per surface"),
         # the run of 2026-12-03/06 that tried the slots before the base preset had them
         ModelSpec("gem_search_strong", "gem", replace(g, pyramid=replace(g.pyramid, search_strong=8)),
                   "GEM + 8 search slots for the most recent matching conversions / clicks / follows"),
