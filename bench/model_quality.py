@@ -217,6 +217,9 @@ ABLATIONS = {"gem_no_sequence": "no sequence arch", "gem_short_history": "short 
              "gem_no_interleave": "no interleaving", "gem_shared_head": "one shared head",
              "gem_no_strong": "no strong-kind search slots"}
 
+# Not ablations (nothing is removed): other designs of a part, read against GEM the same way.
+VARIANTS = {"gem_mmoe": "gated experts shared by the surfaces (MMoE) instead of a hidden layer per surface tower"}
+
 
 def _f(v, nd: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
@@ -254,6 +257,29 @@ def _ablation_lines(seed_runs: list[dict], tasks: tuple[str, ...]) -> list[str]:
     return L
 
 
+def _variant_lines(seed_runs: list[dict], tasks: tuple[str, ...]) -> list[str]:
+    """One line per variant run in ``seed_runs``: its NE − GEM per task and seed, read against the
+    paired interval (better / worse / no measurable difference)."""
+    L: list[str] = []
+    for m, what in VARIANTS.items():
+        cells = []
+        for r in seed_runs:
+            if m not in r["models"]:
+                continue
+            parts = []
+            for t in tasks:
+                v = (((r.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
+                if not v or v.get("lo") is None:
+                    parts.append(f"{t} n/a")
+                    continue
+                verdict = "worse" if v["lo"] > 0 else "better" if v["hi"] < 0 else "no measurable difference"
+                parts.append(f"{t} {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] ({verdict})")
+            cells.append(f"seed {r['config']['seed']}: " + ", ".join(parts))
+        if cells:
+            L.append(f"* Variant {what} (`{m}`), NE − GEM: " + "; ".join(cells) + ".")
+    return L
+
+
 def _ablation_section(runs: list[dict], paths: list[str], tasks: tuple[str, ...]) -> list[str]:
     """The ablations, seed by seed, on one dataset other than the main run's."""
     L: list[str] = []
@@ -271,6 +297,7 @@ def _ablation_section(runs: list[dict], paths: list[str], tasks: tuple[str, ...]
       "the run recorded.\n")
     w(f"* Label: {c0.get('label', '')}.")
     L.extend(_ablation_lines(runs, tasks))
+    L.extend(_variant_lines(runs, tasks))
     w("")
     w("NE (all surfaces) per seed, and NE − GEM of the same seed with its paired 95 % interval:\n")
     w("| model | seed | NE click | NE conversion | click NE − gem [95 %] | conversion NE − gem [95 %] |")

@@ -242,3 +242,5 @@ def test_ablation_section_lists_a_model_that_only_a_later_seed_ran():
     # the ablation's rows average both seeds
     assert "| gem_no_pyramid | conversion | +0.0075 | +0.0075 |" in text
     assert "loses NE by a measured margin in every seed: **yes**" in text
+    # the variant is read against its interval, in the seed that ran it only
+    assert "* Variant " in text and "(`gem_mmoe`), NE − GEM: seed 1: click -0.0020 [-0.0030, -0.0010] (better)" in text
