@@ -80,8 +80,15 @@ def main() -> None:
     ap.add_argument("--ablation-runs", default="", help="--render: comma-separated model_quality JSONs of one "
                     "other dataset (model seeds), checked ablation by ablation in their own section")
     ap.add_argument("--scaling-json", default=None, help="--render: take the scaling section from this run's JSON")
+    ap.add_argument("--merge", default="", help="only merge these comma-separated results (one dataset, one model "
+                    "seed, the same GEM predictions: e.g. a later run that trained more models) into --out")
     ap.add_argument("--_one", default=None, help=argparse_hidden())
     args = ap.parse_args()
+    if args.merge:
+        doc = merge_runs([Path(p) for p in args.merge.split(",") if p])
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"merged {', '.join(doc['config']['models'])} into {args.out}")
+        return
     if args.render:
         doc_dir = Path(args.render).parent
         sb_jsons = [k for k in args.signal_budget.split(",") if k]
@@ -208,6 +215,45 @@ def main() -> None:
         "sim_seed": args.sim_seed, "quick": args.quick, "jobs": args.jobs, "label": args.label,
         "dataset": ds.meta["dataset"], "models": order, "wall_s": round(wall, 1), "plot": str(png),
         "command": shlex.join(sys.argv)}, figures)
+
+
+def merge_runs(paths: list[Path]) -> dict:
+    """One result from several runs of the same dataset, preset, scale and model seed (e.g. a second
+    run that trained the models the first did not). GEM's figures must be identical in every run --
+    training is deterministic under a seed, so a GEM that differs means the runs are not comparable
+    -- and a model that two runs both trained must agree too. The first run's config and command
+    are kept; ``merged_from`` lists every run (path, command, time, wall)."""
+    import copy
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    if len(runs) < 2:
+        raise SystemExit("--merge needs at least two results")
+    same = ("preset", "events", "test_events", "negative_rate", "test_negative_rate", "max_len", "seed", "sim_seed")
+    out = copy.deepcopy(runs[0])
+    for p, r in zip(paths[1:], runs[1:]):
+        diff = [k for k in same if r["config"].get(k) != out["config"].get(k)]
+        if r["dataset"]["fingerprint"] != out["dataset"]["fingerprint"]:
+            diff.append("dataset fingerprint")
+        if diff:
+            raise SystemExit(f"{p}: not the same run setting as {paths[0]} ({', '.join(diff)})")
+        for m in set(r["models"]) & set(out["models"]):
+            if r["models"][m] != out["models"][m]:
+                raise SystemExit(f"{p}: {m} differs from {paths[0]}'s: not the same training, not merged")
+        if "gem" not in r["models"]:
+            raise SystemExit(f"{p}: no gem, its deltas have no common reference")
+        for m in r["models"]:
+            if m in out["models"]:
+                continue
+            out["models"][m] = r["models"][m]
+            out["config"]["models"].append(m)
+            for key in ("per_model", "ne_delta_vs_gem", "ne_delta_vs_gem_ci"):
+                if m in (r.get(key) or {}):
+                    out.setdefault(key, {})[m] = r[key][m]
+    out["missing_models"] = sorted({m for r in runs for m in r.get("missing_models", [])} - set(out["models"]))
+    out["merged_from"] = [{"path": str(p), "command": r["config"].get("command"), "time": r.get("time"),
+                           "wall_s": r["config"].get("wall_s"), "models": list(r["models"])}
+                          for p, r in zip(paths, runs)]
+    return out
 
 
 # ------------------------------------------------------------------------------------ Markdown report

@@ -244,3 +244,35 @@ def test_ablation_section_lists_a_model_that_only_a_later_seed_ran():
     assert "loses NE by a measured margin in every seed: **yes**" in text
     # the variant is read against its interval, in the seed that ran it only
     assert "* Variant " in text and "(`gem_mmoe`), NE − GEM: seed 1: click -0.0020 [-0.0030, -0.0010] (better)" in text
+
+
+def test_merge_runs_adds_the_later_runs_models_and_refuses_runs_that_do_not_match(tmp_path):
+    import json
+
+    mq = _model_quality_module()
+
+    def run(models, seed=1, fp="f"):
+        return {"time": "t", "config": {"seed": seed, "events": 10, "preset": "base", "max_len": 8, "models": list(models),
+                                        "command": "c", "wall_s": 1.0},
+                "dataset": {"fingerprint": fp}, "models": {m: {"all": {"click": {"ne": v}}} for m, v in models.items()},
+                "ne_delta_vs_gem": {m: {"click": {"all": v - models.get("gem", 0.9)}} for m, v in models.items() if m != "gem"},
+                "ne_delta_vs_gem_ci": {m: {"click": {"all": {"delta": v - models.get("gem", 0.9)}}}
+                                       for m, v in models.items() if m != "gem"},
+                "missing_models": []}
+
+    def put(name, doc):
+        (tmp_path / name).write_text(json.dumps(doc))
+        return tmp_path / name
+
+    a = put("a.json", run({"gem": 0.9, "gem_no_pyramid": 0.91}))
+    b = put("b.json", run({"gem": 0.9, "gem_mmoe": 0.89}))
+    m = mq.merge_runs([a, b])
+    assert m["config"]["models"] == ["gem", "gem_no_pyramid", "gem_mmoe"]
+    assert m["ne_delta_vs_gem_ci"]["gem_mmoe"]["click"]["all"]["delta"] == pytest.approx(-0.01)
+    assert [x["path"] for x in m["merged_from"]] == [str(a), str(b)]
+    for bad, why in ((run({"gem": 0.9001, "gem_mmoe": 0.89}), "gem differs"),
+                     (run({"gem": 0.9, "gem_mmoe": 0.89}, seed=0), "seed"),
+                     (run({"gem": 0.9, "gem_mmoe": 0.89}, fp="g"), "dataset fingerprint"),
+                     (run({"gem_mmoe": 0.89}), "no gem")):
+        with pytest.raises(SystemExit, match=why):
+            mq.merge_runs([a, put("bad.json", bad)])
