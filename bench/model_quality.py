@@ -455,7 +455,11 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
         w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
     for f in ablation_runs:
         w("# the ablations on the dataset where every signal can be learned (one model seed each):")
-        w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
+        merged = json.loads(Path(f).read_text()).get("merged_from")
+        for cmd in ([m["command"] for m in merged] if merged else [json.loads(Path(f).read_text())["config"]["command"]]):
+            w(f".venv/bin/python {cmd.replace(' --reuse', '')}")
+        if merged:
+            w(f".venv/bin/python bench/model_quality.py --merge {','.join(m['path'] for m in merged)} --out {f}")
     for f in signal_jsons:
         w("# the signal budget of a dataset (no training):")
         sc = json.loads(Path(f).read_text())["config"]
