@@ -264,7 +264,8 @@ ABLATIONS = {"gem_no_sequence": "no sequence arch", "gem_short_history": "short 
              "gem_no_strong": "no strong-kind search slots"}
 
 # Not ablations (nothing is removed): other designs of a part, read against GEM the same way.
-VARIANTS = {"gem_mmoe": "gated experts shared by the surfaces (MMoE) instead of a hidden layer per surface tower"}
+VARIANTS = {"gem_mmoe": "gated experts shared by the surfaces (MMoE) instead of a hidden layer per surface tower",
+            "gem_shared_conversion": "per-surface click towers, one conversion tower shared by the surfaces"}
 
 
 def _f(v, nd: int = 4) -> str:

@@ -34,6 +34,10 @@ class HeadConfig:
     per_surface: bool = True
     # Gated experts shared across surfaces (MMoE); 0: towers read the trunk directly.
     n_experts: int = 0
+    # Funnel stages (0: click | impression, 1: conversion | click) whose logit comes from one tower
+    # shared by every surface; the other stages keep a tower per surface. E.g. (1,): rare conversions
+    # are not split four ways, clicks keep the surface-specific response.
+    shared_stages: tuple[int, ...] = ()
     # Shared trunk MLP on the flattened interaction output.
     trunk: tuple[int, ...] = (128,)
     # Hidden layers of each expert and tower.

@@ -174,6 +174,22 @@ def _sim_describe(sim_cfg: Any) -> dict[str, Any]:
     return d
 
 
+# Model config fields added after results were fingerprinted: (path, the value that means "as
+# before"); left out of a model's description at that value, so cached results keep their fingerprints.
+_MODEL_FIELDS_ADDED = ((("heads", "shared_stages"), ()),)
+
+
+def _model_describe(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    for path, v in _MODEL_FIELDS_ADDED:
+        parent = d
+        for k in path[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and path[-1] in parent and tuple(parent[path[-1]]) == v:
+            parent.pop(path[-1])
+    return d
+
+
 def event_list_source(events: Sequence[Any], test_fraction: float, block: int = 16384,
                       describe: dict | None = None) -> EventSource:
     """Events (``stream.events.Event``, e.g. from a replayed log), sorted by ts; the last
@@ -452,6 +468,8 @@ def standard_models(preset_name: str, features: FeatureConfig) -> dict[str, Mode
         # (the per-surface towers fragment the rare conversion labels four ways; one shared head does not)
         ModelSpec("gem_mmoe", "gem", replace(g, heads=replace(g.heads, n_experts=4)),
                   "4 gated experts shared by the surfaces (MMoE), a linear tower per surface"),
+        ModelSpec("gem_shared_conversion", "gem", replace(g, heads=replace(g.heads, shared_stages=(1,))),
+                  "per-surface click towers, one conversion tower shared by the surfaces"),
         # the run of 2026-12-03/06 that tried the slots before the base preset had them
         ModelSpec("gem_search_strong", "gem", replace(g, pyramid=replace(g.pyramid, search_strong=8)),
                   "GEM + 8 search slots for the most recent matching conversions / clicks / follows"),
@@ -506,7 +524,7 @@ def train_and_evaluate(spec: ModelSpec, ds: Dataset, *, seed: int = 0, tcfg: Any
     feats = getattr(spec.cfg, "features", None)
     if feats != ds.features:
         raise ValueError(f"{spec.name}: model features differ from the dataset's (tables / surfaces / tasks)")
-    fp = fingerprint({"dataset": ds.fingerprint, "kind": spec.kind, "cfg": dataclasses.asdict(spec.cfg),
+    fp = fingerprint({"dataset": ds.fingerprint, "kind": spec.kind, "cfg": _model_describe(spec.cfg),
                       "train": {k: getattr(tcfg, k) for k in ("lr", "emb_lr")}, "seed": seed})
     out = Path(results_dir) / f"{spec.name}.json"
     if out.exists() and not force:

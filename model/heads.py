@@ -108,6 +108,8 @@ class MultiDomainHeads(nn.Module):
     """h: (B, n_in), surface_idx: (B,) -> stage logits (B, n_tasks) from each row's surface tower.
 
     Optional MMoE: n_experts shared expert MLPs, mixed per surface by a softmax gate.
+    Optional ``shared_stages``: those stages' logits come from one tower for every surface
+    (its own hidden layers), the others from the surface towers.
     In training all towers run on all rows and the row's own is gathered (towers are
     small; a gather beats B tiny matmuls); in eval, rows of one surface (a ranking
     request) run that surface's tower only. Each tower's output bias starts at the logit of
@@ -118,17 +120,30 @@ class MultiDomainHeads(nn.Module):
                  priors: tuple[float, ...] = STAGE_PRIORS):
         super().__init__()
         self.n_towers = n_surfaces if cfg.per_surface else 1
+        shared = sorted(set(cfg.shared_stages))
+        if shared and (shared[0] < 0 or shared[-1] >= n_tasks or len(shared) == n_tasks):
+            raise ValueError(f"shared_stages {cfg.shared_stages} must name some, not all, of stages 0..{n_tasks - 1}")
+        if shared and (cfg.n_experts or not cfg.per_surface):
+            raise ValueError("shared_stages needs per-surface towers without experts")
         self.trunk = mlp((n_in,) + cfg.trunk, last_act=True)
         t_in = cfg.trunk[-1] if cfg.trunk else n_in
+        own = [t for t in range(n_tasks) if t not in shared]
+        self.shared = mlp((t_in,) + cfg.tower + (len(shared),)) if shared else None
+        # output column t of the towers' concatenation [own stages, shared stages]
+        self.register_buffer("_order", torch.tensor([(own + shared).index(t) for t in range(n_tasks)]),
+                             persistent=False)
+        self._identity = not shared
         self.experts = nn.ModuleList(mlp((t_in,) + cfg.tower, last_act=True) for _ in range(cfg.n_experts))
         self.gates = nn.Linear(t_in, self.n_towers * cfg.n_experts) if cfg.n_experts else None
         x_in = cfg.tower[-1] if cfg.n_experts and cfg.tower else t_in
         tower = cfg.tower if not cfg.n_experts else ()
-        self.towers = nn.ModuleList(mlp((x_in,) + tower + (n_tasks,)) for _ in range(self.n_towers))
+        self.towers = nn.ModuleList(mlp((x_in,) + tower + (len(own),)) for _ in range(self.n_towers))
         bias = prior_logits(priors, n_tasks)
         with torch.no_grad():
             for t in self.towers:
-                t[-1].bias.copy_(bias)
+                t[-1].bias.copy_(bias[own])
+            if self.shared is not None:
+                self.shared[-1].bias.copy_(bias[shared])
 
     def forward(self, h: torch.Tensor, surface_idx: torch.Tensor) -> torch.Tensor:
         B = h.shape[0]
@@ -139,11 +154,20 @@ class MultiDomainHeads(nn.Module):
             xs = torch.einsum("bse,beh->bsh", g, e)  # (B, S, H)
         else:
             xs = h.unsqueeze(1).expand(B, self.n_towers, -1)  # (B, S, t_in)
+        return self._with_shared(self._towers(xs, surface_idx), h)
+
+    def _towers(self, xs: torch.Tensor, surface_idx: torch.Tensor) -> torch.Tensor:
+        B = xs.shape[0]
         if self.n_towers == 1:
             return self.towers[0](xs[:, 0])
         if B and not self.training:
             lo, hi = int(surface_idx.min()), int(surface_idx.max())
             if lo == hi:  # one surface (a ranking request): its tower alone
                 return self.towers[lo](xs[:, lo])
-        raw = torch.stack([t(xs[:, s]) for s, t in enumerate(self.towers)], dim=1)  # (B, S, T)
-        return raw[torch.arange(B, device=h.device), surface_idx]  # (B, T)
+        raw = torch.stack([t(xs[:, s]) for s, t in enumerate(self.towers)], dim=1)  # (B, S, T_own)
+        return raw[torch.arange(B, device=xs.device), surface_idx]  # (B, T_own)
+
+    def _with_shared(self, own: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self._identity:
+            return own
+        return torch.cat([own, self.shared(h)], dim=1)[:, self._order]  # (B, T)

@@ -80,3 +80,39 @@ def test_a_one_surface_batch_in_eval_runs_its_tower_alone_with_the_same_logits(n
     torch.testing.assert_close(heads(h, mixed), torch.stack([heads(h[i:i + 1], mixed[i:i + 1])[0] for i in range(7)]))
     with pytest.raises(IndexError):
         heads(h, torch.full((7,), 3))
+
+
+def test_shared_stages_come_from_one_tower_for_every_surface_and_the_others_per_surface():
+    torch.manual_seed(1)
+    heads = MultiDomainHeads(8, 3, 2, HeadConfig(trunk=(6,), tower=(5,), shared_stages=(1,)), priors=(0.02, 0.1))
+    assert [t[-1].out_features for t in heads.towers] == [1, 1, 1] and heads.shared[-1].out_features == 1
+    torch.testing.assert_close(heads.shared[-1].bias, prior_logits((0.02, 0.1), 2)[1:])
+    with torch.no_grad():
+        for t in heads.towers:
+            t[-1].bias.normal_()
+    h = torch.randn(5, 8)
+    by_surface = [heads.eval()(h, torch.full((5,), s)) for s in range(3)]
+    for s in (1, 2):  # the conversion stage is the same tower's output whatever the surface; the click is not
+        torch.testing.assert_close(by_surface[s][:, 1], by_surface[0][:, 1])
+        assert not torch.allclose(by_surface[s][:, 0], by_surface[0][:, 0])
+    mixed = torch.tensor([0, 1, 2, 0, 1])
+    heads.train()
+    train_out = heads(h, mixed)
+    torch.testing.assert_close(train_out, torch.stack([by_surface[int(s)][i] for i, s in enumerate(mixed)]))
+    train_out.sum().backward()
+    assert heads.shared[0].weight.grad.abs().sum() > 0 and all(t[-1].weight.grad is not None for t in heads.towers)
+    for bad in (HeadConfig(shared_stages=(2,)), HeadConfig(shared_stages=(0, 1)),
+                HeadConfig(shared_stages=(1,), n_experts=2), HeadConfig(shared_stages=(1,), per_surface=False)):
+        with pytest.raises(ValueError):
+            MultiDomainHeads(8, 3, 2, bad)
+
+
+def test_a_config_without_shared_stages_keeps_the_model_fingerprint_it_had_before_the_field():
+    from dataclasses import replace
+
+    from opengem.model import evaluate as ev
+
+    cfg = preset("tiny")
+    d = ev._model_describe(cfg)
+    assert "shared_stages" not in d["heads"] and d["heads"]["tower"] == cfg.heads.tower
+    assert ev._model_describe(replace(cfg, heads=replace(cfg.heads, shared_stages=(1,))))["heads"]["shared_stages"] == (1,)
