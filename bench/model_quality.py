@@ -85,7 +85,10 @@ def main() -> None:
     ap.add_argument("--_one", default=None, help=argparse_hidden())
     args = ap.parse_args()
     if args.merge:
-        doc = merge_runs([Path(p) for p in args.merge.split(",") if p])
+        inputs = [Path(p) for p in args.merge.split(",") if p]
+        if args.out == ap.get_default("out") or Path(args.out).resolve() in {p.resolve() for p in inputs}:
+            raise SystemExit("--merge needs an --out of its own (not the default results file, not one of the inputs)")
+        doc = merge_runs(inputs)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"merged {', '.join(doc['config']['models'])} into {args.out}")
         return
@@ -225,9 +228,16 @@ def merge_runs(paths: list[Path]) -> dict:
     are kept; ``merged_from`` lists every run (path, command, time, wall)."""
     import copy
 
-    runs = [json.loads(p.read_text()) for p in paths]
-    if len(runs) < 2:
+    if len(paths) < 2:
         raise SystemExit("--merge needs at least two results")
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{p}: not a readable results file ({e})") from None
+    if "gem" not in runs[0].get("models", {}):
+        raise SystemExit(f"{paths[0]}: no gem, its deltas have no common reference")
     same = ("preset", "events", "test_events", "negative_rate", "test_negative_rate", "max_len", "seed", "sim_seed")
     out = copy.deepcopy(runs[0])
     for p, r in zip(paths[1:], runs[1:]):
@@ -268,6 +278,11 @@ VARIANTS = {"gem_mmoe": "gated experts shared by the surfaces (MMoE) instead of 
             "gem_shared_conversion": "per-surface click towers, one conversion tower shared by the surfaces"}
 
 
+def _ci_all(run: dict, m: str, t: str) -> dict | None:
+    """``run``'s paired-bootstrap NE − GEM of model ``m`` on task ``t``, all surfaces (None if absent)."""
+    return (((run.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
+
+
 def _f(v, nd: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
@@ -287,7 +302,7 @@ def _ablation_lines(seed_runs: list[dict], tasks: tuple[str, ...]) -> list[str]:
         if not any(m in r["models"] for r in seed_runs):
             w(f"* Ablation {what}: not run.")
             continue
-        per_seed = [(r["config"]["seed"], [(((r.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
+        per_seed = [(r["config"]["seed"], [_ci_all(r, m, t)
                                            for t in tasks]) for r in seed_runs if m in r["models"]]
         if all(v and v.get("lo") is not None for _, x in per_seed for v in x):
             ok = all(v["lo"] > 0 for _, x in per_seed for v in x)
@@ -315,7 +330,7 @@ def _variant_lines(seed_runs: list[dict], tasks: tuple[str, ...]) -> list[str]:
                 continue
             parts = []
             for t in tasks:
-                v = (((r.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
+                v = _ci_all(r, m, t)
                 if not v or v.get("lo") is None:
                     parts.append(f"{t} n/a")
                     continue
@@ -350,11 +365,10 @@ def _ablation_section(runs: list[dict], paths: list[str], tasks: tuple[str, ...]
     w("| model | seed | NE click | NE conversion | click NE − gem [95 %] | conversion NE − gem [95 %] |")
     w("| --- | --- | --- | --- | --- | --- |")
     for r in runs:
-        ci = r.get("ne_delta_vs_gem_ci") or {}
         for m, by in r["models"].items():
             cells = []
             for t in tasks:
-                x = ((ci.get(m) or {}).get(t) or {}).get("all")
+                x = _ci_all(r, m, t)
                 cells.append(f"{x['delta']:+.4f} [{x['lo']:+.4f}, {x['hi']:+.4f}]" if x and x.get("lo") is not None
                              else "")
             w(f"| {m} | {r['config']['seed']} | {_f(by['all']['click']['ne'])} | {_f(by['all']['conversion']['ne'])} | "
@@ -456,8 +470,9 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
         w(f".venv/bin/python {json.loads(Path(f).read_text())['config']['command'].replace(' --reuse', '')}")
     for f in ablation_runs:
         w("# the ablations on the dataset where every signal can be learned (one model seed each):")
-        merged = json.loads(Path(f).read_text()).get("merged_from")
-        for cmd in ([m["command"] for m in merged] if merged else [json.loads(Path(f).read_text())["config"]["command"]]):
+        adoc = json.loads(Path(f).read_text())
+        merged = adoc.get("merged_from")
+        for cmd in ([m["command"] for m in merged] if merged else [adoc["config"]["command"]]):
             w(f".venv/bin/python {cmd.replace(' --reuse', '')}")
         if merged:
             w(f".venv/bin/python bench/model_quality.py --merge {','.join(m['path'] for m in merged)} --out {f}")
@@ -592,7 +607,7 @@ def render(out_json: str, kuairand: list[str], scaling_json: str | None = None, 
             for t in tasks:
                 ds = []
                 for r in seed_runs:
-                    x = (((r.get("ne_delta_vs_gem_ci") or {}).get(m) or {}).get(t) or {}).get("all")
+                    x = _ci_all(r, m, t)
                     cells.append("n/a" if not x or x.get("lo") is None else f"{x['delta']:+.4f} [{x['lo']:+.4f}, {x['hi']:+.4f}]")
                     if x:
                         ds.append(x["delta"])

@@ -161,33 +161,32 @@ def simulator_source(dcfg: DatasetConfig, sim_cfg: Any = None, surfaces: Sequenc
     )
 
 
-# SimConfig fields added after datasets were fingerprinted, with the value that means "as before":
-# left out of the description at that value, so those datasets keep their fingerprints.
-_SIM_FIELDS_ADDED = {"long_range_click_strength": 0.0, "surface_affinity_spread": 0.0}
-
-
-def _sim_describe(sim_cfg: Any) -> dict[str, Any]:
-    d = dataclasses.asdict(sim_cfg)
-    for k, v in _SIM_FIELDS_ADDED.items():
-        if d.get(k) == v:
-            d.pop(k)
-    return d
-
-
-# Model config fields added after results were fingerprinted: (path, the value that means "as
-# before"); left out of a model's description at that value, so cached results keep their fingerprints.
+# Config fields added after datasets (SimConfig) or model results (GemConfig) were fingerprinted:
+# (path in the config's dict, the value that means "as before"). Left out of the description at
+# that value, so what was fingerprinted before the field keeps its fingerprint.
+_SIM_FIELDS_ADDED = ((("long_range_click_strength",), 0.0), (("surface_affinity_spread",), 0.0))
 _MODEL_FIELDS_ADDED = ((("heads", "shared_stages"), ()),)
 
 
-def _model_describe(cfg: Any) -> dict[str, Any]:
+def _describe(cfg: Any, added: tuple) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
-    for path, v in _MODEL_FIELDS_ADDED:
+    for path, v in added:
         parent = d
         for k in path[:-1]:
             parent = parent.get(k) if isinstance(parent, dict) else None
-        if isinstance(parent, dict) and path[-1] in parent and tuple(parent[path[-1]]) == v:
-            parent.pop(path[-1])
+        if isinstance(parent, dict) and path[-1] in parent:
+            got = parent[path[-1]]
+            if (tuple(got) if isinstance(got, list) else got) == v:
+                parent.pop(path[-1])
     return d
+
+
+def _sim_describe(sim_cfg: Any) -> dict[str, Any]:
+    return _describe(sim_cfg, _SIM_FIELDS_ADDED)
+
+
+def _model_describe(cfg: Any) -> dict[str, Any]:
+    return _describe(cfg, _MODEL_FIELDS_ADDED)
 
 
 def event_list_source(events: Sequence[Any], test_fraction: float, block: int = 16384,

@@ -132,7 +132,6 @@ class MultiDomainHeads(nn.Module):
         # output column t of the towers' concatenation [own stages, shared stages]
         self.register_buffer("_order", torch.tensor([(own + shared).index(t) for t in range(n_tasks)]),
                              persistent=False)
-        self._identity = not shared
         self.experts = nn.ModuleList(mlp((t_in,) + cfg.tower, last_act=True) for _ in range(cfg.n_experts))
         self.gates = nn.Linear(t_in, self.n_towers * cfg.n_experts) if cfg.n_experts else None
         x_in = cfg.tower[-1] if cfg.n_experts and cfg.tower else t_in
@@ -168,6 +167,6 @@ class MultiDomainHeads(nn.Module):
         return raw[torch.arange(B, device=xs.device), surface_idx]  # (B, T_own)
 
     def _with_shared(self, own: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self._identity:
+        if self.shared is None:
             return own
         return torch.cat([own, self.shared(h)], dim=1)[:, self._order]  # (B, T)

@@ -276,3 +276,9 @@ def test_merge_runs_adds_the_later_runs_models_and_refuses_runs_that_do_not_matc
                      (run({"gem_mmoe": 0.89}), "no gem")):
         with pytest.raises(SystemExit, match=why):
             mq.merge_runs([a, put("bad.json", bad)])
+    with pytest.raises(SystemExit, match="no gem"):  # the first run is the reference too
+        mq.merge_runs([put("first.json", run({"gem_mmoe": 0.89})), a])
+    (tmp_path / "torn.json").write_text('{"config": {')
+    for unreadable in (tmp_path / "missing.json", tmp_path / "torn.json"):
+        with pytest.raises(SystemExit, match="not a readable results file"):
+            mq.merge_runs([a, unreadable])
