@@ -314,8 +314,12 @@ class SparseArch(nn.Module):
         self.ec_keys = [k for names in tables.values() for k in names]
 
     def forward(self, batch: GemBatch, max_len: int = 0):
-        jts = batch.sparse.to_dict()
         B = len(batch)
+        if B == 1 and not torch.is_grad_enabled():
+            one = self._one_row(batch, max_len)
+            if one is not None:
+                return one
+        jts = batch.sparse.to_dict()
         ebc_in = KeyedJaggedTensor.from_jt_dict({k: jts[k] for k in EBC_KEYS})
         pooled = self.ebc(ebc_in)  # KeyedTensor
         cols, lens = {}, {}
@@ -344,6 +348,39 @@ class SparseArch(nn.Module):
         events = ev.new_zeros(*mask.shape, ev.shape[-1])
         events[mask] = ev  # (B, L, d), right-aligned
         return nonseq, events, mask
+
+    def _one_row(self, batch: GemBatch, max_len: int):
+        """:meth:`forward` of a 1-row batch (a server's user: ``encode_user`` once per request)
+        read straight from the tables, bit for bit what the TorchRec path returns: a SUM bag or a
+        pooled collection row of one id is that id's row (0 + x), the events the same rows summed
+        in the same order. The TorchRec path builds two KeyedJaggedTensors and runs the
+        collections' machinery: ~585 ops and ~1.3 ms for one user at ``base``, ~25 ops here.
+        None where it does not apply (the caller runs that path): tables that are not the plain
+        collections (e.g. sharded), a key without exactly one id."""
+        ebc, ec = self.ebc, self.ec
+        if type(ebc) is not EmbeddingBagCollection or type(ec) is not EmbeddingCollection:
+            return None
+        kjt = batch.sparse
+        if tuple(kjt.keys()) != NONSEQ_KEYS or kjt.values().numel() != len(NONSEQ_KEYS):
+            return None
+        if not bool((kjt.lengths() == 1).all()):
+            return None
+        ids = kjt.values()
+        toks = []
+        for i, k in enumerate(NONSEQ_KEYS):
+            t = (ebc.embedding_bags if k in EBC_KEYS else ec.embeddings)[TABLE_OF[k]].weight
+            toks.append(t.index_select(0, ids[i:i + 1]))
+        nonseq = torch.stack(toks, dim=1)  # (1, F, d)
+        if not (self.use_sequence and max_len):
+            return nonseq, None, None
+        n = int(batch.seq_lengths[0])
+        keep = min(n, max_len)
+        ev = None
+        for k in SEQ_KEYS:
+            rows = ec.embeddings[TABLE_OF[f"seq_{k}"]].weight.index_select(0, batch.seq[k][n - keep:n])
+            ev = rows if ev is None else ev + rows  # (keep, d): sum()'s order; 0 + x is x
+        mask = torch.ones(1, keep, dtype=torch.bool, device=ids.device)
+        return nonseq, ev.view(1, keep, ev.shape[-1]), mask
 
 
 class DenseArch(nn.Module):

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torchrec import KeyedJaggedTensor
 
 from opengem.model.baselines import BaselineConfig, DCNBaseline, DLRMBaseline
 from opengem.model.batch import NONSEQ_KEYS, TABLE_OF, make_kjt, synthetic_batch
@@ -407,3 +408,40 @@ def test_encode_user_once_equals_represent_per_row_with_strong_search_slots():
         shared = m.candidate_logits(m.encode_user(hist), cands)
         torch.testing.assert_close(shared, m.raw_logits(rep), atol=1e-6, rtol=0)
     assert "_strong_rows" not in m.state_dict()
+
+
+@pytest.mark.parametrize("n_events", [0, 1, 120, 255, 256, 257, 16_384])
+def test_one_row_lookup_equals_the_torchrec_path(n_events):
+    """A 1-row batch without autograd (a server's user) reads the tables directly: bit for bit
+    what the EmbeddingBagCollection / EmbeddingCollection path returns, for histories that are
+    empty, one event, below, at and above max_len; with autograd on, and for batches it does not
+    cover (a key with two ids), the TorchRec path runs."""
+    torch.manual_seed(0)
+    m = GemModel(TINY).eval()
+    hist = synthetic_batch(TINY, [n_events], seed=n_events)
+    max_len = TINY.pyramid.max_len
+    with torch.no_grad():
+        fast = m.sparse._one_row(hist, max_len)
+        assert fast is not None
+        torch.set_grad_enabled(True)
+        try:
+            ref = m.sparse(hist, max_len)  # autograd on: the TorchRec path
+        finally:
+            torch.set_grad_enabled(False)
+        assert len(fast) == len(ref) == 3
+        for a, b in zip(fast, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.detach())
+        assert torch.equal(m.sparse(hist, 0)[0], ref[0].detach()) and m.sparse(hist, 0)[1] is None
+        cols = {k: hist.sparse[k].values().clone() for k in NONSEQ_KEYS}
+        vals = [cols[k] if k != "hour" else torch.cat([cols[k], cols[k]]) for k in NONSEQ_KEYS]
+        two = dataclasses.replace(hist, sparse=KeyedJaggedTensor.from_lengths_sync(
+            keys=list(NONSEQ_KEYS), values=torch.cat(vals),
+            lengths=torch.tensor([2 if k == "hour" else 1 for k in NONSEQ_KEYS])))
+        assert m.sparse._one_row(two, max_len) is None
+        enc_fast = m.encode_user(hist)
+        torch.set_grad_enabled(True)
+        try:
+            enc_ref = m.encode_user(hist)
+        finally:
+            torch.set_grad_enabled(False)
+        assert all(torch.equal(a, b.detach()) for a, b in zip(enc_fast.summaries, enc_ref.summaries))
