@@ -93,7 +93,10 @@ class ModelManager:
         self._current = scorer  # the swap: one reference assignment
         if cur is not None:
             self.swaps += 1
-        log.info("serving model %s (%s) after %.2fs", version, scorer.loaded.kind, time.monotonic() - t0)
+        err = getattr(scorer, "precision_error", None)
+        log.info("serving model %s (%s, %s%s) after %.2fs", version, scorer.loaded.kind,
+                 getattr(scorer, "precision", "fp32"), "" if err is None else f", canary scores within {err:.1e}",
+                 time.monotonic() - t0)
         if self.on_change:
             self.on_change("loaded", scorer, time.monotonic() - t0)
         return True

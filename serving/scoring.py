@@ -49,7 +49,7 @@ from opengem.model.data import examples_batch
 from opengem.model.gem import GemModel
 from opengem.model.heads import funnel_probs
 from opengem.model.registry import LoadedModel
-from opengem.model.wukong import freeze_derived
+from opengem.model.wukong import freeze_derived, mlp_precision
 from opengem.stream.events import AD_FORMATS, DEVICES, MAX_ID, MIN_TS_MS
 from opengem.stream.joiner import Example
 
@@ -463,10 +463,15 @@ class Scorer:
     the pyramid's input stage do, and its layers run per candidate.
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, precision: str = "fp32"):
         self.loaded = loaded
         m = loaded.model
         freeze_derived(m)  # a served version's weights never change: Wukong keeps what it derives
+        # "fp32" | "bf16" (the FM MLPs; wukong.mlp_precision), "auto" resolved by the CPU;
+        # canary_check measures what bf16 moves the scores by and falls back to fp32 past a bound
+        self.precision = resolve_precision(precision)
+        self.precision_error: float | None = None  # max |p_bf16 - p_fp32| on the canary
+        mlp_precision(m, self.precision)
         self.uses_history = isinstance(m, GemModel) and m.cfg.use_sequence
         self.shared = self.uses_history  # cleared by canary_check if it disagrees with predict
 
@@ -558,11 +563,39 @@ class StudentScorer(Scorer):
             return m.predict(x)
 
 
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (what makes a bfloat16 matmul faster than fp32 here)."""
+    try:
+        return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
+    except Exception:  # noqa: BLE001 - a private torch API: read the kernel's flags instead
+        try:
+            with open("/proc/cpuinfo") as f:
+                return " amx_bf16" in f.read()
+        except OSError:
+            return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``[serve] precision`` -> "fp32" | "bf16" ("auto": bf16 where the CPU has AMX-BF16)."""
+    if precision == "auto":
+        return "bf16" if amx_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: one of fp32, bf16, auto")
+    return precision
+
+
+# canary_check: a bf16 version whose canary probabilities move further than this from its own
+# fp32 scores is served in fp32 (logged). bfloat16 rounding moved them by ~1e-3 at base.
+BF16_MAX_ERROR = 0.02
+
+
 def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:
     """Score a fixed canary request (a user with a full history, a new user) and raise
     ValueError unless every score is a finite probability. Where the shared path
-    differs from ``predict`` on the replicated batch by more than ``atol``, the
-    version is served through ``predict`` (logged)."""
+    differs from ``predict`` on the replicated batch by more than ``atol`` (both in fp32), the
+    version is served through ``predict`` (logged). A bf16 scorer's canary scores are held to
+    its fp32 ones: ``precision_error`` is the largest difference; past ``BF16_MAX_ERROR`` the
+    version is served in fp32 (logged)."""
     from opengem.features.memory import MemorySequenceStore
     from opengem.model.data import history_len
     from opengem.stream.events import Event
@@ -578,6 +611,11 @@ def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:
                        category=int(rng.integers(0, 20))) for i in range(n)], (0, 0))
     cands = tuple(AdCandidate(ad_id=a, advertiser_id=a % 7, category=a % 20, ad_format=AD_FORMATS[a % 4])
                   for a in range(12))
+    model = scorer.loaded.model
+    low = scorer.precision == "bf16"
+    if low:
+        mlp_precision(model, "fp32")  # the checks below in fp32; bf16 is held to them after
+    fp32: list[tuple[RequestBatch, torch.Tensor]] = []
     for user in (1, 2):  # 2: never seen
         q = RankQuery(user_id=user, surface=surfaces[0], candidates=cands, ts_ms=t0 + 1000 * n, hour=12)
         rb = dataclasses.replace(featurize(q, store, cfg), query=None)  # no representation read: "absent"
@@ -601,3 +639,13 @@ def canary_check(scorer: Scorer, atol: float = 1e-5) -> None:
                 log.warning("model %s: shared-history scoring differs from predict by %.2e; "
                             "serving it through predict", scorer.loaded.version, err)
                 scorer.shared = False
+        fp32.append((rb, p))
+    if low:
+        mlp_precision(model, "bf16")
+        err = max(float((scorer.probs(rb) - p).abs().max()) for rb, p in fp32)
+        scorer.precision_error = err
+        if not err <= BF16_MAX_ERROR:  # (a NaN too)
+            log.warning("model %s: bf16 scores differ from fp32 by %.2e (> %g); serving it in fp32",
+                        scorer.loaded.version, err, BF16_MAX_ERROR)
+            mlp_precision(model, "fp32")
+            scorer.precision = "fp32"

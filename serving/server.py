@@ -45,7 +45,7 @@ from opengem.serving import ranking_pb2_grpc as pb_grpc
 from opengem.serving.config import ServeConfig
 from opengem.serving.models import ModelManager, student_manager
 from opengem.serving.ranker import DeadlineExceeded, NoModel, Ranker, RankResult
-from opengem.serving.scoring import AdCandidate, RankQuery, RequestError
+from opengem.serving.scoring import AdCandidate, RankQuery, RequestError, Scorer, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +371,10 @@ class Service:
             raise ValueError(f"[serve] models names unknown surface(s) {unknown}; the deployment has "
                              f"{list(cfg.surfaces)}")
         self._model_labels: dict[str, tuple[str, str]] = {}
+        precision = resolve_precision(sc.precision)  # once: "auto" asks the CPU
         self.models = ModelManager(sc.models_path(cfg.data_dir), sc.poll_s,
-                                   on_change=lambda *a: self._on_model_change("gem", *a))
+                                   on_change=lambda *a: self._on_model_change("gem", *a),
+                                   scorer=lambda loaded: Scorer(loaded, precision))
         self.students = {
             s: student_manager(sc.students_path(cfg.data_dir), s, poll_s=sc.poll_s, catch_up_s=sc.catch_up_s,
                                representations_dir=sc.representations_dir or None,

@@ -93,3 +93,44 @@ def test_the_inference_path_follows_weight_updates():
         layer.load_state_dict(other.state_dict())
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), want)
+
+
+def test_bf16_mlp_is_close_to_fp32_and_only_without_autograd():
+    """mlp_precision(model, "bf16"): the FM MLPs' matmuls in bfloat16 when autograd is off --
+    close to fp32 (bfloat16 rounding), weights kept once for a frozen layer and re-derived
+    after a load_state_dict; with autograd on the fp32 training form runs, bit for bit."""
+    import pytest
+
+    from opengem.model.wukong import WukongLayer, freeze_derived, mlp_precision
+
+    torch.manual_seed(2)
+    layer = WukongLayer(9, 8, WukongConfig(n_fm=3, n_lcb=4, rank=5))
+    x = torch.randn(64, 9, 8)
+    with torch.no_grad():
+        fp32 = layer(x)
+    train_fp32 = layer(x).detach()  # autograd on: the training form
+    assert mlp_precision(layer, "bf16") == "fp32"
+    with torch.no_grad():
+        low = layer(x)
+    assert low.dtype == torch.float32 and not torch.equal(low, fp32)
+    torch.testing.assert_close(low, fp32, atol=0.05, rtol=0.05)
+    assert (low - fp32).abs().max() < 0.1 * fp32.abs().max()
+    train = layer(x)  # autograd on: the fp32 training form
+    assert train.requires_grad and torch.equal(train.detach(), train_fp32)
+    freeze_derived(layer)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), low)
+        kept = layer.fmb.__dict__["_bf16_cache"][1][0]
+        layer(x)
+        assert layer.fmb.__dict__["_bf16_cache"][1][0] is kept and kept.dtype == torch.bfloat16
+    other = WukongLayer(9, 8, WukongConfig(n_fm=3, n_lcb=4, rank=5))
+    layer.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        mlp_precision(other, "bf16")
+        torch.testing.assert_close(layer(x), other(x), atol=0, rtol=0)  # the new weights, in bf16
+    assert mlp_precision(layer, "fp32") == "bf16"
+    with torch.inference_mode():
+        mlp_precision(other, "fp32")
+        torch.testing.assert_close(layer(x), other(x))
+    with pytest.raises(ValueError, match="precision"):
+        mlp_precision(layer, "fp16")

@@ -307,3 +307,34 @@ def test_item_attribute_cache_follows_the_store(tmp_path, sharded):
     assert got.ad_format.tolist() == want.ad_format.tolist()
     reader.close()
     writer.close()
+
+
+def test_bf16_precision_scores_close_to_fp32_and_canary_bounds_it(store, monkeypatch):
+    """[serve] precision = "bf16": the FM MLPs in bfloat16; the canary measures how far that
+    moves its scores from the same version's fp32 ones (precision_error), keeps the structural
+    checks in fp32, and serves the version in fp32 past BF16_MAX_ERROR. "auto" asks the CPU."""
+    import opengem.serving.scoring as sc
+    from opengem.serving.config import ServeConfig
+
+    torch.manual_seed(0)
+    model = GemModel(preset("tiny")).eval()
+    exact = Scorer(_loaded(model, "gem"))
+    assert exact.precision == "fp32"
+    heavy = max({e.user_id for e in store.events}, key=lambda u: sum(e.user_id == u for e in store.events))
+    rb = featurize(_query(store, heavy, hour=5), store, model.cfg)
+    want = exact.probs(rb)
+    low = Scorer(_loaded(model, "gem"), precision="bf16")  # (the same module: now bf16)
+    canary_check(low)
+    assert low.precision == "bf16" and low.shared and 0 < low.precision_error <= sc.BF16_MAX_ERROR
+    got = low.probs(rb)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=sc.BF16_MAX_ERROR, rtol=0)
+    monkeypatch.setattr(sc, "BF16_MAX_ERROR", 0.0)
+    again = Scorer(_loaded(model, "gem"), precision="bf16")
+    canary_check(again)
+    assert again.precision == "fp32" and again.precision_error > 0
+    torch.testing.assert_close(again.probs(rb), want, atol=ATOL, rtol=0)  # served in fp32 now
+    assert sc.resolve_precision("auto") == ("bf16" if sc.amx_bf16() else "fp32")
+    assert ServeConfig().precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        ServeConfig(precision="fp16")
