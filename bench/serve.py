@@ -12,7 +12,10 @@ The same run also serves the design before issue 6 (GEM with
 run per candidate) at 500 candidates x 1k (``ablation_target_conditioned_500c_1k``),
 and the cost of metrics on the hot path (``metrics_cost``: the same version
 served by two servers at once, one with ``OPENGEM_METRICS=off``, load rounds
-alternating between them; ``ratio`` = p99 on / p99 off).
+alternating between them; ``ratio`` = p99 on / p99 off), and ``[serve] precision =
+"bf16"`` against the default fp32 the same way (``precision_bf16``: latency at
+concurrency 1, CPU per request in process, how far bf16 moves the scores and
+whether the top 10 keep their order; ``amx_bf16`` says whether this CPU has AMX).
 
 On a machine shared with other jobs, wall-clock latency mostly measures their
 load; ``cpu_per_request_500c_1k`` is the server's lifecycle in-process on one
@@ -120,10 +123,10 @@ class Server:
     """`opengem serve` as a child process on a free port; ``env``: extra environment (e.g. metrics off)."""
 
     def __init__(self, data: Path, models: Path, workdir: Path, env: dict[str, str] | None = None, tag: str = "",
-                 processes: int = 1):
-        conf = workdir / "serve.toml"
+                 processes: int = 1, serve: str = ""):
+        conf = workdir / f"serve{tag}.toml"
         conf.write_text(f"[kafka]\npartitions = {P}\n[serve]\nmax_candidates = 1000\nmax_request_bytes = 4194304\n"
-                        "timeout_s = 60.0\npoll_s = 0.5\n")
+                        "timeout_s = 60.0\npoll_s = 0.5\n" + serve)
         self.log = open(workdir / f"server-{models.name}{tag}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opengem.cli", "serve", "--config", str(conf), "--data-dir", str(data),
@@ -373,6 +376,25 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": float(np.percentile(ms, 99)) if ms.size else None, "qps": ms.size / secs if secs else None}
 
 
+def alternating(srv: dict[str, Server], reqs: list[bytes], rounds: int, duration: float,
+                min_req: int) -> dict[str, dict[str, Any]]:
+    """Two servers up at once (``srv``: name -> Server), load rounds at concurrency 1 alternating
+    between them (a, b, b, a, a, b, ...) so that drift in the shared machine's load falls on
+    both; stops them. Returns name -> the rounds :func:`pooled`."""
+    a, b = srv
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in srv}
+    try:
+        for sv in srv.values():
+            load(sv.target, reqs[:2], 1, 0.0, 2)  # warm-up
+        for r in range(rounds):
+            for k in ((a, b) if r % 2 == 0 else (b, a)):
+                runs[k].append(load(srv[k].target, reqs, 1, duration, min_req))
+    finally:
+        for sv in srv.values():
+            sv.stop()
+    return {k: pooled(v) for k, v in runs.items()}
+
+
 def metrics_cost(data: Path, models: Path, work: Path, reqs: list[bytes], rounds: int, duration: float,
                  min_req: int) -> dict[str, Any]:
     """The same GEM version served twice, metrics on and ``OPENGEM_METRICS=off``, both up at
@@ -380,22 +402,72 @@ def metrics_cost(data: Path, models: Path, work: Path, reqs: list[bytes], rounds
     shared machine's load falls on both. ``ratio``: p99 on / p99 off."""
     srv = {"on": Server(data, models, work, tag="-metrics-on"),
            "off": Server(data, models, work, env={"OPENGEM_METRICS": "off"}, tag="-metrics-off")}
-    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-    try:
-        for k, sv in srv.items():
-            load(sv.target, reqs[:2], 1, 0.0, 2)  # warm-up
-        for r in range(rounds):
-            for k in (("on", "off") if r % 2 == 0 else ("off", "on")):
-                runs[k].append(load(srv[k].target, reqs, 1, duration, min_req))
-    finally:
-        for sv in srv.values():
-            sv.stop()
-    on, off = pooled(runs["on"]), pooled(runs["off"])
+    res = alternating(srv, reqs, rounds, duration, min_req)
+    on, off = res["on"], res["off"]
     return {"p99_ms_on": on["p99_ms"], "p99_ms_off": off["p99_ms"], "p50_ms_on": on["p50_ms"],
             "p50_ms_off": off["p50_ms"], "qps_on": on["qps"], "qps_off": off["qps"],
             "ratio": on["p99_ms"] / off["p99_ms"], "p50_ratio": on["p50_ms"] / off["p50_ms"],
             "qps_ratio": on["qps"] / off["qps"], "rounds": rounds, "round_s": duration,
             "requests": on["n"] + off["n"], "failed": on["failed"] + off["failed"]}
+
+
+def precision_cost(data: Path, mdir: Path, work: Path, reqs: list[bytes], rounds: int, duration: float,
+                   min_req: int, n_cpu: int) -> dict[str, Any]:
+    """``[serve] precision = "bf16"`` (the FM MLPs in bfloat16) against the default fp32, GEM on the
+    same requests: (1) two servers up at once, load rounds at concurrency 1 alternating between
+    them; (2) in process, CPU per request of the two alternating (``n_cpu`` each, one thread);
+    (3) what bf16 moves the scores by on these requests: the largest |p_bf16 - p_fp32|, and how
+    often a request's top 10 by value come out in the same order. ``amx_bf16``: whether this CPU
+    has the AMX tiles that make bfloat16 matmuls fast ("auto" picks bf16 only then)."""
+    import torch
+
+    from opengem.features.sharded import ShardedReader
+    from opengem.model.registry import load as load_model
+    from opengem.model.wukong import mlp_precision
+    from opengem.serving import ranking_pb2 as pb
+    from opengem.serving.scoring import Scorer, amx_bf16
+    from opengem.serving.server import rank_proto
+
+    rpc = alternating({"fp32": Server(data, mdir, work, tag="-fp32"),
+                       "bf16": Server(data, mdir, work, tag="-bf16", serve='precision = "bf16"\n')},
+                      reqs, rounds, duration, min_req)
+
+    torch.set_num_threads(1)
+    reader = ShardedReader(data, P, secondary_root=data / "readers" / "precision")
+    msgs = [pb.RankRequest.FromString(r) for r in reqs]
+    scorer = Scorer(load_model(mdir))
+    ranker = in_process_ranker(reader, scorer, mdir)
+    model = scorer.loaded.model
+    cpu: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    out: dict[str, list[Any]] = {"fp32": [], "bf16": []}
+    for k in ("fp32", "bf16"):
+        mlp_precision(model, k)
+        out[k] = [rank_proto(ranker, m, None)[2] for m in msgs]  # (and warm-up)
+    for i in range(2 * n_cpu):
+        k = ("fp32", "bf16")[(i // 4) % 2]  # 4 requests of one, then 4 of the other
+        mlp_precision(model, k)
+        c0 = time.process_time()
+        rank_proto(ranker, msgs[i % len(msgs)], None)
+        cpu[k].append(time.process_time() - c0)
+    reader.close()
+    diff, same_top = 0.0, 0
+    for a, b in zip(out["fp32"], out["bf16"]):
+        pa = np.array([list(c.scores) for c in a.candidates])
+        pb_ = np.array([list(c.scores) for c in b.candidates])
+        diff = max(diff, float(np.abs(pa - pb_).max()))
+        same_top += list(a.order[:10]) == list(b.order[:10])
+    med = {k: 1e3 * float(np.median(v)) for k, v in cpu.items()}
+    return {"amx_bf16": amx_bf16(), "rounds": rounds, "round_s": duration,
+            "p50_ms_fp32": rpc["fp32"]["p50_ms"], "p99_ms_fp32": rpc["fp32"]["p99_ms"],
+            "p50_ms_bf16": rpc["bf16"]["p50_ms"], "p99_ms_bf16": rpc["bf16"]["p99_ms"],
+            "p99_ratio_bf16_to_fp32": rpc["bf16"]["p99_ms"] / rpc["fp32"]["p99_ms"],
+            "p50_ratio_bf16_to_fp32": rpc["bf16"]["p50_ms"] / rpc["fp32"]["p50_ms"],
+            "cpu_ms_median_fp32": med["fp32"], "cpu_ms_median_bf16": med["bf16"],
+            "cpu_ms_p99_fp32": 1e3 * float(np.percentile(cpu["fp32"], 99)),
+            "cpu_ms_p99_bf16": 1e3 * float(np.percentile(cpu["bf16"], 99)),
+            "cpu_ratio_bf16_to_fp32": med["bf16"] / med["fp32"], "cpu_n": n_cpu,
+            "max_abs_prob_diff": diff, "top10_order_same_share": same_top / len(msgs), "requests_compared": len(msgs),
+            "requests": rpc["fp32"]["n"] + rpc["bf16"]["n"], "failed": rpc["fp32"]["failed"] + rpc["bf16"]["failed"]}
 
 
 def processes_scaling(data: Path, mdir: Path, work: Path, reqs: list[bytes], levels: tuple[int, ...],
@@ -513,6 +585,16 @@ def main() -> None:
           f"{mc['p99_ms_on']:.1f} vs {mc['p99_ms_off']:.1f} ms (ratio {mc['ratio']:.3f}), qps {mc['qps_on']:.1f} vs "
           f"{mc['qps_off']:.1f}", flush=True)
 
+    # [serve] precision = "bf16" vs fp32, alternating, GEM 500 candidates x 1k
+    pc = precision_cost(data, model_dirs["gem"], work, reqs[(500, 1024)], 4 if quick else 8,
+                        3.0 if quick else 5.0, min_req, 20 if quick else 100)
+    print(f"  precision bf16 vs fp32 (GEM 500 cands 1k, {pc['rounds']} alternating rounds each, AMX-BF16 "
+          f"{'yes' if pc['amx_bf16'] else 'no'}): p50 {pc['p50_ms_bf16']:.1f} vs {pc['p50_ms_fp32']:.1f} ms, p99 "
+          f"{pc['p99_ms_bf16']:.1f} vs {pc['p99_ms_fp32']:.1f} ms; CPU per request in process "
+          f"{pc['cpu_ms_median_bf16']:.1f} vs {pc['cpu_ms_median_fp32']:.1f} ms ({pc['cpu_ratio_bf16_to_fp32']:.3f}); "
+          f"scores within {pc['max_abs_prob_diff']:.1e}, top 10 in the same order in "
+          f"{pc['top10_order_same_share']:.0%} of requests", flush=True)
+
     # sustained load with a model swap every few seconds (GEM, 100 candidates, 1k history)
     swap_dir = data / "models-swap"
     publish(swap_dir, "gem", args.preset, seed=0)
@@ -589,11 +671,12 @@ def main() -> None:
         **ablation, "p99_ratio_user_to_target": figures["p99_ms_500c_1k"] / ablation["p99_ms"],
         "p50_ratio_user_to_target": figures["500c_1k"]["p50_ms"] / ablation["p50_ms"]}
     figures["metrics_cost"] = mc
+    figures["precision_bf16"] = pc
     figures["cpu_per_request_500c_1k"] = cpu
     figures["gc_full_collection_ms"] = gcp
     figures["load_average_1m_at_end"] = os.getloadavg()[0]
     figures["failed_requests"] = swap_fig["failed_requests"] + sum(
-        r["failed"] for by in results.values() for k in by.values() for r in k.values()) + ablation["failed"] + mc["failed"]
+        r["failed"] for by in results.values() for k in by.values() for r in k.values()) + ablation["failed"] + mc["failed"] + pc["failed"]
     figures["swaps"] = swap_fig
     figures["profile_500c_1k"] = prof
     print(f"\np99 500 candidates / 1k history (GEM {args.preset}, concurrency 1): {figures['p99_ms_500c_1k']:.1f} ms "
