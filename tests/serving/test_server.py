@@ -396,3 +396,35 @@ def test_start_freezes_the_start_up_heap_and_stop_releases_it(world):
         assert gc.get_freeze_count() == 0
     finally:
         svc.stop()
+
+
+def test_a_bf16_server_scores_within_its_stated_bound_of_the_trainer(world):
+    """`[serve] precision = "bf16"` reaches the served versions (the FM MLPs in bfloat16): the
+    scores are no longer bit-for-bit the trainer's but within the canary's bound, and the canary
+    recorded how far it moved them."""
+    from opengem.serving.scoring import BF16_MAX_ERROR
+
+    svc = Service(_cfg(world["data"], precision="bf16"))
+    ends = svc.start()
+    client = RankClient(f"127.0.0.1:{ends.grpc_port}")
+    reader = ShardedReader(world["data"], P, secondary_root=world["root"] / "trainer-sec-bf16")
+    try:
+        client.wait_ready(10)
+        scorer = svc.models.current
+        assert scorer.precision == "bf16" and 0 < scorer.precision_error <= BF16_MAX_ERROR
+        model = registry.load(world["data"] / "models").model
+        exs = world["examples"]
+        anchor = exs[0]
+        cands = [dataclasses.replace(e, user_id=anchor.user_id, ts=anchor.ts, surface=anchor.surface,
+                                     hour=anchor.hour, device=anchor.device, country=anchor.country,
+                                     age_bucket=anchor.age_bucket) for e in exs[:30]]
+        resp = client.rank_request(_request_for(cands))
+        with torch.inference_mode():
+            want = model.predict(examples_batch(cands, reader, model.cfg)).double()
+        got = torch.tensor([list(c.scores) for c in resp.candidates], dtype=torch.float64)
+        assert not torch.allclose(got, want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, want, atol=BF16_MAX_ERROR, rtol=0)
+    finally:
+        reader.close()
+        client.close()
+        svc.stop()
