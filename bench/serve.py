@@ -29,11 +29,15 @@ profile of one 500-candidate / 1k-history GEM request: what the time goes to, an
 what a full garbage collection costs with the server's objects in memory,
 before and after ``freeze_heap`` (``gc_full_collection_ms``).
 
+With ``--options-only``: GEM 500 candidates x 1k served with ``[serve] precision =
+"bf16"``, ``threads = 2`` (a host that only serves) and both, against the defaults,
+alternating load rounds at concurrency 1 and 4 (``bench/results/serve-options.json``).
+
 With ``--processes-only``: GEM 500 candidates x 1k served by ``opengem serve
 --processes 2`` against one process, alternating load rounds at concurrency
 1 / 2 / 4 / 8 (``bench/results/serve-processes.json``).
 
-    .venv/bin/python bench/serve.py [--quick] [--preset base] [--processes-only]
+    .venv/bin/python bench/serve.py [--quick] [--preset base] [--options-only | --processes-only]
 """
 
 from __future__ import annotations
@@ -377,22 +381,52 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def alternating(srv: dict[str, Server], reqs: list[bytes], rounds: int, duration: float,
-                min_req: int) -> dict[str, dict[str, Any]]:
-    """Two servers up at once (``srv``: name -> Server), load rounds at concurrency 1 alternating
-    between them (a, b, b, a, a, b, ...) so that drift in the shared machine's load falls on
-    both; stops them. Returns name -> the rounds :func:`pooled`."""
-    a, b = srv
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in srv}
+                min_req: int, levels: tuple[int, ...] = (1,)) -> dict[str, dict[str, Any]]:
+    """Servers up at once (``srv``: name -> Server), load rounds alternating between them (a, b,
+    b, a, a, b, ... for two; forward and backward for more) so that drift in the shared
+    machine's load falls on all; stops them. Returns name -> the rounds :func:`pooled`, with
+    ``levels`` > (1,): name -> {concurrency: pooled}."""
+    names = list(srv)
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {k: {c: [] for c in levels} for k in srv}
     try:
         for sv in srv.values():
             load(sv.target, reqs[:2], 1, 0.0, 2)  # warm-up
         for r in range(rounds):
-            for k in ((a, b) if r % 2 == 0 else (b, a)):
-                runs[k].append(load(srv[k].target, reqs, 1, duration, min_req))
+            for c in levels:
+                for k in (names if r % 2 == 0 else names[::-1]):
+                    runs[k][c].append(load(srv[k].target, reqs, c, duration, min_req))
     finally:
         for sv in srv.values():
             sv.stop()
-    return {k: pooled(v) for k, v in runs.items()}
+    if levels == (1,):
+        return {k: pooled(v[1]) for k, v in runs.items()}
+    return {k: {c: pooled(v[c]) for c in levels} for k, v in runs.items()}
+
+
+SERVING_OPTIONS = {  # name -> [serve] lines: the default, bf16 MLPs, two intra-op threads, both
+    "default": "", "bf16": 'precision = "bf16"\n', "threads2": "threads = 2\n",
+    "threads2_bf16": 'threads = 2\nprecision = "bf16"\n'}
+
+
+def serving_options(data: Path, mdir: Path, work: Path, reqs: list[bytes], rounds: int, duration: float,
+                    min_req: int, levels: tuple[int, ...]) -> dict[str, Any]:
+    """GEM 500 candidates x 1k served with each of :data:`SERVING_OPTIONS` -- four servers of
+    the same version up at once, load rounds alternating between them per concurrency level.
+    ``threads = 2`` is for a host that serves only: the model's large ops then use both cores
+    (the default, 1, is for a machine shared with the broker, the worker and the trainer,
+    where OpenMP threads waiting on a preempted peer made requests ~15x slower)."""
+    res = alternating({k: Server(data, mdir, work, tag=f"-{k}", serve=v) for k, v in SERVING_OPTIONS.items()},
+                      reqs, rounds, duration, min_req, levels)
+    out: dict[str, Any] = {"rounds": rounds, "round_s": duration, "levels": list(levels), "by_option": {}}
+    for k, by in res.items():
+        out["by_option"][k] = {str(c): {"p50_ms": v["p50_ms"], "p99_ms": v["p99_ms"], "qps": v["qps"], "n": v["n"],
+                                        "failed": v["failed"]} for c, v in by.items()}
+    d = res["default"]
+    for k in SERVING_OPTIONS:
+        if k != "default":
+            out[f"p99_ratio_{k}_to_default"] = {str(c): res[k][c]["p99_ms"] / d[c]["p99_ms"] for c in levels}
+    out["failed"] = sum(v["failed"] for by in res.values() for v in by.values())
+    return out
 
 
 def metrics_cost(data: Path, models: Path, work: Path, reqs: list[bytes], rounds: int, duration: float,
@@ -506,10 +540,33 @@ def main() -> None:
     ap.add_argument("--no-metrics", action="store_true",
                     help="the daemons with OPENGEM_METRICS=off (no Prometheus metrics recorded); compare with a "
                          "default run to get the cost of metrics (JSON: bench/results/serve-no-metrics.json)")
+    ap.add_argument("--options-only", action="store_true",
+                    help="only GEM 500 candidates x 1k served with [serve] precision = bf16 and / or threads = 2 "
+                         "against the defaults (JSON: bench/results/serve-options.json)")
     ap.add_argument("--processes-only", action="store_true",
                     help="only GEM 500 candidates x 1k served by `--processes 2` vs one process (JSON: "
                          "bench/results/serve-processes.json)")
     args = ap.parse_args()
+    if args.options_only:
+        from opengem.serving.scoring import amx_bf16
+
+        if args.out == ap.get_default("out"):
+            args.out = "bench/results/serve-options.json"
+        work = Path(tempfile.mkdtemp(prefix="opengem-bench-serve-"))
+        data = work / "data"
+        users = build_store(data, users_per_len=8 if args.quick else 32, lengths=(1024,))
+        publish(data / "models-gem", "gem", args.preset, seed=0)
+        reqs = requests_for(users[1024], 500, 32, seed=1524)
+        levels = (1, 4)
+        so = serving_options(data, data / "models-gem", work, reqs, 2 if args.quick else 6,
+                             3.0 if args.quick else 5.0, 8 if args.quick else 20, levels)
+        rows = [[k, c, v["p50_ms"], v["p99_ms"], v["qps"], v["failed"]]
+                for k, by in so["by_option"].items() for c, v in by.items()]
+        print(table(rows, ["option", "conc", "p50_ms", "p99_ms", "qps", "failed"]))
+        so["amx_bf16"] = amx_bf16()
+        write(args.out, "serve-options", {"preset": args.preset, "case": "500c_1k", "quick": args.quick,
+                                          "options": SERVING_OPTIONS}, so)
+        return
     if args.processes_only:
         if args.out == ap.get_default("out"):
             args.out = "bench/results/serve-processes.json"
