@@ -533,6 +533,16 @@ def processes_scaling(data: Path, mdir: Path, work: Path, reqs: list[bytes], lev
     return out
 
 
+def one_case(preset_name: str, quick: bool) -> tuple[Path, Path, list[bytes]]:
+    """What --options-only and --processes-only serve: a store of 1k-event histories, one GEM
+    version in <data>/models-gem, 32 requests of 500 candidates. (work dir, data dir, requests)."""
+    work = Path(tempfile.mkdtemp(prefix="opengem-bench-serve-"))
+    data = work / "data"
+    users = build_store(data, users_per_len=8 if quick else 32, lengths=(1024,))
+    publish(data / "models-gem", "gem", preset_name, seed=0)
+    return work, data, requests_for(users[1024], 500, 32, seed=1524)
+
+
 def main() -> None:
     ap = parser("serve", __doc__)
     ap.add_argument("--preset", default="base", help="GEM preset (default base)")
@@ -552,11 +562,7 @@ def main() -> None:
 
         if args.out == ap.get_default("out"):
             args.out = "bench/results/serve-options.json"
-        work = Path(tempfile.mkdtemp(prefix="opengem-bench-serve-"))
-        data = work / "data"
-        users = build_store(data, users_per_len=8 if args.quick else 32, lengths=(1024,))
-        publish(data / "models-gem", "gem", args.preset, seed=0)
-        reqs = requests_for(users[1024], 500, 32, seed=1524)
+        work, data, reqs = one_case(args.preset, args.quick)
         levels = (1, 4)
         so = serving_options(data, data / "models-gem", work, reqs, 2 if args.quick else 6,
                              3.0 if args.quick else 5.0, 8 if args.quick else 20, levels)
@@ -570,11 +576,7 @@ def main() -> None:
     if args.processes_only:
         if args.out == ap.get_default("out"):
             args.out = "bench/results/serve-processes.json"
-        work = Path(tempfile.mkdtemp(prefix="opengem-bench-serve-"))
-        data = work / "data"
-        users = build_store(data, users_per_len=8 if args.quick else 32, lengths=(1024,))
-        publish(data / "models-gem", "gem", args.preset, seed=0)
-        reqs = requests_for(users[1024], 500, 32, seed=1524)
+        work, data, reqs = one_case(args.preset, args.quick)
         ps = processes_scaling(data, data / "models-gem", work, reqs, (1, 2, 4, 8), 2 if args.quick else 4,
                                4.0 if args.quick else 8.0, 8 if args.quick else 20)
         rows = [[c, v["p50_ms_1"], v["p99_ms_1"], v["qps_1"], v["p50_ms_2"], v["p99_ms_2"], v["qps_2"],
