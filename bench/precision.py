@@ -89,7 +89,7 @@ def main() -> None:
     rows, per_task = [], {}
     for ti, t in enumerate(tasks):
         a, b = preds["fp32"][:, ti], preds["bf16"][:, ti]
-        ne_a, ne_b = ev._ne_rows(a, y[:, ti], w), ev._ne_rows(b, y[:, ti], w)
+        ne_a, ne_b = ev.ne_rows(a, y[:, ti], w), ev.ne_rows(b, y[:, ti], w)
         d = ev.paired_bootstrap(a, b, y[:, ti], w, n_boot=300, seed=1)
         per_task[t] = {"ne_fp32": ne_a, "ne_bf16": ne_b, "ne_delta": d["delta"], "ne_delta_lo": d["lo"],
                        "ne_delta_hi": d["hi"], "auc_fp32": auc(a, y[:, ti]), "auc_bf16": auc(b, y[:, ti]),

@@ -902,7 +902,8 @@ def run_evaluation(source: EventSource, dcfg: DatasetConfig, specs: Sequence[Mod
     return doc
 
 
-def _ne_rows(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+def ne_rows(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """Weighted NE (log loss / entropy of the weighted base rate) of one task's rows; NaN without both labels."""
     from opengem.model.metrics import EPS, entropy
 
     pc = np.clip(p.astype(np.float64), EPS, 1 - EPS)
@@ -922,9 +923,9 @@ def paired_bootstrap(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, w: n
     diffs = np.empty(n_boot)
     for i in range(n_boot):
         idx = rng.integers(0, n, n)
-        diffs[i] = _ne_rows(pred_b[idx], y[idx], w[idx]) - _ne_rows(pred_a[idx], y[idx], w[idx])
+        diffs[i] = ne_rows(pred_b[idx], y[idx], w[idx]) - ne_rows(pred_a[idx], y[idx], w[idx])
     diffs = diffs[np.isfinite(diffs)]
-    return {"delta": _ne_rows(pred_b, y, w) - _ne_rows(pred_a, y, w),
+    return {"delta": ne_rows(pred_b, y, w) - ne_rows(pred_a, y, w),
             "lo": float(np.percentile(diffs, 2.5)) if diffs.size else math.nan,
             "hi": float(np.percentile(diffs, 97.5)) if diffs.size else math.nan}
 

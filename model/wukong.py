@@ -77,7 +77,7 @@ class FMBlock(nn.Module):
         h = nn.functional.layer_norm(zt.reshape(B, -1), n.normalized_shape, nw, nb, n.eps)
         if self.__dict__.get("_mlp_bf16", False) and not torch.is_grad_enabled():
             # mlp_precision(model, "bf16"), a served model: the MLP's two matmuls in bfloat16
-            # (AMX on recent x86 CPUs: a 500 x 256 x 256 addmm ~4x faster), fp32 in and out
+            # (with AMX-BF16 a 500 x 256 x 256 addmm ran ~4x faster), fp32 in and out
             w1, b1, w2, b2 = _derived(self, (lin.weight, lin.bias, out.weight, out.bias), self._bf16_mlp,
                                       slot="_bf16_cache")
             h = nn.functional.linear(act(nn.functional.linear(h.to(torch.bfloat16), w1, b1)), w2, b2).float()
@@ -144,10 +144,10 @@ def mlp_precision(model: nn.Module, precision: str) -> str:
     "bf16": the MLP's input is rounded to bfloat16 after the block's layer norm, the two linear
     layers and the GELU run in bfloat16 (with their weights kept in bfloat16 once for a frozen
     model, :func:`freeze_derived`), the output is fp32 again. These MLPs are most of a served
-    request's matrix work (at ``base``, 500 candidates: 3 layers x ~54M multiply-adds); where the
-    CPU has AMX (Intel Sapphire Rapids and later) a bfloat16 matmul of that size ran ~4x faster,
-    elsewhere it can be slower -- ``[serve] precision = "auto"`` decides by the CPU. Scores move
-    by bfloat16's rounding (8 bits of mantissa): measured in docs/serving.md."""
+    request's matrix work (at ``base``, 500 candidates: 3 layers x 49-58M multiply-adds); on a
+    CPU with AMX-BF16 a bfloat16 matmul of that size ran ~4x faster (not measured on CPUs
+    without it, where ``[serve] precision = "auto"`` keeps fp32). Scores move by bfloat16's
+    rounding (8 bits of mantissa): measured in docs/serving.md."""
     if precision not in MLP_PRECISIONS:
         raise ValueError(f"precision {precision!r}: one of {MLP_PRECISIONS}")
     before = "fp32"

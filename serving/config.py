@@ -11,6 +11,9 @@ from pathlib import Path
 
 from opengem.runtime import MAX_KEEP_MB
 
+# [serve] precision: the FM MLPs in fp32 or bf16 (model.wukong.mlp_precision), or "auto" (by the CPU)
+PRECISIONS = ("fp32", "bf16", "auto")
+
 MODEL_KINDS = ("gem", "student")  # what [serve] models may name per surface
 
 
@@ -48,9 +51,8 @@ class ServeConfig:
     # p50 130 ms with 1 thread, 1980 ms with 2; issue 6).
     threads: int = 1
     # The FM blocks' MLPs (most of a request's matrix work) in "fp32" (the served scores equal
-    # the trainer's), "bf16" (bfloat16 matmuls: scores move by bfloat16 rounding; faster where the
-    # CPU has AMX, slower where it has no bfloat16 instructions) or "auto" (bf16 where the CPU
-    # has AMX-BF16, else fp32). docs/serving.md, ninth pass: speed and score deviation measured.
+    # the trainer's), "bf16" (bfloat16 matmuls: scores move by bfloat16 rounding; faster on a CPU
+    # with AMX, not measured on others) or "auto" (bf16 where the CPU has AMX-BF16, else fp32). docs/serving.md, ninth pass: speed and score deviation measured.
     precision: str = "fp32"
     # Server processes on the one port (SO_REUSEPORT; `opengem serve` supervises them and
     # restarts one that dies). A model forward holds its process's GIL between ops, so one
@@ -99,8 +101,8 @@ class ServeConfig:
             problems.append("workers and inference_slots must be >= 1")
         if self.processes < 1:
             problems.append(f"processes={self.processes} (< 1)")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            problems.append(f"precision={self.precision!r} (one of fp32, bf16, auto)")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} (one of {', '.join(PRECISIONS)})")
         if self.threads < 0:
             problems.append(f"threads={self.threads} (< 0)")
         if not 0 <= self.malloc_keep_mb <= MAX_KEEP_MB:

@@ -282,3 +282,19 @@ def test_merge_runs_adds_the_later_runs_models_and_refuses_runs_that_do_not_matc
     for unreadable in (tmp_path / "missing.json", tmp_path / "torn.json"):
         with pytest.raises(SystemExit, match="not a readable results file"):
             mq.merge_runs([a, unreadable])
+
+
+def test_merge_command_refuses_to_write_over_a_committed_result(tmp_path, monkeypatch):
+    """`bench/model_quality.py --merge` writes only to an --out of its own: not the default
+    results file, not one of its inputs (either would overwrite a committed result)."""
+    import sys
+
+    mq = _model_quality_module()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for p in (a, b):
+        p.write_text("{}")
+    for out in ([], ["--out", str(b)]):
+        monkeypatch.setattr(sys, "argv", ["model_quality.py", "--merge", f"{a},{b}", *out])
+        with pytest.raises(SystemExit, match="an --out of its own"):
+            mq.main()
+    assert a.read_text() == b.read_text() == "{}"

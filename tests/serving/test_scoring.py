@@ -338,3 +338,5 @@ def test_bf16_precision_scores_close_to_fp32_and_canary_bounds_it(store, monkeyp
     assert ServeConfig().precision == "fp32"
     with pytest.raises(ValueError, match="precision"):
         ServeConfig(precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        Scorer(_loaded(model, "gem"), precision="fp16")
