@@ -446,8 +446,16 @@ def test_record_batch_input_equals_event_input(tmp_path):
     """process() reads a validated RecordBatch column-wise; the result is the Events' result."""
     from opengem.stream.codec import events_to_batch
 
+    import dataclasses
+
     evs = [e for e in _sim_events(30_000) if e.is_ad]
     assert any(e.kind == "click" for e in evs) and any(e.kind == "conversion" for e in evs)
+    # Some impressions without their optional attributes: the batch path packs the nulls
+    # (-1 / NaN / no string) column-wise, the Event path value by value.
+    optional = dict.fromkeys(("age_bucket", "country", "device", "ad_format", "advertiser_id", "category",
+                              "hour", "p_click", "p_conversion"))
+    evs = [dataclasses.replace(e, **optional) if e.kind == "impression" and i % 7 == 0 else e
+           for i, e in enumerate(evs)]
     out = []
     for k, as_batch in enumerate((False, True)):
         with LabelJoiner(tmp_path / str(k), SIM_CFG) as j:
@@ -457,6 +465,8 @@ def test_record_batch_input_equals_event_input(tmp_path):
             j.flush_all()
             out.append((by_id(j.outbox()), j.counters(), j.pending()))
     assert out[0] == out[1] and len(out[0][0]) > 1000
+    assert sum(ex.advertiser_id is None and ex.p_click is None and ex.country is None
+               for ex in out[1][0].values()) > 100
 
 
 def test_state_of_format_1_is_still_read(tmp_path):
