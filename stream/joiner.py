@@ -86,14 +86,21 @@ Key layout (raw bytes, ``<p>`` = partition in decimal, ``<rid>`` = request_id)::
     P/<p>/<rid>             open impression: <Bqq (2, click ts, held conversion ts) + the impression's
                             attributes (:data:`_NUM` + length-prefixed surface, ad_format, country, device)
     E/<p>/<rid>             early buffer: JSON [[kind, ts], ...]
-    O/<p>/<rid>             outbox: <Bqq (2, click ts, conversion ts) + the impression's attributes
-                            (absent values: ts -2**63, ints -1, floats NaN, strings length 255)
+    B/<p>/<seq be64>        outbox: the examples one process() call closed, each as <II (length of rid,
+                            of value) + rid + value; value: <Bqq (2, click ts, conversion ts) + the
+                            impression's attributes (absent values: ts -2**63, ints -1, floats NaN,
+                            strings length 255). ack() deletes a box once all of its examples are acked,
+                            and rewrites it without the acked ones when only some are.
+    O/<p>/<rid>             outbox of format 2 (one key per example, same value): still read and acked
     T/<p>/<rid>             tombstone: <Bqq flags (clicked, converted, late click), impression ts, click ts or -1
     X/<p>/<expire be64><rid>  tombstone expiry index (range-deleted by the GC)
 
 Format 1 (JSON open impressions and outbox values) is still read: a value's
-first byte tells the two apart (``[`` / ``{`` vs 2), and the store is marked
-format 2 on open.
+first byte tells the two apart (``[`` / ``{`` vs 2). Format 2 kept the outbox one
+key per example (``O/``): a put at close and a delete at ack for every example,
+the joiner's largest share of RocksDB writes; format 3 writes one box per call.
+Both are read, new entries are written as format 3, and the store is marked
+format 3 on open (an older version then refuses it rather than miss the boxes).
 """
 
 from __future__ import annotations
@@ -113,8 +120,8 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from opengem.stream.events import Event
 
-FORMAT_VERSION = 2
-_READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+_READABLE_FORMATS = (1, 2, 3)
 _MIN = 60_000
 _HOUR = 60 * _MIN
 
@@ -290,6 +297,7 @@ def _num(v: Any) -> str:
         return float.__repr__(v)
     raise _SlowPath
 _BE8 = struct.Struct(">Q")
+_BOX_ENTRY = struct.Struct("<II")  # an outbox box's entry: length of the rid, of the value
 _NO_TS = -(2**62)  # max_ts of a partition that has seen no event
 
 COUNTERS = (
@@ -514,6 +522,7 @@ class _Partition:
         self.k_open = b"P/" + pb + b"/"
         self.k_early = b"E/" + pb + b"/"
         self.k_out = b"O/" + pb + b"/"
+        self.k_box = b"B/" + pb + b"/"
         self.k_tomb = b"T/" + pb + b"/"
         self.k_exp = b"X/" + pb + b"/"
         self.offset: int | None = None
@@ -524,8 +533,66 @@ class _Partition:
         self.early: dict[str, list[list]] = {}  # rid -> [[kind, ts], ...]
         self.early_heap: list[tuple[int, str]] = []  # (ts, rid)
         self.outbox: dict[str, Example] = {}
+        # The outbox on disk: box seq -> {rid: its encoded entry}; rid -> box seq (-1: an O/ key).
+        self.boxes: dict[int, dict[str, bytes]] = {}
+        self.box_of: dict[str, int] = {}
+        self.next_box = 0
         self.next_gc = -(2**62)
         self.gc_from = 0  # tombstone expiries below this were collected in this process
+
+
+def _decode_box(v: bytes) -> list[tuple[str, bytes, bytes]]:
+    """An outbox box -> (rid, outbox value, the entry's bytes) per example."""
+    out, i, n = [], 0, len(v)
+    H = _BOX_ENTRY.size
+    while i < n:
+        a, b = _BOX_ENTRY.unpack_from(v, i)
+        j = i + H + a
+        out.append((v[i + H:j].decode(), v[j:j + b], v[i:j + b]))
+        i = j + b
+    if i != n:
+        raise ValueError("joiner state corrupt: an outbox box ends inside an entry")
+    return out
+
+
+def _box(part: _Partition, entries: list[tuple[str, bytes]], wb: WriteBatch) -> None:
+    """Put the examples one call closed into a new box (in ``wb``; memory follows at once --
+    the caller drops the partition's memory if the write fails)."""
+    if not entries:
+        return
+    box = dict(entries)
+    stale = [rid for rid in box if rid in part.box_of]  # a request_id closed again while still unacked
+    if stale:
+        _unbox(part, stale, wb)
+    seq = part.next_box
+    part.next_box += 1
+    wb.put(part.k_box + _BE8.pack(seq), b"".join(box.values()))
+    part.boxes[seq] = box
+    for rid in box:
+        part.box_of[rid] = seq
+
+
+def _unbox(part: _Partition, rids: Iterable[str], wb: WriteBatch) -> None:
+    """Take ``rids`` out of the outbox on disk (in ``wb``): O/ keys deleted, boxes deleted once
+    empty, else rewritten with the rest. The boxes in memory follow at once."""
+    touched: set[int] = set()
+    for rid in rids:
+        seq = part.box_of.pop(rid, None)
+        if seq is None:
+            continue
+        if seq < 0:
+            wb.delete(part.k_out + rid.encode())
+        else:
+            del part.boxes[seq][rid]
+            touched.add(seq)
+    for seq in touched:
+        key = part.k_box + _BE8.pack(seq)
+        rest = part.boxes[seq]
+        if rest:
+            wb.put(key, b"".join(rest.values()))
+        else:
+            del part.boxes[seq]
+            wb.delete(key)
 
 
 def _iter_prefix(db: Rdict, prefix: bytes, start: bytes | None = None) -> Iterable[tuple[bytes, bytes]]:
@@ -608,6 +675,16 @@ class LabelJoiner:
         for k, v in _iter_prefix(self._db, part.k_out):
             rid = k[n:].decode()
             part.outbox[rid] = _decode_outbox(rid, v)
+            part.box_of[rid] = -1
+        n = len(part.k_box)
+        for k, v in _iter_prefix(self._db, part.k_box):
+            seq = _BE8.unpack(k[n:])[0]
+            box = part.boxes[seq] = {}
+            for rid, value, piece in _decode_box(v):
+                part.outbox[rid] = _decode_outbox(rid, value)
+                part.box_of[rid] = seq
+                box[rid] = piece
+            part.next_box = seq + 1
         return part
 
     def _all_parts(self, partition: int | None) -> list[_Partition]:
@@ -645,7 +722,8 @@ class LabelJoiner:
         return sum(len(part.open) for part in self._all_parts(partition))
 
     def outbox(self, partition: int | None = None) -> list[Example]:
-        """Closed examples not yet acknowledged as produced (close order; after a restart, request_id order)."""
+        """Closed examples not yet acknowledged as produced, in close order (after a restart,
+        entries a format-2 joiner wrote come first, in request_id order)."""
         return [ex for part in self._all_parts(partition) for ex in part.outbox.values()]
 
     def ack(self, example_ids: Sequence[str]) -> set[str]:
@@ -653,19 +731,26 @@ class LabelJoiner:
 
         Unknown ids (already acked: a re-send) are ignored."""
         wb = WriteBatch(raw_mode=True)
-        done = []
+        found: dict[_Partition, list[str]] = {}
         parts = self._all_parts(None)
         for rid in example_ids:
             for part in parts:
                 if rid in part.outbox:
-                    wb.delete(part.k_out + rid.encode())
-                    done.append((part, rid))
+                    found.setdefault(part, []).append(rid)
                     break
-        if done:
-            self._db.write(wb, self._wopts)
-            for part, rid in done:
-                part.outbox.pop(rid, None)
-        return {rid for _, rid in done}
+        if found:
+            try:
+                for part, rids in found.items():
+                    _unbox(part, rids, wb)
+                self._db.write(wb, self._wopts)
+            except BaseException:
+                for part in found:  # the boxes in memory may be ahead of RocksDB: reload on next use
+                    self._parts.pop(part.p, None)
+                raise
+            for part, rids in found.items():
+                for rid in rids:
+                    part.outbox.pop(rid, None)
+        return {rid for rids in found.values() for rid in rids}
 
     # ------------------------------------------------------------------ the join
 
@@ -695,6 +780,7 @@ class LabelJoiner:
         try:
             run.apply(cols)
             part.offset = offset
+            _box(part, run.box, wb)
             self._write_state(part, wb)
             self._db.write(wb, self._wopts)
         except BaseException:
@@ -722,6 +808,7 @@ class LabelJoiner:
                     run.expire_early(rid)
                 part.heap.clear()
                 part.early_heap.clear()
+                _box(part, run.box, wb)
                 self._write_state(part, wb)
                 self._db.write(wb, self._wopts)
             except BaseException:
@@ -771,6 +858,7 @@ class _Run:
         self.gc_interval = max(1, cfg.gc_interval_ms)
         self.c = part.counters
         self.closed: list[Example] = []
+        self.box: list[tuple[str, bytes]] = []  # (rid, outbox entry) of each example closed, for _box
         self.tombs: dict[str, tuple[int, int, int] | None] = {}  # tombstones changed in this run (None: deleted)
         self.prefetched: dict[str, tuple[int, int, int]] = {}
         # Impressions that are not open may be duplicates of closed ones: one multi-get.
@@ -807,22 +895,37 @@ class _Run:
         heap = part.heap
         early_heap = part.early_heap
         on_imp, on_click, on_conv = self.on_impression, self.on_click, self.on_conversion
-        for k, rid, ts, attrs in zip(cols.kinds, cols.rids, cols.ts, cols.attrs):
-            if ts > max_ts:
-                max_ts = part.max_ts = ts
-                wm = ts - lateness
-            if k == "impression":
-                on_imp(rid, ts, attrs, wm)
-            elif k == "click":
-                on_click(rid, ts, wm)
-            elif k == "conversion":
-                on_conv(rid, ts, wm)
-            if heap and heap[0][0] <= wm:
-                self.close_due(wm)
-            if early_heap and early_heap[0][0] <= wm:
-                self.expire_due(wm)
-            if wm >= part.next_gc:
-                self.gc(wm)
+        # An impression with a new request_id and nothing waiting for it (almost all of them)
+        # is opened here, without on_impression's call and checks.
+        op, early, tombs, pre = part.open, part.early, self.tombs, self.prefetched
+        put, k_open, cw, push = self.wb.put, part.k_open, self.cw, heapq.heappush
+        fresh = 0
+        try:
+            for k, rid, ts, attrs in zip(cols.kinds, cols.rids, cols.ts, cols.attrs):
+                if ts > max_ts:
+                    max_ts = part.max_ts = ts
+                    wm = ts - lateness
+                if k == "impression":
+                    if rid is not None and rid not in op and rid not in tombs and rid not in pre and rid not in early:
+                        fresh += 1
+                        dl = ts + cw
+                        op[rid] = _Open(ts, attrs, None, None, dl)
+                        push(heap, (dl, rid))
+                        put(k_open + rid.encode(), _HDR_FRESH + attrs)
+                    else:
+                        on_imp(rid, ts, attrs, wm)
+                elif k == "click":
+                    on_click(rid, ts, wm)
+                elif k == "conversion":
+                    on_conv(rid, ts, wm)
+                if heap and heap[0][0] <= wm:
+                    self.close_due(wm)
+                if early_heap and early_heap[0][0] <= wm:
+                    self.expire_due(wm)
+                if wm >= part.next_gc:
+                    self.gc(wm)
+        finally:
+            self.c["impressions"] += fresh
 
     def on_impression(self, rid: str | None, ts: int, attrs: bytes, wm: int) -> None:
         part, c = self.part, self.c
@@ -940,19 +1043,19 @@ class _Run:
         if rec.held_conv is not None:
             c["unattributed_conversion"] += 1
         click_ts = rec.click_ts
-        ex = _example(rid, rec.attrs, click_ts, conversion_ts)
         c["examples"] += 1
         del part.open[rid]
         rb = rid.encode()
         wb = self.wb
         wb.delete(part.k_open + rb)
-        wb.put(part.k_out + rb, (_HDR_FRESH if click_ts is None else _HDR.pack(
-            _V2, click_ts, _ts_or_sentinel(conversion_ts))) + rec.attrs)
+        v = (_HDR_FRESH if click_ts is None else _HDR.pack(_V2, click_ts, _ts_or_sentinel(conversion_ts))) + rec.attrs
+        self.box.append((rid, _BOX_ENTRY.pack(len(rb), len(v)) + rb + v))
         flags = (0 if click_ts is None else _CLICKED) | (0 if conversion_ts is None else _CONVERTED)
-        self.set_tomb(rid, (flags, rec.ts, -1 if click_ts is None else click_ts))
+        tomb = self.tombs[rid] = (flags, rec.ts, -1 if click_ts is None else click_ts)  # set_tomb, inline
+        wb.put(part.k_tomb + rb, _TOMB.pack(*tomb))
         expire = max(part.max_ts, rec.ts, click_ts or 0, conversion_ts or 0) + self.retention
         wb.put(part.k_exp + _BE8.pack(max(expire, 0)) + rb, b"")
-        self.closed.append(ex)
+        self.closed.append(_example(rid, rec.attrs, click_ts, conversion_ts))
 
     def close_due(self, wm: int) -> None:
         part = self.part

@@ -229,6 +229,101 @@ def test_outbox_and_ack(joiner):
     assert [e.example_id for e in joiner.outbox()] == ["b"]
 
 
+def _keys(path, prefix):
+    from rocksdict import AccessType, Options, Rdict
+
+    db = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
+    try:
+        return [k for k in db.keys() if k.startswith(prefix)]
+    finally:
+        db.close()
+
+
+def test_outbox_boxes_partial_ack_and_reopen(tmp_path):
+    """The outbox is one box per process() call: a partial ack rewrites the box with the rest,
+    a full ack deletes it; after a reopen the outbox is exactly the unacked examples, in close order."""
+    path = tmp_path / "j"
+    with LabelJoiner(path, CFG) as j:
+        j.process(0, 0, [imp("a", 0), imp("b", 1), imp("c", 2)])
+        first = j.process(0, 1, [org(5000)])  # closes a, b, c: one box
+        j.process(0, 2, [imp("d", 6000), imp("e", 6001)])
+        second = j.process(0, 3, [org(9000)])  # closes d, e: a second box
+        assert [e.example_id for e in first] == ["a", "b", "c"] and [e.example_id for e in second] == ["d", "e"]
+        assert j.ack(["b", "d", "e", "nope", "b"]) == {"b", "d", "e"}
+        want = [e for e in first if e.example_id != "b"]
+        assert j.outbox() == want
+    assert len(_keys(path, b"B/")) == 1  # the second box is gone, the first holds a and c
+    with LabelJoiner(path, CFG) as j:
+        assert j.outbox() == want
+        assert j.ack(["c", "a"]) == {"a", "c"} and j.outbox() == []
+        assert j.process(0, 4, [imp("f", 9000), org(12000)])[0].example_id == "f"
+    assert len(_keys(path, b"B/")) == 1 and _keys(path, b"O/") == []
+    with LabelJoiner(path, CFG) as j:
+        assert [e.example_id for e in j.outbox()] == ["f"]
+        j.ack(["f"])
+    assert _keys(path, b"B/") == []
+
+
+def test_outbox_of_format_2_is_read_and_acked(tmp_path):
+    """Format 2 kept one O/ key per example: such entries load, ack and stay apart from the boxes."""
+    from rocksdict import Options, Rdict
+
+    from opengem.stream import joiner as J
+
+    path = tmp_path / "j"
+    with LabelJoiner(path, CFG) as j:  # a format-2 store: its outbox entries moved to O/ keys
+        run(j, [imp("x", 0), imp("y", 1), org(5000)])
+        exs = by_id(j.outbox())
+    db = Rdict(str(path), Options(raw_mode=True))
+    for k, v in list(db.items()):
+        if k.startswith(b"B/0/"):
+            for rid, value, _ in J._decode_box(v):
+                db.put(b"O/0/" + rid.encode(), value)
+            db.delete(k)
+    db.put(b"M", b'{"format":2}')
+    db.close()
+    with LabelJoiner(path, CFG) as j:
+        assert by_id(j.outbox()) == exs
+        j.ack(["x"])
+        run(j, [imp("z", 6000), org(9000)])
+        assert [e.example_id for e in j.outbox()] == ["y", "z"]
+    assert _keys(path, b"O/") == [b"O/0/y"] and len(_keys(path, b"B/")) == 1
+    with LabelJoiner(path, CFG) as j:
+        assert [e.example_id for e in j.outbox()] == ["y", "z"]
+        j.ack(["y", "z"])
+    assert _keys(path, b"O/") == [] and _keys(path, b"B/") == []
+
+
+class _FailingWrite:
+    """The joiner's Rdict, except that write() fails (a full disk)."""
+
+    def __init__(self, db):
+        self._real = db
+
+    def write(self, *a, **kw):
+        raise OSError("disk full")
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_failed_ack_leaves_the_outbox(tmp_path):
+    """An ack whose write fails changes nothing, in memory or on disk; the next one works."""
+    with LabelJoiner(tmp_path / "j", CFG) as j:
+        run(j, [imp("a", 0), imp("b", 1), org(5000)])
+        real = j._db
+        j._db = _FailingWrite(real)
+        try:
+            with pytest.raises(OSError):
+                j.ack(["a"])
+        finally:
+            j._db = real
+        assert sorted(e.example_id for e in j.outbox()) == ["a", "b"]
+        assert j.ack(["a"]) == {"a"} and [e.example_id for e in j.outbox()] == ["b"]
+    with LabelJoiner(tmp_path / "j", CFG) as j:
+        assert [e.example_id for e in j.outbox()] == ["b"]
+
+
 def test_example_json_round_trip():
     ex = Example(request_id="r", ts=T0, surface="feed", user_id=1, item_id=2, advertiser_id=None,
                  ad_format="image", category=None, age_bucket=0, country="US", device=None, hour=3,
