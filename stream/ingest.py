@@ -163,8 +163,9 @@ class Ingestor:
         self.cfg = cfg
         self.topic = topic
         self._shards: dict[int, Shard] = {}
-        # Held by commit, release, sync_wal and update_gauges: the worker runs prepare and
-        # commit on its ingest thread while the event loop may revoke partitions or refresh gauges.
+        # Held by shard, commit, release, sync_wal and update_gauges: the worker commits, revokes
+        # partitions and refreshes gauges on its event loop while executor threads open shards
+        # (on assignment) and fsync their WALs (every wal_sync_interval_s).
         self._lock = threading.RLock()
         self.counts: Counter[str] = Counter()  # records, events, dead letters by reason, examples
         self.dlq_reasons: Counter[str] = Counter()
