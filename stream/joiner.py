@@ -630,7 +630,8 @@ class LabelJoiner:
         have = None if meta is None else json.loads(meta)["format"]
         if have is not None and have not in _READABLE_FORMATS:
             raise ValueError(f"joiner state at {self.path} has format {have}, this version reads {_READABLE_FORMATS}")
-        if have != FORMAT_VERSION:  # new, or format 1 (its JSON values stay readable; new ones are packed)
+        # New, or format 1 or 2: their values and O/ outbox entries stay readable, new ones are format 3.
+        if have != FORMAT_VERSION:
             self._db.put(b"M", _enc({"format": FORMAT_VERSION}).encode(), self._wopts)
         # Persisted per-partition headers (offset, watermark, counters); the rest loads lazily.
         self._states: dict[int, dict] = {}

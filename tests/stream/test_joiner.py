@@ -594,5 +594,5 @@ def test_state_of_format_1_is_still_read(tmp_path):
     assert set(got) == {"a", "b"}
     assert (got["a"].click, got["a"].conversion, got["a"].click_ts, got["a"].conversion_ts) == (1, 1, T0 + 20, T0 + 30)
     assert (got["b"].click, got["b"].item_id, got["b"].device, got["b"].p_click) == (0, b.item_id, "ios", 0.1)
-    with LabelJoiner(path, CFG) as j:  # now format 2, packed values: the same again after a reopen
+    with LabelJoiner(path, CFG) as j:  # now format 3, packed values and outbox boxes: the same again after a reopen
         assert by_id(j.outbox()) == got
