@@ -240,7 +240,7 @@ def child_worker(spec: dict) -> None:
 
     # Where the time goes (perf_counter around the plain steps; the rest is Faust,
     # the take buffer, record building and the DLQ / example sends).
-    spent = {"prepare_s": 0.0, "commit_s": 0.0, "joiner_s": 0.0, "examples_s": 0.0,
+    spent = {"prepare_s": 0.0, "commit_s": 0.0, "joiner_s": 0.0, "examples_s": 0.0, "examples_wait_s": 0.0,
              "batches": 0, "max_batch_events": 0, "max_batch_s": 0.0}
     process = LabelJoiner.process_parts  # what Ingestor.commit calls (process() calls it too)
 
@@ -291,6 +291,7 @@ def child_worker(spec: dict) -> None:
         def _done(self) -> None:
             clock["t1"] = time.perf_counter()
             spent["examples_s"] = app.opengem_stats["examples_s"]
+            spent["examples_wait_s"] = app.opengem_stats["examples_wait_s"]
             dt = clock["t1"] - clock["t0"]
             cpu = time.process_time() - clock["cpu0"]  # every thread of the process
             n = self.counts["events"]

@@ -117,7 +117,7 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
     dlq = app.topic(k.dlq_topic, key_type=bytes, value_type=bytes)
     examples_topic = app.topic(k.examples_topic, key_type=bytes, value_type=bytes)
     checked: set[int] = set()  # partitions whose shard position was checked since assignment
-    stats = {"batches": 0, "started": time.monotonic(), "examples_s": 0.0}
+    stats = {"batches": 0, "started": time.monotonic(), "examples_s": 0.0, "examples_wait_s": 0.0}
     app.opengem_stats = stats  # type: ignore[attr-defined]
 
     # Shards of the assigned partitions are opened as soon as they are assigned, off the
@@ -196,9 +196,12 @@ def build_app(cfg: Config, bootstrap: str, embedded: bool, wcfg: WorkerConfig = 
             ing.ack_examples(pairs)
 
         inflight.append(asyncio.ensure_future(acked()))
+        t1 = time.perf_counter()
         while inflight and (inflight[0].done() or len(inflight) > wcfg.examples_in_flight):
             await inflight.popleft()
-        stats["examples_s"] += time.perf_counter() - t0  # the loop's time in here (sends, waits)
+        t2 = time.perf_counter()
+        stats["examples_wait_s"] += t2 - t1  # of which waiting for acks past examples_in_flight
+        stats["examples_s"] += t2 - t0  # the loop's time in here (encoding, sends, waits)
 
     @app.timer(wcfg.gauge_interval_s)
     async def refresh_gauges() -> None:
