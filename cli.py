@@ -160,7 +160,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     k = cfg.kafka
     bootstrap, embedded = resolve_bootstrap(k.bootstrap, cfg.data_dir)
     ensure_topics(bootstrap, (k.events_topic, k.examples_topic, k.dlq_topic), k.partitions, k.replication)
-    wcfg = WorkerConfig(metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+    wcfg = WorkerConfig(metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                        examples_format=args.examples_format)
     if args.click_window or args.conversion_window:
         j = wcfg.ingest.joiner
         j = dataclasses.replace(j, click_window_ms=int((args.click_window or j.click_window_ms / 1000) * 1000),
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus metrics on 127.0.0.1:PORT/metrics (a free port if taken; -1: off)")
     p.add_argument("--rebuild", action="store_true",
                    help="delete this worker's shards first; they are rebuilt from the topic")
+    p.add_argument("--examples-format", choices=("arrow", "json"), default="arrow",
+                   help="records sent to the examples topic: Arrow IPC batches (default) or JSON arrays")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("compact", help="compact the stream worker's shards offline (worker stopped): merge and "

