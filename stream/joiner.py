@@ -269,13 +269,29 @@ def example_schema() -> Any:
         t = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
         dict_str = pa.dictionary(pa.int32(), pa.string())
         _EXAMPLE_SCHEMA = pa.schema(
-            [(f.name, dict_str if f.name in ("surface", "ad_format", "country", "device")
-              else t[str(f.type).split(" ")[0]]) for f in fields(Example)])
+            [(f, dict_str if f in ("surface", "ad_format", "country", "device") else t[_FIELD_KIND[f]])
+             for f in EXAMPLE_FIELDS])
     return _EXAMPLE_SCHEMA
 
 
 _EXAMPLE_SCHEMA = None
-_ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream's first bytes (a JSON record never starts so)
+
+
+def _column_fits(name: str, t: Any) -> bool:
+    """Whether an examples record's column of Arrow type ``t`` reads as field ``name``'s values
+    (any int width for ints, ints for floats, plain or dictionary strings, all-null where None is allowed)."""
+    import pyarrow as pa
+
+    kind = _FIELD_KIND[name]
+    if pa.types.is_null(t):
+        return _FIELD_OPTIONAL[name]
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if kind == "str":
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+    if kind == "float":
+        return pa.types.is_floating(t) or pa.types.is_integer(t)
+    return pa.types.is_integer(t)
 
 
 def _decode_example_batches(raw: bytes) -> list[Example]:
@@ -296,6 +312,9 @@ def _decode_example_batches(raw: bytes) -> list[Example]:
     missing = [f for f in _EXAMPLE_REQUIRED if f not in names]
     if missing:
         raise ValueError(f"examples record lacks the fields {missing}")
+    bad = [f"{f.name}: {f.type}" for f in reader.schema if not _column_fits(f.name, f.type)]
+    if bad:
+        raise ValueError(f"examples record has columns of the wrong type ({', '.join(bad)})")
     for rb in batches:
         n = rb.num_rows
         cols = [_pylist(rb.column(names.index(f))) if f in names else [None] * n for f in EXAMPLE_FIELDS]
@@ -306,7 +325,9 @@ def _decode_example_batches(raw: bytes) -> list[Example]:
 def decode_examples(raw: bytes | str) -> list[Example]:
     """An ``opengem.examples`` record: one JSON example object, a JSON array of them, or an
     Arrow IPC stream of them (:func:`encode_example_batches`; told apart by its first bytes)."""
-    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:4]) == _ARROW_MAGIC:
+    from opengem.stream.codec import ARROW_MAGIC
+
+    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:4]) == ARROW_MAGIC:
         return _decode_example_batches(bytes(raw))
     d = json.loads(raw)
     items = d if isinstance(d, list) else [d]
@@ -324,6 +345,9 @@ def decode_examples(raw: bytes | str) -> list[Example]:
 EXAMPLE_FIELDS = tuple(f.name for f in fields(Example))
 _EXAMPLE_SET = frozenset(EXAMPLE_FIELDS)
 _EXAMPLE_REQUIRED = tuple(f.name for f in fields(Example) if f.default is MISSING)
+# Each field's value type ("int", "float", "str") and whether it may be None, from its annotation.
+_FIELD_KIND = {f.name: str(f.type).split(" ")[0] for f in fields(Example)}
+_FIELD_OPTIONAL = {f.name: "None" in str(f.type) for f in fields(Example)}
 _example_values = operator.attrgetter(*EXAMPLE_FIELDS)
 _enc = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _EXAMPLE_FMT = "{" + ",".join(f"{_enc(f)}:%s" for f in EXAMPLE_FIELDS) + "}"

@@ -85,7 +85,7 @@ class WorkerConfig:
     # joiner's durable outbox, so nothing is lost if the worker dies meanwhile.
     examples_in_flight: int = 2
     # How examples go to opengem.examples: "arrow" -- Arrow IPC records (encode_example_batches:
-    # ~0.4x the encoding CPU and ~0.35x the bytes of JSON on 128k examples; the encoding was most
+    # ~0.45x the encoding time and ~0.35x the bytes of JSON on 128k examples; the encoding was most
     # of the worker's example step, ~15 % of its Arrow-path time); "json" -- JSON arrays, for
     # consumers outside opengem that want text. opengem's consumers read both (decode_examples).
     examples_format: str = "arrow"

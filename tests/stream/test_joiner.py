@@ -561,6 +561,31 @@ def test_example_arrow_records_round_trip(sim_reference):
     with pytest.raises(ValueError, match="Arrow IPC"):
         decode_examples(b"\xff\xff\xff\xff" + b"\x00" * 12)
 
+    # Another producer's Arrow records: narrower ints, plain strings, an all-null optional column
+    # read as the same examples; a column of the wrong type or a missing required field is refused.
+    import pyarrow as pa
+
+    def ipc(rb):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rb.schema) as w:
+            w.write_batch(rb)
+        return sink.getvalue().to_pybytes()
+
+    plain = [dataclasses.replace(e, p_conversion=None) for e in ref[:50]]
+    cols = {f: [getattr(e, f) for e in plain] for f in ("request_id", "ts", "surface", "user_id", "item_id",
+                                                         "advertiser_id", "ad_format", "category", "age_bucket",
+                                                         "country", "device", "hour", "click", "conversion",
+                                                         "click_ts", "conversion_ts", "p_click", "p_conversion")}
+    arrays = {f: pa.array(v, pa.int8() if f in ("click", "conversion", "hour") else None) for f, v in cols.items()}
+    arrays["p_conversion"] = pa.nulls(len(plain))
+    assert decode_examples(ipc(pa.RecordBatch.from_pydict(arrays))) == plain
+    with pytest.raises(ValueError, match="wrong type.*ts: string"):
+        decode_examples(ipc(pa.RecordBatch.from_pydict({**arrays, "ts": pa.array([str(v) for v in cols["ts"]])})))
+    with pytest.raises(ValueError, match="wrong type.*surface: int64"):
+        decode_examples(ipc(pa.RecordBatch.from_pydict({**arrays, "surface": pa.array([1] * len(plain))})))
+    with pytest.raises(ValueError, match="lacks the fields"):
+        decode_examples(ipc(pa.RecordBatch.from_pydict({f: a for f, a in arrays.items() if f != "user_id"})))
+
 
 def test_record_batch_input_equals_event_input(tmp_path):
     """process() reads a validated RecordBatch column-wise; the result is the Events' result."""
